@@ -1,0 +1,62 @@
+"""Which torch device an instance runs on, from its Triton instance group."""
+
+from __future__ import annotations
+
+import re
+
+
+def instance_index(instance_name: str) -> int:
+    """Triton names instances `<group>_<index>`; the trailing number is the index in the group."""
+    m = re.search(r"_(\d+)$", instance_name or "")
+    return int(m.group(1)) if m else 0
+
+
+def pick_device(kind: str, device_id: int | str, instance_name: str = "", npu_ids: str = "",
+                requested: str = "") -> str:
+    """Return a torch device string.
+
+    - ``requested`` (the `device` parameter) "cpu" forces the CPU whatever the group says.
+    - KIND_GPU: ``cuda:<device_id>`` (Triton makes one instance per listed GPU).
+    - Ascend has no Triton kind: KIND_MODEL/KIND_CPU plus ``npu_ids`` ("0,1,...") maps the
+      group's instances round-robin onto NPUs: ``npu:<id>``.
+    - otherwise the CPU.
+    """
+    requested = (requested or "").strip().lower()
+    if requested == "cpu":
+        return "cpu"
+    kind = (kind or "").upper().removeprefix("KIND_")
+    ids = [s.strip() for s in (npu_ids or "").split(",") if s.strip()]
+    if requested == "npu" or ids:
+        if not ids:
+            ids = ["0"]
+        return f"npu:{ids[instance_index(instance_name) % len(ids)]}"
+    if kind == "GPU" or requested == "cuda":
+        return f"cuda:{int(device_id or 0)}"
+    return "cpu"
+
+
+def prepare_device(device: str):
+    """Import what the device needs (torch_npu only for Ascend) and return (device, dtype)."""
+    import torch
+
+    if device.startswith("npu"):
+        import torch_npu  # noqa: F401  (registers the npu device)
+
+        torch.npu.set_device(device)
+        return device, torch.bfloat16
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        return device, torch.bfloat16
+    return device, torch.float32
+
+
+def parse_dtype(name: str, default):
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if not name or name == "auto":
+        return default
+    if name not in table:
+        raise ValueError(f"dtype {name!r}: expected one of {sorted(table)} or auto")
+    return table[name]

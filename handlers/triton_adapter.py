@@ -1,0 +1,154 @@
+"""The one module that touches ``triton_python_backend_utils``: tensors in, responses out.
+
+Everything Triton-specific the model.py files need (reading inputs, config parameters, the
+instance's device, building responses and mapping errors to Triton codes) lives here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from .devices import pick_device
+from .errors import RequestError
+from .preprocess import RawRequest
+
+log = logging.getLogger("tritonvl")
+
+_CODES = {
+    "INVALID_ARG": "INVALID_ARG",
+    "UNAVAILABLE": "UNAVAILABLE",
+    "CANCELLED": "CANCELLED",
+    "INTERNAL": "INTERNAL",
+}
+
+# Explicit sampling tensors of the public interface -> SamplingParams field names.
+SAMPLING_TENSORS = {
+    "max_tokens": "max_tokens",
+    "min_tokens": "min_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "seed": "seed",
+    "ignore_eos": "ignore_eos",
+}
+
+
+class ModelArgs:
+    """What Triton passes to initialize(): config, parameters and the instance's placement."""
+
+    def __init__(self, args: dict) -> None:
+        self.config = json.loads(args["model_config"])
+        self.params = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
+        self.kind = args.get("model_instance_kind", "CPU")
+        self.device_id = args.get("model_instance_device_id", "0")
+        self.instance_name = args.get("model_instance_name", "")
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
+
+    def param(self, name: str, default: str = "") -> str:
+        value = self.params.get(name, "")
+        return default if value in ("", None) or value.startswith("${") else value
+
+    def int_param(self, name: str, default: int) -> int:
+        return int(self.param(name, str(default)))
+
+    def model_dir(self) -> str:
+        """`model_path` parameter, else $TRITONVL_MODEL, else the embedded tiny model."""
+        path = self.param("model_path") or os.environ.get("TRITONVL_MODEL", "")
+        if path:
+            return path
+        from .tiny_model import ensure_default_model
+
+        return str(ensure_default_model())
+
+    def device(self) -> str:
+        return pick_device(self.kind, self.device_id, self.instance_name, self.param("npu_device_ids"),
+                           self.param("device") or os.environ.get("TRITONVL_DEVICE", ""))
+
+
+def error(exc: Exception) -> pb_utils.InferenceResponse:
+    return pb_utils.InferenceResponse(error=triton_error(exc))
+
+
+def triton_error(exc: Exception):
+    if isinstance(exc, RequestError):
+        code = getattr(pb_utils.TritonError, _CODES.get(exc.code, "INTERNAL"))
+        return pb_utils.TritonError(str(exc), code)
+    log.error("internal error: %r", exc)
+    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+
+
+def tensor(request, name: str) -> np.ndarray | None:
+    t = pb_utils.get_input_tensor_by_name(request, name)
+    return None if t is None else t.as_numpy()
+
+
+def scalar(request, name: str):
+    arr = tensor(request, name)
+    if arr is None or arr.size == 0:
+        return None
+    value = arr.reshape(-1)[0]
+    return value.item() if hasattr(value, "item") and arr.dtype != np.object_ else value
+
+
+def string_list(request, name: str) -> list:
+    arr = tensor(request, name)
+    return [] if arr is None else list(arr.reshape(-1))
+
+
+def read_raw(request) -> RawRequest:
+    """The public request tensors (batch dim included) as one RawRequest."""
+    sampling = {field: scalar(request, name) for name, field in SAMPLING_TENSORS.items()}
+    stops = string_list(request, "stop_words")
+    if stops:
+        sampling["stop"] = [s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s) for s in stops]
+    stop_ids = tensor(request, "stop_token_ids")
+    if stop_ids is not None and stop_ids.size:
+        sampling["stop_token_ids"] = [int(x) for x in stop_ids.reshape(-1)]
+    return RawRequest(
+        text_input=scalar(request, "text_input"),
+        images=string_list(request, "image"),
+        messages=scalar(request, "messages"),
+        sampling_parameters=scalar(request, "sampling_parameters"),
+        sampling=sampling,
+        stream=bool(scalar(request, "stream") or False),
+        exclude_input_in_output=bool(scalar(request, "exclude_input_in_output") or False),
+    )
+
+
+def response(outputs: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
+    """Add the batch dimension and wrap numpy outputs."""
+    return pb_utils.InferenceResponse(
+        output_tensors=[pb_utils.Tensor(name, np.expand_dims(value, 0)) for name, value in outputs.items()])
+
+
+class StreamSender:
+    """Responses of one decoupled request; safe to call from the engine thread."""
+
+    def __init__(self, request) -> None:
+        self.sender = request.get_response_sender()
+        self.request = request
+        self._lock = threading.Lock()
+
+    def send(self, outputs: dict, final: bool) -> None:
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        with self._lock:
+            self.sender.send(response(outputs), flags=flags)
+
+    def send_error(self, exc: Exception) -> None:
+        with self._lock:
+            self.sender.send(error(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        try:
+            return self.request.is_cancelled()
+        except Exception:  # older backends have no cancellation
+            return False

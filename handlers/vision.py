@@ -1,0 +1,103 @@
+"""The `vision_encoder` step: one forward over every image of every request in a batch."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from .images import content_hash
+
+
+@dataclass
+class EncodedImages:
+    embeds: np.ndarray  # float32 [tokens of all images of the request, out_hidden]
+    hashes: list[bytes]  # one content key per image (for the llm's prefix cache)
+
+
+class EmbeddingCache:
+    """LRU of image embeddings keyed by content hash, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[bytes, object] = OrderedDict()
+
+    def get(self, key: bytes):
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def put(self, key: bytes, value, nbytes: int) -> None:
+        if nbytes > self.max_bytes or key in self._items:
+            return
+        self._items[key] = (value, nbytes)
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes:
+            _, (_, size) = self._items.popitem(last=False)
+            self.bytes -= size
+
+
+class VisionEncoder:
+    def __init__(self, model_dir: str, device: str, dtype, cache_bytes: int = 256 * 1024 * 1024) -> None:
+        import torch
+
+        from .weights import load_visual
+
+        self.torch = torch
+        self.device = device
+        self.dtype = dtype
+        self.visual = load_visual(model_dir, device, dtype)
+        self.merge_unit = self.visual.spatial_merge_size**2
+        self.cache = EmbeddingCache(cache_bytes)
+
+    def encode(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[EncodedImages]:
+        """``batch``: per request, (pixel_values [patches, patch_dim], grid_thw [images, 3]).
+
+        Images already in the cache are skipped; the rest run in ONE forward (the tower keeps
+        images apart through cu_seqlens) and are split back by each image's own token count.
+        """
+        torch = self.torch
+        per_image: list[list] = []  # per request: [(hash, pixels, grid_row)]
+        for pixels, grid in batch:
+            items, start = [], 0
+            for row in grid:
+                n = int(np.prod(row))
+                chunk = pixels[start:start + n]
+                start += n
+                items.append((content_hash(np.ascontiguousarray(chunk), row.astype(np.int64)), chunk, row))
+            per_image.append(items)
+        results: dict[bytes, np.ndarray] = {}
+        todo = {}
+        for items in per_image:
+            for key, chunk, row in items:
+                if key in results or key in todo:
+                    continue
+                hit = self.cache.get(key)
+                if hit is not None:
+                    results[key] = hit[0]
+                else:
+                    todo[key] = (chunk, row)
+        if todo:
+            keys = list(todo)
+            pixels = np.concatenate([todo[k][0] for k in keys])
+            grid = np.stack([todo[k][1] for k in keys])
+            with torch.inference_mode():
+                out = self.visual(torch.from_numpy(pixels).to(self.device, self.dtype),
+                                  grid_thw=torch.from_numpy(grid).to(self.device)).pooler_output
+            sizes = [int(np.prod(todo[k][1])) // self.merge_unit for k in keys]
+            for key, emb in zip(keys, torch.split(out.float().cpu(), sizes)):
+                arr = emb.numpy()
+                results[key] = arr
+                self.cache.put(key, arr, arr.nbytes)
+        hidden = self.visual.merger.mlp[-1].out_features
+        return [EncodedImages(np.concatenate([results[k] for k, _, _ in items]) if items
+                              else np.zeros((0, hidden), np.float32), [k for k, _, _ in items])
+                for items in per_image]

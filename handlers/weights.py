@@ -1,0 +1,56 @@
+"""Load parts of a Qwen2.5-VL checkpoint (the vision tower, or the whole model for the decoder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# transformers 4.x checkpoints (the published Qwen2.5-VL ones) name the tower `visual.*`;
+# transformers 5 saves it as `model.visual.*`.
+VISUAL_PREFIXES = ("model.visual.", "visual.")
+
+
+def safetensor_files(model_dir: str) -> list[Path]:
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [root / n for n in names]
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    return files
+
+
+def load_visual(model_dir: str, device: str, dtype):
+    """Only the vision tower, with only its own weights read from disk."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    config = AutoConfig.from_pretrained(model_dir)
+    vision_config = config.vision_config
+    vision_config._attn_implementation = "sdpa"
+    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=dtype)
+    state = {}
+    for path in safetensor_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                prefix = next((p for p in VISUAL_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    state[key[len(prefix):]] = f.get_tensor(key)
+    missing, unexpected = visual.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"vision weights in {model_dir} do not fit: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    visual = visual.to(device=device, dtype=dtype)
+    return visual.eval()
+
+
+def load_full_model(model_dir: str, device: str, dtype):
+    """The whole Qwen2.5-VL model (transformers' own loader: handles every checkpoint layout)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()

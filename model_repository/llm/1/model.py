@@ -1,0 +1,30 @@
+"""llm (decoupled): input_ids, image_embeds, image_grid_thw, image_hashes, request ->
+text_output, finish_reason, num_input_tokens, num_output_tokens, output_ids.
+
+execute() only enqueues; the backend's thread owns the device and sends the responses: one per
+text delta when streaming, else exactly one; the last one carries the FINAL flag.
+"""
+
+from tritonvl.handlers import triton_adapter as ta
+from tritonvl.handlers.llm import make_backend
+from tritonvl.handlers.jobs import job_from_tensors
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.backend = make_backend(ta.ModelArgs(args))
+
+    def execute(self, requests):
+        for request in requests:
+            sender = ta.StreamSender(request)
+            try:
+                job = job_from_tensors(*(ta.tensor(request, n)[0] for n in (
+                    "input_ids", "image_embeds", "image_grid_thw", "image_hashes")),
+                    ta.scalar(request, "request"), sender.send, sender.send_error, sender.is_cancelled)
+                self.backend.submit(job)
+            except Exception as exc:
+                sender.send_error(exc)
+        return None
+
+    def finalize(self):
+        self.backend.stop()

@@ -1,0 +1,36 @@
+"""preprocess: public request tensors -> model inputs.
+
+Inputs: the public interface of the ensemble (text_input, image, messages, sampling tensors,
+sampling_parameters, stream, exclude_input_in_output). Outputs: input_ids INT32[-1],
+pixel_values FP32[-1, patch_dim], image_grid_thw INT64[-1, 3], request STRING[1] (JSON options).
+Bad input is a per-request INVALID_ARG error; the rest of the batch carries on.
+"""
+
+import numpy as np
+
+from tritonvl.handlers import triton_adapter as ta
+from tritonvl.handlers.images import limits_from_params
+from tritonvl.handlers.preprocess import Preprocessor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = ta.ModelArgs(args)
+        self.pre = Preprocessor(cfg.model_dir(), limits_from_params(cfg.param),
+                                max_model_len=cfg.int_param("max_model_len", 0) or None,
+                                default_max_tokens=cfg.int_param("default_max_tokens", 256))
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                m = self.pre.process(ta.read_raw(request))
+                responses.append(ta.response({
+                    "input_ids": m.input_ids,
+                    "pixel_values": m.pixel_values,
+                    "image_grid_thw": m.image_grid_thw,
+                    "request": np.array([m.request.encode()], dtype=np.object_),
+                }))
+            except Exception as exc:
+                responses.append(ta.error(exc))
+        return responses

@@ -1,0 +1,30 @@
+"""vision_encoder: pixel_values FP32[-1, patch_dim] + image_grid_thw INT64[-1, 3] ->
+image_embeds FP32[-1, hidden] + image_hashes UINT8[-1, 16] (one content key per image).
+
+One forward over the patches of every image of every request in the dynamic batch.
+"""
+
+import numpy as np
+
+from tritonvl.handlers import triton_adapter as ta
+from tritonvl.handlers.devices import parse_dtype, prepare_device
+from tritonvl.handlers.vision import VisionEncoder
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = ta.ModelArgs(args)
+        device, dtype = prepare_device(cfg.device())
+        self.encoder = VisionEncoder(cfg.model_dir(), device, parse_dtype(cfg.param("dtype"), dtype),
+                                     cache_bytes=cfg.int_param("embedding_cache_bytes", 256 * 1024 * 1024))
+
+    def execute(self, requests):
+        try:
+            batch = [(ta.tensor(r, "pixel_values")[0], ta.tensor(r, "image_grid_thw")[0]) for r in requests]
+            results = self.encoder.encode(batch)
+        except Exception as exc:
+            return [ta.error(exc) for _ in requests]
+        return [ta.response({
+            "image_embeds": res.embeds,
+            "image_hashes": np.frombuffer(b"".join(res.hashes), dtype=np.uint8).reshape(-1, 16),
+        }) for res in results]
