@@ -96,3 +96,91 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
     return proc.wait()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A tritonserver in the background (for tests, benchmarks and perf runs).
+
+    ``with ServerProcess(model_dir) as srv: srv.http_url`` ... stops it (SIGTERM) on exit.
+    """
+
+    def __init__(self, model_dir: str, repo: Path | None = None, extra: list[str] | None = None,
+                 log_path: str | None = None, env: dict | None = None, ready_timeout: float = 300) -> None:
+        self.model_dir = str(model_dir)
+        self.repo = repo or default_model_repository()
+        self.extra = extra or []
+        self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
+        self.log_path = log_path or f"/tmp/tritonvl-server-{self.http_port}.log"
+        self.env = env or {}
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://localhost:{self.metrics_port}/metrics"
+
+    def start(self) -> ServerProcess:
+        import time
+        import urllib.request
+
+        server = find_server()
+        env = {**os.environ, **server.env, "TRITONVL_MODEL": self.model_dir, **self.env}
+        cmd = server_command(server, self.repo, self.http_port, self.grpc_port, self.metrics_port, self.extra)
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.ready_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}; log: {self.log_path}\n"
+                                   + self.log_tail())
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"tritonserver not ready after {self.ready_timeout}s; log: {self.log_path}\n"
+                           + self.log_tail())
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return Path(self.log_path).read_bytes()[-n:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

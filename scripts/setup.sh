@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: the project with its server extra, installed into the
+# interpreter the Triton Python-backend stub runs (this python3), CPU torch, and perf_analyzer's
+# needs. A fast no-op when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/tritonvl
+mkdir -p "$STAMP_DIR"
+stamp="$STAMP_DIR/setup-$( (cat pyproject.toml scripts/setup.sh; pwd) | sha256sum | cut -c1-16)-$($PY -c 'import sys;print(sys.prefix)' | sha256sum | cut -c1-8)"
+
+if [ -f "$stamp" ] && $PY -c "import torch, transformers, tritonvl.handlers, tritonclient.grpc, pytriton" 2>/dev/null \
+   && command -v perf_analyzer >/dev/null && command -v tritonvl >/dev/null; then
+  exit 0
+fi
+
+echo "== tritonvl setup (python: $($PY -c 'import sys;print(sys.executable)'))"
+if ! /sbin/ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then
+  if command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get install -y -q libb64-0d >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q libb64-0d >/dev/null; }
+  else
+    echo "warning: install libb64 (Debian: libb64-0d) for perf_analyzer" >&2
+  fi
+fi
+# CPU torch first (on these machines it comes from local disk; an unpinned torch pulls CUDA builds).
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PY -m pip install -q "torch==${TRITONVL_TORCH_VERSION:-2.13.0}"
+fi
+$PY -m pip install -q -e ".[server,dev]" "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12
+# numpy 2 breaks BYTES tensors of the 2.51 Python backend (FACTS.md): keep it below 2.
+$PY -c "import numpy,sys; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)" || $PY -m pip install -q "numpy<2"
+touch "$stamp"
+echo "== tritonvl setup done"

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny model of its own sizes and ONE real tritonserver per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+# Sizes deliberately different from the embedded default (catches hard-coded sizes).
+TEST_MODEL_SIZES = {
+    "text": {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 3, "num_attention_heads": 6,
+             "num_key_value_heads": 2, "mrope_section": [2, 3, 3]},
+    "vision": {"depth": 3, "hidden_size": 48, "intermediate_size": 80, "num_heads": 3,
+               "fullatt_block_indexes": [2]},
+    "tie_word_embeddings": True,
+    "seed": 7,
+    "max_pixels": 100 * 28 * 28,
+}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    from tritonvl.handlers.tiny_model import build_tiny_model
+
+    cached = os.environ.get("TRITONVL_TEST_MODEL")
+    if cached and (Path(cached) / "model.safetensors").is_file():
+        return Path(cached)
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-test", TEST_MODEL_SIZES)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    """A real tritonserver on model_repository/ serving the test model."""
+    if shutil.which("tritonserver") is None:
+        pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
+    from tritonvl.handlers.launcher import ServerProcess
+
+    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
+    with ServerProcess(str(model_dir), log_path=str(log)) as srv:
+        yield srv
+        alive = srv.proc.poll() is None
+    assert alive, "the server died during the tests:\n" + srv.log_tail()

@@ -1,0 +1,158 @@
+"""Test helpers: a transformers reference and plain tritonclient calls (no tritonvl client)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import queue
+from functools import partial
+
+import numpy as np
+from PIL import Image
+
+MODEL = "qwen2_5_vl"
+
+
+def make_image(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    # smooth-ish random content so lossy formats keep it recognizable
+    small = rng.integers(0, 255, (max(height // 8, 1), max(width // 8, 1), 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((width, height), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+class Reference:
+    """transformers' generate() on the same model: the parity oracle."""
+
+    def __init__(self, model_dir) -> None:
+        import torch
+        from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.ip = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+        self.cfg = json.loads(open(f"{model_dir}/config.json").read())
+
+    def inputs(self, text: str | None = None, images: list[bytes] = (), messages: list | None = None) -> dict:
+        pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+        if messages is None:
+            messages = [{"role": "user", "content": [{"type": "image"}] * len(pil) + [{"type": "text", "text": text}]}]
+        prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        torch = self.torch
+        kwargs = {}
+        if pil:
+            px = self.ip(images=pil, return_tensors="pt")
+            merge = self.cfg["vision_config"]["spatial_merge_size"] ** 2
+            parts = prompt.split("<|image_pad|>")
+            assert len(parts) == len(pil) + 1
+            counts = [int(g.prod()) // merge for g in px["image_grid_thw"]]
+            prompt = parts[0] + "".join("<|image_pad|>" * n + p for n, p in zip(counts, parts[1:]))
+            kwargs = {"pixel_values": px["pixel_values"], "image_grid_thw": px["image_grid_thw"]}
+        ids = self.tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        if pil:
+            kwargs["mm_token_type_ids"] = (ids == self.cfg["image_token_id"]).int()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **kwargs}
+
+    def generate(self, text=None, images=(), messages=None, max_tokens: int = 16, **gen) -> list[int]:
+        inputs = self.inputs(text, images, messages)
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, **gen)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def _inputs(module, fields: dict):
+    """tritonclient InferInput list from a dict of Python values (batch dim added)."""
+    types = {str: "BYTES", bytes: "BYTES", bool: "BOOL", int: "INT32", float: "FP32"}
+    out = []
+    for name, value in fields.items():
+        if name == "seed":
+            arr, dtype = np.array([[value]], dtype=np.uint64), "UINT64"
+        elif isinstance(value, list):
+            if value and isinstance(value[0], int):
+                arr, dtype = np.array([value], dtype=np.int32), "INT32"
+            else:
+                arr, dtype = np.array([[v.encode() if isinstance(v, str) else v for v in value]],
+                                      dtype=np.object_), "BYTES"
+        else:
+            dtype = types[type(value)]
+            npt = {"BYTES": np.object_, "BOOL": bool, "INT32": np.int32, "FP32": np.float32}[dtype]
+            v = value.encode() if isinstance(value, str) else value
+            arr = np.array([[v]], dtype=npt)
+        inp = module.InferInput(name, list(arr.shape), dtype)
+        inp.set_data_from_numpy(arr)
+        out.append(inp)
+    return out
+
+
+def _result(res) -> dict:
+    out = {}
+    for name in ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "output_ids"):
+        arr = res.as_numpy(name)
+        if arr is None:
+            continue
+        if name in ("text_output", "finish_reason"):
+            out[name] = arr.reshape(-1)[0].decode("utf-8")
+        elif name == "output_ids":
+            out[name] = arr.reshape(-1).tolist()
+        else:
+            out[name] = int(arr.reshape(-1)[0])
+    return out
+
+
+def infer_http(url: str, **fields) -> dict:
+    """POST /v2/models/qwen2_5_vl/generate (Triton's HTTP /infer refuses decoupled models)."""
+    import requests
+
+    body = {k: ([base64.b64encode(v).decode() if isinstance(v, bytes) else v for v in value]
+                if isinstance(value, list) else value) for k, value in fields.items()}
+    r = requests.post(f"http://{url}/v2/models/{MODEL}/generate", json=body, timeout=120)
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
+    out = r.json()
+    if not isinstance(out.get("output_ids"), list):
+        out["output_ids"] = [out["output_ids"]]
+    return out
+
+
+def stream_grpc(url: str, timeout: float = 120, **fields) -> list[dict]:
+    """All responses of one streamed request, in order (raises on an error response)."""
+    import tritonclient.grpc as grpcclient
+
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), responses))
+        client.async_stream_infer(MODEL, _inputs(grpcclient, fields), enable_empty_final_response=True)
+        out = []
+        while True:
+            result, error = responses.get(timeout=timeout)
+            if error is not None:
+                raise error
+            final = result.get_response().parameters.get("triton_final_response")
+            parsed = _result(result)
+            if parsed:
+                out.append(parsed)
+            if final is not None and final.bool_param:
+                return out
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def joined(responses: list[dict]) -> dict:
+    """Concatenate a stream into the shape of one response."""
+    return {
+        "text_output": "".join(r.get("text_output", "") for r in responses),
+        "output_ids": [t for r in responses for t in r.get("output_ids", [])],
+        "finish_reason": responses[-1].get("finish_reason"),
+        "num_output_tokens": responses[-1].get("num_output_tokens"),
+    }

@@ -1,0 +1,76 @@
+"""Incremental detokenization and stop handling with Qwen's real tokenizer."""
+
+import pytest
+from tritonvl.handlers.sampling import SamplingParams
+from tritonvl.handlers.textstream import IncrementalDetokenizer, OutputStream
+from tritonvl.handlers.tiny_model import tokenizer_source_dir
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_source_dir()))
+
+
+TEXTS = ["Hello, world!", "你好，世界。这是一个测试", "emoji 🎉🚀 and 😀 mixed", "naïve café déjà vu"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_deltas_join_to_the_full_text_and_never_split_a_character(tok, text):
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.add(t) for t in ids]
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_multibyte_tokens_are_held_until_complete(tok):
+    # an emoji is several byte-level tokens: the first pieces release nothing
+    char = next(c for c in "🦩𝔘龘🫠🧬" if len(tok.encode(c)) > 1)
+    ids = tok.encode(char)
+    detok = IncrementalDetokenizer(tok)
+    assert [detok.add(t) for t in ids][:-1] == [""] * (len(ids) - 1)
+
+
+def run(tok, text, **params):
+    stream = OutputStream(tok, SamplingParams(**{"max_tokens": 1000, **params}), eos_ids=(151645,))
+    out = []
+    for t in tok.encode(text):
+        out.append(stream.add(t))
+        if stream.finished:
+            break
+    return "".join(out), stream
+
+
+def test_stop_string_is_cut_and_not_leaked(tok):
+    text, stream = run(tok, "The answer is 42. STOP here and more", stop=["STOP"])
+    assert text == "The answer is 42. " and stream.finish_reason == "stop"
+
+
+def test_include_stop_string(tok):
+    text, _ = run(tok, "abc END def", stop=["END"], include_stop_str_in_output=True)
+    assert text == "abc END"
+
+
+def test_eos_stops_without_text_and_ignore_eos(tok):
+    ids = tok.encode("hi") + [151645] + tok.encode(" more")
+    s = OutputStream(tok, SamplingParams(max_tokens=50), (151645,))
+    text = "".join(s.add(t) for t in ids[: len(tok.encode("hi")) + 1])
+    assert s.finish_reason == "stop" and text == "hi"
+    s = OutputStream(tok, SamplingParams(max_tokens=50, ignore_eos=True), (151645,))
+    for t in ids:
+        s.add(t)
+    assert not s.finished
+
+
+def test_max_tokens_is_length(tok):
+    _, stream = run(tok, "one two three four five six", max_tokens=3)
+    assert stream.finish_reason == "length" and len(stream.ids) == 3
+
+
+def test_min_tokens_delays_stops(tok):
+    ids = [151645] + tok.encode("x")
+    s = OutputStream(tok, SamplingParams(max_tokens=10, min_tokens=1), (151645,))
+    s.add(ids[0])
+    assert not s.finished
