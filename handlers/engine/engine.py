@@ -1,0 +1,179 @@
+"""The engine thread: admit jobs, step (schedule -> run -> book), stream results, honour cancels."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InvalidArgument, Unavailable
+from ..jobs import Job
+from ..modelinfo import ModelInfo
+from ..sampler import SeqSampler
+from ..textstream import OutputStream
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .model_runner import ModelRunner, SeqInputs
+from .scheduler import QueueFullError, Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger("tritonvl.engine")
+
+
+@dataclass
+class SeqState:
+    """Everything the engine keeps per sequence beyond the scheduler's view (``seq.payload``)."""
+
+    job: Job
+    inputs: SeqInputs
+    stream: OutputStream
+    sampler: SeqSampler
+    arrived: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0
+    computed_prompt_tokens: int = 0
+    generation_tokens: int = 0
+    image_tokens: int = 0
+    finished: int = 0
+    ttft: list = field(default_factory=list)  # seconds, drained by the metrics reporter
+    tpot: list = field(default_factory=list)
+
+
+def image_spans(input_ids: np.ndarray, image_token_id: int, hashes: list[bytes]) -> list[tuple[int, int, bytes]]:
+    """(start, length, content hash) of each run of image placeholders, in prompt order."""
+    is_img = np.concatenate([[False], input_ids == image_token_id, [False]])
+    edges = np.flatnonzero(np.diff(is_img.astype(np.int8)))
+    starts, ends = edges[0::2], edges[1::2]
+    if len(starts) != len(hashes):
+        raise InvalidArgument(f"{len(starts)} image placeholder runs for {len(hashes)} images")
+    return [(int(s), int(e - s), h) for s, e, h in zip(starts, ends, hashes)]
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype, kv_cache_bytes: int,
+                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 max_model_len: int | None = None, enable_prefix_caching: bool = True, max_waiting: int = 1024,
+                 attention: str = "sdpa") -> None:
+        self.info, self.tokenizer, self.device = info, tokenizer, device
+        self.runner = ModelRunner(model_dir, info, device, dtype, kv_cache_bytes, block_size, attention)
+        capacity = self.runner.num_blocks * block_size
+        max_len = min(max_model_len or info.max_position_embeddings, capacity)
+        self.config = EngineConfig(num_blocks=self.runner.num_blocks, max_model_len=max_len, block_size=block_size,
+                                   max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
+                                   enable_prefix_caching=enable_prefix_caching, max_waiting=max_waiting)
+        self.blocks = BlockManager.from_config(self.config)
+        self.scheduler = Scheduler(self.config, self.blocks)
+        self.stats = EngineStats()
+        self.intake: queue.Queue[Job | None] = queue.Queue()
+        self._stop = threading.Event()
+        self.healthy = True
+        self.thread = threading.Thread(target=self._loop, name="tritonvl-engine", daemon=True)
+        self.thread.start()
+
+    # ---- called from Triton's threads ----
+    def submit(self, job: Job) -> None:
+        self.intake.put(job)
+
+    def pending(self) -> int:
+        return self.intake.qsize() + self.scheduler.num_waiting
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.intake.put(None)
+        self.thread.join(timeout=60)
+
+    # ---- the engine thread ----
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit(block=not self.scheduler.has_work())
+                self._reap_cancelled()
+                if self.scheduler.has_work():
+                    self.step()
+            except Exception as exc:  # a fault in a step: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(exc)
+
+    def _admit(self, block: bool) -> None:
+        try:
+            job = self.intake.get(timeout=0.05) if block else self.intake.get_nowait()
+        except queue.Empty:
+            return
+        while job is not None:
+            self._add(job)
+            try:
+                job = self.intake.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, job: Job) -> None:
+        try:
+            if job.is_cancelled():
+                job.responder.finish("cancelled")
+                return
+            n = int(job.input_ids.shape[0])
+            if n >= self.config.max_model_len:
+                raise InvalidArgument(f"prompt: {n} tokens does not fit max_model_len={self.config.max_model_len}")
+            params = job.options.sampling
+            params.max_tokens = min(params.max_tokens, self.config.max_model_len - n)
+            spans = image_spans(job.input_ids, self.info.image_token_id, job.image_hashes)
+            stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
+            state = SeqState(job, self.runner.prepare(job.input_ids, job.image_embeds, job.image_grid_thw), stream,
+                             SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device))
+            seq = Sequence(job.input_ids.tolist(), params.max_tokens, mm_hashes=spans, payload=state)
+            self.scheduler.add(seq)
+            self.stats.prompt_tokens += n
+            self.stats.image_tokens += sum(s[1] for s in spans)
+        except QueueFullError:
+            job.responder.fail(Unavailable("server overloaded: the waiting queue is full, retry later"))
+        except Exception as exc:
+            job.responder.fail(exc if isinstance(exc, InvalidArgument) else InvalidArgument(str(exc)))
+
+    def _reap_cancelled(self) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if seq.payload.job.is_cancelled():
+                self.scheduler.abort(seq.seq_id)
+                seq.payload.job.responder.finish("cancelled")
+
+    def step(self) -> None:
+        batch = self.scheduler.schedule()
+        if not len(batch):
+            return
+        self.stats.computed_prompt_tokens += sum(e.num_new_tokens for e in batch if not e.is_decode)
+        logits = self.runner.run(batch)
+        sampled = {sid: seq_sampler(row) for sid, row in logits.items()
+                   for seq_sampler in (self.scheduler.get(sid).payload.sampler,)}
+        now = time.monotonic()
+        for seq in self.scheduler.postprocess(batch, sampled):
+            st: SeqState = seq.payload
+            token = sampled[seq.seq_id]
+            self.stats.generation_tokens += 1
+            if st.first_token is None:
+                st.first_token = now
+                self.stats.ttft.append(now - st.arrived)
+            else:
+                self.stats.tpot.append(now - st.last_token)
+            st.last_token = now
+            text = st.stream.add(token)
+            if st.stream.finished or seq.is_finished:
+                if not seq.is_finished:
+                    self.scheduler.finish(seq.seq_id)
+                self.stats.finished += 1
+                st.job.responder.finish(st.stream.finish_reason or "length", text, [token])
+            else:
+                st.job.responder.delta(text, [token])
+
+    def _fail_all(self, exc: Exception) -> None:
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.abort(seq.seq_id)
+            seq.payload.job.responder.fail(exc)

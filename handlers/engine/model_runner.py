@@ -1,0 +1,126 @@
+"""Runs one engine step: a packed row of prefill chunks and decode tokens through HF's decoder.
+
+Per step: token embeddings with image embeddings scattered at their placeholder positions, 3-row
+mRoPE positions (the model's rope index for prompt positions; later position n gets n + rope_delta
+on all rows), K/V written to the paged cache, logits only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..modelinfo import ModelInfo
+from ..weights import load_full_model
+from .attention import PrefillPart, StepMeta, register
+from .scheduler import ScheduledBatch
+
+
+@dataclass
+class SeqInputs:
+    """What the runner needs about one sequence's prompt (kept in ``seq.payload.inputs``)."""
+
+    prompt_positions: torch.Tensor  # [3, L] long (CPU)
+    rope_delta: int
+    image_positions: torch.Tensor  # [n_image_tokens] long: prompt positions of placeholders (sorted)
+    image_embeds: torch.Tensor | None  # [n_image_tokens, hidden] on the device
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
+                 block_size: int, attention: str = "sdpa") -> None:
+        self.info, self.device, self.dtype, self.block_size = info, device, dtype, block_size
+        model = load_full_model(model_dir, device, dtype)
+        model.model.visual = None  # the vision_encoder model owns the tower
+        self.model = model
+        self.lm = model.model.language_model
+        self.lm_head = model.lm_head
+        name = register(attention)
+        self.lm.config._attn_implementation = name
+        for layer in self.lm.layers:
+            layer.self_attn.config._attn_implementation = name
+        per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * torch.empty((), dtype=dtype).element_size()
+        self.num_blocks = max(int(kv_cache_bytes // (per_token * block_size)), 1)
+        self.kv_cache = torch.zeros(2, info.num_layers, self.num_blocks * block_size, info.num_kv_heads,
+                                    info.head_dim, dtype=dtype, device=device)
+        self._arange_block = torch.arange(block_size)
+
+    # ---- per sequence, once ----
+    def prepare(self, input_ids: np.ndarray, image_embeds: np.ndarray, image_grid_thw: np.ndarray) -> SeqInputs:
+        ids = torch.from_numpy(input_ids.astype(np.int64))[None]
+        is_image = ids == self.info.image_token_id
+        grid = torch.from_numpy(image_grid_thw) if image_grid_thw.shape[0] else None
+        with torch.inference_mode():
+            positions, delta = self.model.model.get_rope_index(ids, is_image.int(), image_grid_thw=grid)
+        embeds = None
+        if image_embeds.shape[0]:
+            embeds = torch.from_numpy(image_embeds).to(self.device, self.dtype)
+        return SeqInputs(positions[:, 0].cpu(), int(delta.reshape(-1)[0]), is_image[0].nonzero()[:, 0], embeds)
+
+    # ---- per step ----
+    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
+        table = torch.tensor(block_table, dtype=torch.long)
+        return (table[:, None] * self.block_size + self._arange_block).reshape(-1)[start:end]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> dict[int, torch.Tensor]:
+        """Forward the step; return the logits row ([vocab], float) of each sequence that samples."""
+        tokens, positions, slot_mapping = [], [], []
+        prefills, decode_rows, decode_ctx = [], [], []
+        image_rows, image_src = [], []
+        sample_rows, sample_ids = [], []
+        row = 0
+        for entry in batch:
+            seq, start, n = entry.seq, entry.start, entry.num_new_tokens
+            inputs: SeqInputs = seq.payload.inputs
+            end = start + n
+            tokens.extend(seq.token_ids[start:end])
+            prompt_len = seq.num_prompt_tokens
+            pos = torch.arange(start, end)
+            later = (pos + inputs.rope_delta).expand(3, n)
+            if start < prompt_len:
+                split = min(end, prompt_len) - start
+                pos3 = torch.cat([inputs.prompt_positions[:, start:start + split], later[:, split:]], dim=1)
+            else:
+                pos3 = later
+            positions.append(pos3)
+            ctx_slots = self._slots(seq.block_table, 0, end)
+            slot_mapping.append(ctx_slots[start:end])
+            if n == 1:
+                decode_rows.append(row)
+                decode_ctx.append(ctx_slots)
+            else:
+                prefills.append(PrefillPart(row, row + n, ctx_slots.to(self.device), start))
+            if inputs.image_embeds is not None and start < prompt_len:
+                ip = inputs.image_positions
+                lo, hi = torch.searchsorted(ip, start), torch.searchsorted(ip, end)
+                if hi > lo:
+                    image_rows.append(ip[lo:hi] - start + row)
+                    image_src.append(inputs.image_embeds[lo:hi])
+            if entry.sample:
+                sample_rows.append(row + n - 1)
+                sample_ids.append(seq.seq_id)
+            row += n
+        dev = self.device
+        meta = StepMeta(self.kv_cache, torch.cat(slot_mapping).to(dev), prefills)
+        if decode_rows:
+            width = max(len(c) for c in decode_ctx)
+            slots = torch.zeros(len(decode_ctx), width, dtype=torch.long)
+            mask = torch.zeros(len(decode_ctx), 1, 1, width, dtype=torch.bool)
+            for i, c in enumerate(decode_ctx):
+                slots[i, : len(c)] = c
+                mask[i, ..., : len(c)] = True
+            meta.decode_rows = torch.tensor(decode_rows, device=dev)
+            meta.decode_slots, meta.decode_mask = slots.to(dev), mask.to(dev)
+        x = self.lm.embed_tokens(torch.tensor(tokens, device=dev))
+        if image_rows:
+            x[torch.cat(image_rows).to(dev)] = torch.cat(image_src).to(x.dtype)
+        pos = torch.cat(positions, dim=1)[:, None, :].to(dev)  # [3, 1, T]
+        hidden = self.lm(inputs_embeds=x[None], position_ids=pos, attention_mask={"full_attention": None},
+                         use_cache=False, tvl_meta=meta).last_hidden_state
+        if not sample_rows:
+            return {}
+        logits = self.lm_head(hidden[0, torch.tensor(sample_rows, device=dev)]).float()
+        return dict(zip(sample_ids, logits))
