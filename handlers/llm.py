@@ -6,7 +6,7 @@ from .devices import parse_dtype, prepare_device
 from .modelinfo import load_model_info
 
 
-def make_backend(cfg):
+def make_backend(cfg, metrics=None):
     """``cfg``: triton_adapter.ModelArgs (anything with ``param``, ``model_dir``, ``device``)."""
     from transformers import AutoTokenizer
 
@@ -33,7 +33,7 @@ def make_backend(cfg):
                          max_model_len=cfg.int_param("max_model_len", 0) or None,
                          enable_prefix_caching=cfg.param("enable_prefix_caching", "true").lower() == "true",
                          max_waiting=cfg.int_param("max_waiting", 1024),
-                         attention=cfg.param("attention_backend", "sdpa"))
+                         attention=cfg.param("attention_backend", "sdpa"), metrics=metrics)
     raise ValueError(f"backend {kind!r}: expected 'engine' or 'generate'")
 
 

@@ -74,6 +74,42 @@ class ModelArgs:
                            self.param("device") or os.environ.get("TRITONVL_DEVICE", ""))
 
 
+class TritonMetrics:
+    """Publishes metrics.Snapshot values on Triton's metrics endpoint (prefix ``tritonvl_``)."""
+
+    def __init__(self, model: str, only: tuple[str, ...] | None = None) -> None:
+        from .metrics import COUNTERS, GAUGES, HISTOGRAMS
+
+        if only is not None:  # the metrics this model reports
+            COUNTERS = {n: d for n, d in COUNTERS.items() if n in only}
+            GAUGES = {n: d for n, d in GAUGES.items() if n in only}
+            HISTOGRAMS = {n: d for n, d in HISTOGRAMS.items() if n in only}
+
+        labels = {"model": model}
+        kinds = pb_utils.MetricFamily
+        # The families must outlive their metrics: keep them.
+        self._families = {n: kinds(f"tritonvl_{n}_total", d, kinds.COUNTER) for n, d in COUNTERS.items()}
+        self._families |= {n: kinds(f"tritonvl_{n}", d, kinds.GAUGE) for n, d in GAUGES.items()}
+        self._families |= {n: kinds(f"tritonvl_{n}", d, kinds.HISTOGRAM) for n, (d, _) in HISTOGRAMS.items()}
+        self._counters = {n: self._families[n].Metric(labels=labels) for n in COUNTERS}
+        self._gauges = {n: self._families[n].Metric(labels=labels) for n in GAUGES}
+        self._hists = {n: self._families[n].Metric(labels=labels, buckets=b) for n, (_, b) in HISTOGRAMS.items()}
+        self._last: dict = {}
+
+    def update(self, snapshot) -> None:
+        for name, value in snapshot.counters.items():
+            delta = value - self._last.get(name, 0)
+            if delta > 0 and name in self._counters:
+                self._counters[name].increment(delta)
+            self._last[name] = value
+        for name, value in snapshot.gauges.items():
+            if name in self._gauges:
+                self._gauges[name].set(value)
+        for name, values in snapshot.observations.items():
+            for v in values:
+                self._hists[name].observe(v)
+
+
 def error(exc: Exception) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(error=triton_error(exc))
 
@@ -148,7 +184,14 @@ class StreamSender:
             self.sender.send(error(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def is_cancelled(self) -> bool:
-        try:
-            return self.request.is_cancelled()
-        except Exception:  # older backends have no cancellation
-            return False
+        """Cancelled by the client (checked on the response sender, else on the request)."""
+        for probe in (getattr(self.sender, "is_cancelled", None), self.request.is_cancelled):
+            if probe is None:
+                continue
+            try:
+                return bool(probe())
+            except Exception as exc:  # older backends: no cancellation on this object
+                if not getattr(StreamSender, "_warned", False):
+                    StreamSender._warned = True
+                    log.warning("cancellation check failed: %r", exc)
+        return False

@@ -58,6 +58,11 @@ class VisionEncoder:
         self.merge_unit = self.visual.spatial_merge_size**2
         self.cache = EmbeddingCache(cache_bytes)
 
+    def snapshot(self):
+        from .metrics import Snapshot
+
+        return Snapshot(counters={"image_cache_hits": self.cache.hits, "image_cache_misses": self.cache.misses})
+
     def encode(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[EncodedImages]:
         """``batch``: per request, (pixel_values [patches, patch_dim], grid_thw [images, 3]).
 

@@ -156,3 +156,28 @@ def joined(responses: list[dict]) -> dict:
         "finish_reason": responses[-1].get("finish_reason"),
         "num_output_tokens": responses[-1].get("num_output_tokens"),
     }
+
+
+def metrics(server, model: str = "llm") -> dict[str, float]:
+    """tritonvl_* values of one model from the metrics endpoint (histograms: _count and _sum)."""
+    import re
+
+    import requests
+
+    text = requests.get(server.metrics_url, timeout=10).text
+    out = {}
+    for m in re.finditer(r'^(tritonvl_\w+)\{model="([^"]+)"\} (\S+)$', text, re.M):
+        if m.group(2) == model:
+            out[m.group(1)] = float(m.group(3))
+    return out
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import InvalidArgument, Unavailable
 from ..jobs import Job
+from ..metrics import NullSink, Snapshot
 from ..modelinfo import ModelInfo
 from ..sampler import SeqSampler
 from ..textstream import OutputStream
@@ -37,17 +38,6 @@ class SeqState:
     last_token: float | None = None
 
 
-@dataclass
-class EngineStats:
-    prompt_tokens: int = 0
-    computed_prompt_tokens: int = 0
-    generation_tokens: int = 0
-    image_tokens: int = 0
-    finished: int = 0
-    ttft: list = field(default_factory=list)  # seconds, drained by the metrics reporter
-    tpot: list = field(default_factory=list)
-
-
 def image_spans(input_ids: np.ndarray, image_token_id: int, hashes: list[bytes]) -> list[tuple[int, int, bytes]]:
     """(start, length, content hash) of each run of image placeholders, in prompt order."""
     is_img = np.concatenate([[False], input_ids == image_token_id, [False]])
@@ -62,7 +52,7 @@ class LLMEngine:
     def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype, kv_cache_bytes: int,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, max_waiting: int = 1024,
-                 attention: str = "sdpa") -> None:
+                 attention: str = "sdpa", metrics=None) -> None:
         self.info, self.tokenizer, self.device = info, tokenizer, device
         self.runner = ModelRunner(model_dir, info, device, dtype, kv_cache_bytes, block_size, attention)
         capacity = self.runner.num_blocks * block_size
@@ -73,7 +63,12 @@ class LLMEngine:
                                    enable_prefix_caching=enable_prefix_caching, max_waiting=max_waiting)
         self.blocks = BlockManager.from_config(self.config)
         self.scheduler = Scheduler(self.config, self.blocks)
-        self.stats = EngineStats()
+        self.metrics = metrics or NullSink()
+        self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "generation_tokens": 0,
+                         "image_tokens": 0, "requests_finished": 0, "requests_rejected": 0}
+        self._ttft: list[float] = []
+        self._tpot: list[float] = []
+        self._published = 0.0
         self.intake: queue.Queue[Job | None] = queue.Queue()
         self._stop = threading.Event()
         self.healthy = True
@@ -96,13 +91,32 @@ class LLMEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._admit(block=not self.scheduler.has_work())
+                busy = self.scheduler.has_work()
+                self._admit(block=not busy)
                 self._reap_cancelled()
                 if self.scheduler.has_work():
                     self.step()
+                self.publish(force=busy)
             except Exception as exc:  # a fault in a step: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(exc)
+
+    def publish(self, force: bool = False) -> None:
+        """Hand the metrics sink a snapshot (every step while busy, twice a second when idle)."""
+        now = time.monotonic()
+        if not force and now - self._published < 0.5:
+            return
+        self._published = now
+        blocks = self.blocks
+        counters = {**self.counters, "prefix_cache_hit_tokens": blocks.prefix_hits_tokens,
+                    "prefix_cache_query_tokens": blocks.prefix_queries_tokens,
+                    "preemptions": self.scheduler.num_preemptions}
+        gauges = {"num_requests_running": self.scheduler.num_running,
+                  "num_requests_waiting": self.scheduler.num_waiting + self.intake.qsize(),
+                  "kv_cache_usage_ratio": blocks.usage}
+        observations = {"time_to_first_token_seconds": self._ttft, "time_per_output_token_seconds": self._tpot}
+        self._ttft, self._tpot = [], []
+        self.metrics.update(Snapshot(counters, gauges, observations))
 
     def _admit(self, block: bool) -> None:
         try:
@@ -132,24 +146,27 @@ class LLMEngine:
                              SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device))
             seq = Sequence(job.input_ids.tolist(), params.max_tokens, mm_hashes=spans, payload=state)
             self.scheduler.add(seq)
-            self.stats.prompt_tokens += n
-            self.stats.image_tokens += sum(s[1] for s in spans)
+            self.counters["prompt_tokens"] += n
+            self.counters["image_tokens"] += sum(s[1] for s in spans)
         except QueueFullError:
+            self.counters["requests_rejected"] += 1
             job.responder.fail(Unavailable("server overloaded: the waiting queue is full, retry later"))
         except Exception as exc:
+            self.counters["requests_rejected"] += 1
             job.responder.fail(exc if isinstance(exc, InvalidArgument) else InvalidArgument(str(exc)))
 
     def _reap_cancelled(self) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             if seq.payload.job.is_cancelled():
                 self.scheduler.abort(seq.seq_id)
+                self.counters["requests_finished"] += 1
                 seq.payload.job.responder.finish("cancelled")
 
     def step(self) -> None:
         batch = self.scheduler.schedule()
         if not len(batch):
             return
-        self.stats.computed_prompt_tokens += sum(e.num_new_tokens for e in batch if not e.is_decode)
+        self.counters["computed_prompt_tokens"] += sum(e.num_new_tokens for e in batch if not e.is_decode)
         logits = self.runner.run(batch)
         sampled = {sid: seq_sampler(row) for sid, row in logits.items()
                    for seq_sampler in (self.scheduler.get(sid).payload.sampler,)}
@@ -157,18 +174,18 @@ class LLMEngine:
         for seq in self.scheduler.postprocess(batch, sampled):
             st: SeqState = seq.payload
             token = sampled[seq.seq_id]
-            self.stats.generation_tokens += 1
+            self.counters["generation_tokens"] += 1
             if st.first_token is None:
                 st.first_token = now
-                self.stats.ttft.append(now - st.arrived)
+                self._ttft.append(now - st.arrived)
             else:
-                self.stats.tpot.append(now - st.last_token)
+                self._tpot.append(now - st.last_token)
             st.last_token = now
             text = st.stream.add(token)
             if st.stream.finished or seq.is_finished:
                 if not seq.is_finished:
                     self.scheduler.finish(seq.seq_id)
-                self.stats.finished += 1
+                self.counters["requests_finished"] += 1
                 st.job.responder.finish(st.stream.finish_reason or "length", text, [token])
             else:
                 st.job.responder.delta(text, [token])

@@ -12,7 +12,7 @@ from tritonvl.handlers.jobs import job_from_tensors
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.backend = make_backend(ta.ModelArgs(args))
+        self.backend = make_backend(ta.ModelArgs(args), ta.TritonMetrics("llm"))
 
     def execute(self, requests):
         for request in requests:

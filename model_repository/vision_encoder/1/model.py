@@ -17,11 +17,13 @@ class TritonPythonModel:
         device, dtype = prepare_device(cfg.device())
         self.encoder = VisionEncoder(cfg.model_dir(), device, parse_dtype(cfg.param("dtype"), dtype),
                                      cache_bytes=cfg.int_param("embedding_cache_bytes", 256 * 1024 * 1024))
+        self.metrics = ta.TritonMetrics("vision_encoder", only=("image_cache_hits", "image_cache_misses"))
 
     def execute(self, requests):
         try:
             batch = [(ta.tensor(r, "pixel_values")[0], ta.tensor(r, "image_grid_thw")[0]) for r in requests]
             results = self.encoder.encode(batch)
+            self.metrics.update(self.encoder.snapshot())
         except Exception as exc:
             return [ta.error(exc) for _ in requests]
         return [ta.response({

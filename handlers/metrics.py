@@ -1,0 +1,59 @@
+"""Engine and encoder metrics as plain snapshots; the Triton adapter publishes them.
+
+The engine calls ``sink.update(snapshot)`` with cumulative counters, current gauges and the
+latency observations made since the last call, so nothing here depends on Triton.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+COUNTERS = {
+    "prompt_tokens": "Prompt tokens received",
+    "computed_prompt_tokens": "Prompt tokens computed (prefix-cache hits are not)",
+    "generation_tokens": "Tokens generated",
+    "image_tokens": "Image placeholder tokens received",
+    "prefix_cache_hit_tokens": "Prompt tokens served from the prefix cache",
+    "prefix_cache_query_tokens": "Prompt tokens looked up in the prefix cache",
+    "preemptions": "Sequences preempted (recomputed later) for lack of KV blocks",
+    "requests_finished": "Requests finished (any reason)",
+    "requests_rejected": "Requests refused at admission (overload or invalid)",
+    "image_cache_hits": "Images whose embeddings came from the encoder cache",
+    "image_cache_misses": "Images encoded",
+}
+GAUGES = {
+    "num_requests_running": "Sequences in the running batch",
+    "num_requests_waiting": "Sequences waiting for admission",
+    "kv_cache_usage_ratio": "Fraction of KV cache blocks in use",
+}
+HISTOGRAMS = {
+    "time_to_first_token_seconds": ("Time from arrival at the engine to the first token",
+                                    [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]),
+    "time_per_output_token_seconds": ("Time between consecutive output tokens",
+                                      [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5]),
+}
+
+
+@dataclass
+class Snapshot:
+    counters: dict = field(default_factory=dict)  # cumulative values
+    gauges: dict = field(default_factory=dict)
+    observations: dict = field(default_factory=dict)  # histogram name -> new values
+
+
+class NullSink:
+    def update(self, snapshot: Snapshot) -> None:
+        pass
+
+
+class MemorySink:
+    """Keeps the latest snapshot and every observation (tests and benchmarks)."""
+
+    def __init__(self) -> None:
+        self.last = Snapshot()
+        self.observed: dict[str, list[float]] = {name: [] for name in HISTOGRAMS}
+
+    def update(self, snapshot: Snapshot) -> None:
+        self.last = snapshot
+        for name, values in snapshot.observations.items():
+            self.observed[name].extend(values)
