@@ -25,6 +25,17 @@ class SeqSampler:
             self.generator.manual_seed(params.seed if params.seed is not None
                                        else int(torch.randint(0, 2**62, ()).item()))
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: the engine can take it for many sequences in one call."""
+        p = self.params
+        return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and not (p.min_tokens and len(self.output_ids) < p.min_tokens))
+
+    def record(self, token: int) -> None:
+        """Book a token chosen outside (batched argmax)."""
+        self.output_ids.append(token)
+
     def __call__(self, logits: torch.Tensor) -> int:
         """``logits``: [vocab] float. Returns the chosen token id (and remembers it)."""
         p = self.params

@@ -167,9 +167,8 @@ class LLMEngine:
         if not len(batch):
             return
         self.counters["computed_prompt_tokens"] += sum(e.num_new_tokens for e in batch if not e.is_decode)
-        logits = self.runner.run(batch)
-        sampled = {sid: seq_sampler(row) for sid, row in logits.items()
-                   for seq_sampler in (self.scheduler.get(sid).payload.sampler,)}
+        ids, logits = self.runner.run(batch)
+        sampled = self.sample(ids, logits)
         now = time.monotonic()
         for seq in self.scheduler.postprocess(batch, sampled):
             st: SeqState = seq.payload
@@ -189,6 +188,20 @@ class LLMEngine:
                 st.job.responder.finish(st.stream.finish_reason or "length", text, [token])
             else:
                 st.job.responder.delta(text, [token])
+
+    def sample(self, ids: list[int], logits) -> dict[int, int]:
+        """One argmax call for every plain-greedy sequence; the rest sample with their own params."""
+        samplers = [self.scheduler.get(sid).payload.sampler for sid in ids]
+        greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
+        out: dict[int, int] = {}
+        if greedy:
+            for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+                samplers[i].record(token)
+                out[ids[i]] = token
+        for i, s in enumerate(samplers):
+            if ids[i] not in out:
+                out[ids[i]] = s(logits[i])
+        return out
 
     def _fail_all(self, exc: Exception) -> None:
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):

@@ -65,8 +65,8 @@ class ModelRunner:
         return (table[:, None] * self.block_size + self._arange_block).reshape(-1)[start:end]
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> dict[int, torch.Tensor]:
-        """Forward the step; return the logits row ([vocab], float) of each sequence that samples."""
+    def run(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor | None]:
+        """Forward the step; return the ids of the sequences that sample and their logits [n, vocab]."""
         tokens, positions, slot_mapping = [], [], []
         prefills, decode_rows, decode_ctx = [], [], []
         image_rows, image_src = [], []
@@ -121,6 +121,5 @@ class ModelRunner:
         hidden = self.lm(inputs_embeds=x[None], position_ids=pos, attention_mask={"full_attention": None},
                          use_cache=False, tvl_meta=meta).last_hidden_state
         if not sample_rows:
-            return {}
-        logits = self.lm_head(hidden[0, torch.tensor(sample_rows, device=dev)]).float()
-        return dict(zip(sample_ids, logits))
+            return [], None
+        return sample_ids, self.lm_head(hidden[0, torch.tensor(sample_rows, device=dev)]).float()
