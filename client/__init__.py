@@ -1,1 +1,32 @@
-"""tritonvl client: talk to a tritonvl (Qwen2.5-VL on Triton) server. Installs without torch."""
+"""tritonvl client: talk to a tritonvl (Qwen2.5-VL on Triton) server. Installs without torch.
+
+>>> from tritonvl.client import Client
+>>> with Client("localhost:8001") as c:
+...     print(c.generate("Describe the image.", images=["cat.jpg"]).text)
+"""
+
+from __future__ import annotations
+
+from .aio import AsyncClient
+from .client import Client
+from .errors import (
+    ImageError,
+    InvalidRequest,
+    ModelNotReady,
+    RequestFailed,
+    RequestTimeout,
+    ServerUnavailable,
+    TritonVLError,
+)
+from .images import ImageOptions
+from .params import SamplingParams
+from .parsing import OutputParser, StopRules
+from .result import Result, Usage
+from .stops import StopStringMatcher
+from .stream import AsyncTextStream, TextStream
+
+__all__ = [
+    "AsyncClient", "AsyncTextStream", "Client", "ImageError", "ImageOptions", "InvalidRequest", "ModelNotReady",
+    "OutputParser", "RequestFailed", "RequestTimeout", "Result", "SamplingParams", "ServerUnavailable",
+    "StopRules", "StopStringMatcher", "TextStream", "TritonVLError", "Usage",
+]

@@ -12,7 +12,11 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"tritonvl serve needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
         return 2
-    return serve(args.model, args.http_port, args.grpc_port, args.metrics_port, args.device, args.extra)
+    try:
+        return serve(args.model, args.http_port, args.grpc_port, args.metrics_port, args.device, args.extra)
+    except ModuleNotFoundError as exc:  # torch & co. are imported lazily, deep inside
+        print(f"tritonvl serve needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
+        return 2
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -21,13 +25,101 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"make-tiny-model needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
         return 2
-    print(build_tiny_model(args.dir))
+    try:
+        print(build_tiny_model(args.dir))
+    except ModuleNotFoundError as exc:  # torch is imported inside
+        print(f"make-tiny-model needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
+        return 2
     return 0
+
+
+def _client_command(name: str):
+    """Run a client command; its errors become one line on stderr and exit status 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .errors import TritonVLError
+
+        if name == "batch":
+            from .batch import batch as command
+        else:
+            from . import commands
+
+            command = getattr(commands, name)
+        try:
+            return command(args)
+        except (TritonVLError, OSError, ValueError) as exc:
+            print(f"tritonvl {name}: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"tritonvl {name}: interrupted", file=sys.stderr)
+            return 130
+
+    return run
+
+
+def _connection_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--url", help="HOST:PORT of the server (default: $TRITONVL_URL, else localhost:8001 for "
+                                 "gRPC, localhost:8000 for HTTP; an http:// prefix selects HTTP)")
+    g.add_argument("--protocol", choices=["grpc", "http"], help="default: grpc (or the URL's scheme)")
+    g.add_argument("--model", default="qwen2_5_vl", help="model name (default: %(default)s)")
+    g.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: %(default)s)")
+
+
+def _sampling_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:
+    g = p.add_argument_group("generation")
+    if prompt:
+        g.add_argument("--prompt", default="Describe this image.", help="question about each image "
+                                                                         "(default: %(default)r)")
+    g.add_argument("--max-tokens", type=int, help="most tokens to generate (server default: 256)")
+    g.add_argument("--temperature", type=float, help="0 = greedy (the server's default)")
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--seed", type=int, help="for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonvl", description="Serve and call Qwen2.5-VL on Triton.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("describe", help="describe images (one request per image)",
+                       description="Ask the model about each IMAGE (a path or an http(s) URL) and print the "
+                                   "answers. Exit status 1 if any image failed.",
+                       epilog="example: tritonvl describe cat.jpg --url localhost:8001 --prompt 'What breed?' --stream")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file or http(s) URL")
+    _connection_options(p)
+    _sampling_options(p)
+    p.add_argument("--stream", action="store_true", help="print the answer as it is generated (and measure TTFT)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per image on stdout: image, text, finish_reason, usage, latency, ttft")
+    p.set_defaults(func=_client_command("describe"))
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat, optionally about one image",
+                       description="Chat on stdin/stdout. The image is read once and kept in the first turn; "
+                                   "/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
+                       epilog="example: tritonvl chat --image photo.png --url localhost:8001")
+    p.add_argument("--image", help="image file or http(s) URL to talk about")
+    p.add_argument("--system", help="system prompt")
+    _connection_options(p)
+    _sampling_options(p, prompt=False)
+    p.set_defaults(func=_client_command("chat"))
+
+    p = sub.add_parser("batch", help="caption every image under a folder into a JSONL file",
+                       description="Caption every image under DIR (recursive; jpg, jpeg, png, webp, bmp, gif) "
+                                   "into FILE.jsonl, one line per image: path (relative to DIR), text, "
+                                   "finish_reason, usage, latency, or error. Images that fail are recorded and "
+                                   "the run goes on; re-running skips paths already in the output. Exit status "
+                                   "0 when the run completes, 1 when it cannot (server down, bad arguments).",
+                       epilog="example: tritonvl batch photos/ --out captions.jsonl --concurrency 8")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--out", required=True, metavar="FILE.jsonl", help="output file (appended to)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default: %(default)s)")
+    p.add_argument("--retry-errors", action="store_true", help="also redo images whose last record is an error")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _connection_options(p)
+    _sampling_options(p)
+    p.set_defaults(func=_client_command("batch"))
 
     p = sub.add_parser("serve", help="run tritonserver on model_repository/",
                        description="Run tritonserver on this project's model repository. Arguments after "

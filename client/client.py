@@ -1,0 +1,141 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .images import ImageOptions, ImageSource
+from .params import SamplingParams
+from .parsing import StopRules
+from .request import Request, build_request
+from .result import Result
+from .stream import CancelToken, Generation, TextStream
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+DEFAULT_MODEL = "qwen2_5_vl"
+PROTOCOLS = ("grpc", "http")
+
+
+def normalize_url(url: str, protocol: str) -> str:
+    """HOST:PORT from 'HOST:PORT', 'http://HOST:PORT/' or 'grpc://HOST:PORT'; checks the protocol."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: expected one of {PROTOCOLS}")
+    return url.split("://", 1)[-1].rstrip("/")
+
+
+class Client:
+    """Talk to a tritonvl server over gRPC (default) or HTTP.
+
+    >>> with Client("localhost:8001") as client:
+    ...     print(client.generate("Describe this image.", images=["cat.jpg"], max_tokens=64).text)
+
+    One request at a time per Client (its connection is reused from request to request); use one
+    Client per thread, or AsyncClient, for concurrency. ``timeout`` bounds each whole request, in
+    seconds. ``stop_rules`` is the model-specific safety net (see ``StopRules``).
+    """
+
+    def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = DEFAULT_MODEL,
+                 timeout: float | None = 300.0, *, stop_rules: StopRules | None = None,
+                 image_options: ImageOptions | None = None, verbose: bool = False) -> None:
+        self.url = normalize_url(url, protocol)
+        self.protocol = protocol
+        self.model = model
+        self.timeout = timeout
+        self.stop_rules = stop_rules or StopRules()
+        self.image_options = image_options or ImageOptions()
+        if protocol == "grpc":
+            from .grpc_transport import GrpcTransport
+
+            self._transport = GrpcTransport(self.url, verbose)
+        else:
+            from .http_transport import HttpTransport
+
+            self._transport = HttpTransport(self.url, verbose)
+        self._tokens: set[CancelToken] = set()
+        self._lock = threading.Lock()
+
+    def generate(self, prompt: str, images: Sequence[ImageSource] | ImageSource | None = None, *,
+                 params: SamplingParams | None = None, **sampling) -> Result:
+        """One completion of ``prompt`` about ``images`` (the images come first in the user turn).
+
+        ``sampling``: SamplingParams fields (max_tokens=..., temperature=..., stop=[...]) overriding
+        ``params``. Raises InvalidRequest before sending when a value breaks the server's rules.
+        """
+        return self._stream(self._request(prompt, images, None, params, sampling, False)).until_done()
+
+    def chat(self, messages: list[dict], images: Sequence[ImageSource] | None = None, *,
+             params: SamplingParams | None = None, **sampling) -> Result:
+        """One reply to OpenAI-style ``messages`` (multi-turn).
+
+        Image parts: ``{"type": "image", "image": SOURCE}``, ``{"type": "image_url", "image_url":
+        {"url": ...}}``, or a bare ``{"type": "image"}`` taking the next of ``images``.
+        """
+        return self._stream(self._request(None, images, messages, params, sampling, False)).until_done()
+
+    def stream(self, prompt: str | None = None, images: Sequence[ImageSource] | ImageSource | None = None, *,
+               messages: list[dict] | None = None, params: SamplingParams | None = None,
+               **sampling) -> TextStream:
+        """Stream the reply: iterate for text deltas, then read ``.result``.
+
+        >>> with client.stream("Describe it.", images=["cat.jpg"]) as s:
+        ...     for delta in s:
+        ...         print(delta, end="")
+        >>> s.result.finish_reason
+        """
+        return self._stream(self._request(prompt, images, messages, params, sampling, True))
+
+    def cancel(self) -> None:
+        """Cancel the request in flight, if any (safe from another thread)."""
+        with self._lock:
+            tokens = list(self._tokens)
+        for token in tokens:
+            token.cancel()
+
+    def check_ready(self, timeout: float = 10.0) -> None:
+        """Raise ServerUnavailable or ModelNotReady unless the model can take requests."""
+        self._transport.check_ready(self.model, timeout)
+
+    def is_ready(self, timeout: float = 10.0) -> bool:
+        from .errors import TritonVLError
+
+        try:
+            self.check_ready(timeout)
+        except TritonVLError:
+            return False
+        return True
+
+    def metadata(self) -> dict:
+        """The model's metadata (inputs and outputs) as the server describes it."""
+        return self._transport.metadata(self.model)
+
+    def close(self) -> None:
+        self.cancel()
+        self._transport.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _request(self, prompt, images, messages, params, sampling, stream: bool) -> Request:
+        params = SamplingParams.from_kwargs(params, **sampling)
+        return build_request(prompt, images, messages, params, stream, self.image_options)
+
+    def _stream(self, request: Request) -> TextStream:
+        token = CancelToken()
+
+        def chunks():
+            with self._lock:
+                self._tokens.add(token)
+            try:
+                yield from self._transport.responses(request, self.model, self.timeout, token)
+            finally:
+                with self._lock:
+                    self._tokens.discard(token)
+
+        return TextStream(chunks(), Generation(request, self.stop_rules), token.cancel)
