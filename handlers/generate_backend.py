@@ -15,6 +15,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .errors import Unavailable
 from .jobs import Job
 from .modelinfo import ModelInfo
 from .sampler import SeqSampler
@@ -38,15 +39,15 @@ class _Pick(LogitsProcessor):
 
 
 class _Book(StoppingCriteria):
-    def __init__(self, job: Job, stream: OutputStream) -> None:
-        self.job, self.stream = job, stream
+    def __init__(self, job: Job, stream: OutputStream, stopping: threading.Event) -> None:
+        self.job, self.stream, self.stopping = job, stream, stopping
 
     def __call__(self, input_ids, scores, **kwargs):
         token = int(input_ids[0, -1])
         text = self.stream.add(token)
         if self.stream.finished:
             self.job.responder.finish(self.stream.finish_reason, text, [token])
-        elif self.job.is_cancelled():
+        elif self.job.is_cancelled() or self.stopping.is_set():
             self.stream.cancel()
             self.job.responder.finish("cancelled", text, [token])
         else:
@@ -60,6 +61,7 @@ class GenerateBackend:
         self.model = load_full_model(model_dir, device, dtype)
         self.model.model.visual = None  # the vision_encoder model owns the tower
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="tritonvl-generate", daemon=True)
         self.thread.start()
 
@@ -70,12 +72,17 @@ class GenerateBackend:
         return self.jobs.qsize()
 
     def stop(self) -> None:
+        """End the running job (finish_reason cancelled) and fail the queued ones."""
+        self.stopping.set()
         self.jobs.put(None)
         self.thread.join(timeout=30)
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
             try:
+                if self.stopping.is_set():
+                    job.responder.fail(Unavailable("the server is shutting down"))
+                    continue
                 if job.is_cancelled():
                     job.responder.finish("cancelled")
                     continue
@@ -101,7 +108,7 @@ class GenerateBackend:
                                   eos_token_id=None, pad_token_id=self.info.eos_token_ids[-1])
         with torch.inference_mode():
             self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                logits_processor=[_Pick(sampler)], stopping_criteria=[_Book(job, stream)],
+                                logits_processor=[_Pick(sampler)], stopping_criteria=[_Book(job, stream, self.stopping)],
                                 **kwargs)
         if not job.responder.done:  # generate() stopped on its own (max_new_tokens reached)
             job.responder.finish(stream.finish_reason or "length")

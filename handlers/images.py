@@ -1,7 +1,9 @@
-"""Image intake: bytes, base64 or data URI in; a validated RGB ``PIL.Image`` out.
+"""Image intake: bytes, base64 or data URI in (an http(s) URL only for allow-listed hosts, see
+urlfetch); a validated RGB ``PIL.Image`` out.
 
 Limits are checked on the header before any pixel is decoded (Pillow only warns below ~179 M
-pixels), formats come from an allow-list, and every mode is converted to RGB the same way.
+pixels), only the allowed formats' parsers see the bytes, and every mode is converted to RGB the
+same way. docs/SECURITY.md lists the rules.
 """
 
 from __future__ import annotations
@@ -24,43 +26,62 @@ MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's smart_resize refuses more
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_images: int = 8
+    """What one request may bring (config parameters of `preprocess`, see limits_from_params)."""
+
+    max_bytes: int = 20 * 1024 * 1024  # encoded bytes per image
+    max_pixels: int = 40_000_000  # per image, from the header, before decoding
+    max_images: int = 8  # per request
     formats: tuple[str, ...] = ALLOWED_FORMATS
+    max_prompt_bytes: int = 1024 * 1024  # UTF-8 bytes of the request's text, before tokenizing
+    url_allowlist: tuple[str, ...] = ()  # hosts whose http(s) image URLs are fetched; empty = URLs off
+    url_timeout_s: float = 10.0
 
 
-_DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.I)
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.IGNORECASE)
+_URL = re.compile(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+_SPACE = re.compile(rb"\s+")
+# Raw image data is (practically always) not ASCII; these formats may start with ASCII bytes.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"RIFF")
 
 
 def image_bytes(item: bytes | str, index: int, limits: ImageLimits) -> bytes:
-    """Raw encoded bytes from one `image` element: raw bytes, base64 text or a data: URI."""
+    """Raw encoded bytes from one `image` element: raw bytes, base64 text, a data: URI, or an
+    http(s) URL of an allow-listed host (URLs are refused unless ``limits.url_allowlist``)."""
     where = f"image[{index}]"
     if isinstance(item, str):
         item = item.encode("utf-8")
     if not item:
         raise InvalidArgument(f"{where}: empty image")
-    if item.startswith(_MAGIC):
-        data = item
-    else:
-        text = item.strip()
-        if text[:5].lower() == b"data:":
-            m = _DATA_URI.match(text.decode("ascii", "replace"))
-            if m is None or not m.group("b64"):
-                raise InvalidArgument(f"{where}: data URI must be of the form data:image/<type>;base64,<data>")
-            if m.group("mime") and not m.group("mime").lower().startswith("image/"):
-                raise InvalidArgument(f"{where}: data URI media type {m.group('mime')!r} is not an image")
-            text = text[m.end():]
-        elif re.match(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
-            scheme = text.split(b":", 1)[0].decode("ascii", "replace")
-            raise InvalidArgument(f"{where}: {scheme} URLs are not accepted; send the image bytes, base64 or a data: URI")
-        if len(text) > limits.max_bytes * 4 // 3 + 8:
-            raise InvalidArgument(f"{where}: larger than the {limits.max_bytes}-byte limit")
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError):
-            raise InvalidArgument(f"{where}: not a known image format and not valid base64") from None
+    if not item.isascii():
+        return _sized(item, where, limits)
+    text = item.strip()
+    if text[:5].lower() == b"data:":
+        m = _DATA_URI.match(text[:256].decode("ascii"))
+        if m is None or not m.group("b64"):
+            raise InvalidArgument(f"{where}: data URI must be of the form data:image/<type>;base64,<data>")
+        if m.group("mime") and not m.group("mime").lower().startswith("image/"):
+            raise InvalidArgument(f"{where}: data URI media type {m.group('mime')!r} is not an image")
+        text = text[m.end():]
+    elif _URL.match(text):
+        if not limits.url_allowlist:
+            scheme = text.split(b":", 1)[0].decode("ascii")
+            raise InvalidArgument(f"{where}: {scheme} URLs are not accepted; send the image bytes, base64 "
+                                  "or a data: URI")
+        from .urlfetch import fetch_image
+
+        return _sized(fetch_image(text.decode("ascii"), where, limits), where, limits)
+    if len(text) > limits.max_bytes * 4 // 3 + 1024:
+        raise InvalidArgument(f"{where}: larger than the {limits.max_bytes}-byte limit")
+    try:
+        data = base64.b64decode(_SPACE.sub(b"", text), validate=True)
+    except (binascii.Error, ValueError):
+        if item.startswith(_MAGIC):  # raw bytes of an (ASCII-looking) image
+            return _sized(item, where, limits)
+        raise InvalidArgument(f"{where}: not a known image format and not valid base64") from None
+    return _sized(data, where, limits)
+
+
+def _sized(data: bytes, where: str, limits: ImageLimits) -> bytes:
     if not data:
         raise InvalidArgument(f"{where}: empty image")
     if len(data) > limits.max_bytes:
@@ -69,12 +90,17 @@ def image_bytes(item: bytes | str, index: int, limits: ImageLimits) -> bytes:
 
 
 def decode_image(data: bytes, index: int, limits: ImageLimits) -> Image.Image:
-    """Decode and normalize one image; raise InvalidArgument naming the problem."""
+    """Decode and normalize one image; raise InvalidArgument naming the problem.
+
+    Only the header is read before the format, pixel and aspect checks; animated images give
+    their first frame; EXIF orientation is applied.
+    """
     where = f"image[{index}]"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            # only the allowed formats' parsers ever see the bytes
+            img = Image.open(io.BytesIO(data), formats=limits.formats)
             fmt = img.format or "unknown"
             if fmt not in limits.formats:
                 raise InvalidArgument(f"{where}: format {fmt} is not allowed (allowed: {', '.join(limits.formats)})")
@@ -93,31 +119,36 @@ def decode_image(data: bytes, index: int, limits: ImageLimits) -> Image.Image:
             return to_rgb(img)
     except InvalidArgument:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InvalidArgument(f"{where}: refused as a decompression bomb") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow refuses far-too-large headers inside open(), before our own check sees the size
+        raise InvalidArgument(f"{where}: over the {limits.max_pixels}-pixel limit, refused before decoding "
+                              f"({exc})") from None
     except UnidentifiedImageError:
-        raise InvalidArgument(f"{where}: not a recognizable image (corrupt or unsupported data)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidArgument(f"{where}: corrupt or truncated image ({exc})") from None
+        raise InvalidArgument(f"{where}: not a recognizable image (corrupt, or not one of the allowed formats "
+                              f"{', '.join(limits.formats)})") from None
+    except MemoryError:
+        raise InvalidArgument(f"{where}: too large to decode") from None
+    except Exception as exc:  # noqa: BLE001 -- any decoder fault on untrusted bytes is the data's
+        raise InvalidArgument(f"{where}: corrupt or truncated image ({type(exc).__name__}: {exc})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB for every mode; transparency is composited on white (as a viewer shows it)."""
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):
+        img = img.convert("RGBA")  # a tRNS colour or palette alpha becomes a real alpha channel
     if img.mode == "RGB":
         return img
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        # 16/32-bit grey: scale to 8 bits instead of clipping
+        # 16/32-bit grey: scale to 8 bits instead of clipping at 255
         import numpy as np
 
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype("uint8"), mode="L")
+        arr = np.asarray(img, dtype=np.float32)
+        top = 65535.0 if img.mode.startswith("I;16") or float(arr.max(initial=0)) <= 65535 else float(arr.max())
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype("uint8"), mode="L")
     return img.convert("RGB")
 
 
@@ -138,8 +169,14 @@ def content_hash(*arrays) -> bytes:
 def limits_from_params(param) -> ImageLimits:
     """ImageLimits from config parameters (``param(name, default) -> str``)."""
     d = ImageLimits()
-    formats = tuple(f.strip().upper() for f in param("image_formats", ",".join(d.formats)).split(",") if f.strip())
+
+    def names(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(f.strip() for f in param(key, ",".join(default)).split(",") if f.strip())
+
     return ImageLimits(max_bytes=int(param("max_image_bytes", str(d.max_bytes))),
                        max_pixels=int(param("max_image_pixels", str(d.max_pixels))),
                        max_images=int(param("max_images_per_request", str(d.max_images))),
-                       formats=formats)
+                       formats=tuple(f.upper() for f in names("image_formats", d.formats)),
+                       max_prompt_bytes=int(param("max_prompt_bytes", str(d.max_prompt_bytes))),
+                       url_allowlist=tuple(h.lower() for h in names("image_url_allowlist", ())),
+                       url_timeout_s=float(param("image_url_timeout_s", str(d.url_timeout_s))))

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import InvalidArgument
 from .images import ImageLimits, load_images
 from .modelinfo import ModelInfo, load_model_info
-from .prompt import PromptBuilder, messages_from_text, parse_messages
+from .prompt import PromptBuilder, messages_from_text, parse_messages, text_bytes
 from .sampling import SamplingParams, build_sampling_params, defaults_from_generation_config
 
 
@@ -92,6 +92,10 @@ class Preprocessor:
             raise InvalidArgument("text_input: required (or give messages)")
         else:
             messages, sources = messages_from_text(text, len(raw.images)), list(raw.images)
+        size = text_bytes(messages)
+        if size > self.limits.max_prompt_bytes:  # refused before the tokenizer spends seconds on it
+            raise InvalidArgument(f"prompt: {size} bytes of text is over the max_prompt_bytes limit "
+                                  f"({self.limits.max_prompt_bytes}; max_model_len={self.max_model_len} tokens)")
         sampling = build_sampling_params(raw.sampling, utf8(raw.sampling_parameters, "sampling_parameters"),
                                          self.sampling_defaults, self.info.vocab_size)
         images = load_images(sources, self.limits)

@@ -22,13 +22,16 @@ def parse_messages(raw: str, tensor_images: list) -> tuple[list[dict], list]:
     """Validate OpenAI-style messages JSON.
 
     Returns messages normalized for the chat template (image parts become ``{"type": "image"}``)
-    and the image sources in prompt order: ``image_url`` parts carry their URL string; bare
-    ``{"type": "image"}`` parts take the next element of the ``image`` tensor.
+    and the image sources in prompt order: ``image_url`` parts carry their URL string, as do
+    Qwen-style ``{"type": "image", "image": "<data URI>"}`` parts; bare ``{"type": "image"}``
+    parts take the next element of the ``image`` tensor. The sources are checked later, as images.
     """
     try:
         msgs = json.loads(raw)
     except ValueError as exc:
         raise InvalidArgument(f"messages: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidArgument("messages: not valid JSON (nested too deeply)") from None
     if not isinstance(msgs, list) or not msgs:
         raise InvalidArgument("messages: expected a non-empty JSON array of {role, content} objects")
     out, images = [], []
@@ -41,32 +44,11 @@ def parse_messages(raw: str, tensor_images: list) -> tuple[list[dict], list]:
         if role not in ROLES:
             raise InvalidArgument(f"{where}.role: {role!r} is not one of {ROLES}")
         if isinstance(content, str):
-            out.append({"role": role, "content": content})
+            out.append({"role": role, "content": _text(content, f"{where}.content")})
             continue
         if not isinstance(content, list):
             raise InvalidArgument(f"{where}.content: expected a string or a list of parts")
-        parts = []
-        for j, part in enumerate(content):
-            pw = f"{where}.content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise InvalidArgument(f"{pw}.text: expected a string")
-                parts.append({"type": "text", "text": part["text"]})
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str) or not url:
-                    raise InvalidArgument(f"{pw}.image_url: expected {{'url': 'data:image/...;base64,...'}}")
-                images.append(url)
-                parts.append({"type": "image"})
-            elif kind == "image":
-                if not pending:
-                    raise InvalidArgument(f"{pw}: an image part without a URL needs an element of the image input")
-                images.append(pending.pop(0))
-                parts.append({"type": "image"})
-            else:
-                raise InvalidArgument(f"{pw}.type: {kind!r} is not one of 'text', 'image_url', 'image'")
+        parts = [_part(part, f"{where}.content[{j}]", pending, images) for j, part in enumerate(content)]
         if role != "user" and any(p["type"] == "image" for p in parts):
             raise InvalidArgument(f"{where}: images are only allowed in user messages")
         out.append({"role": role, "content": parts})
@@ -76,6 +58,51 @@ def parse_messages(raw: str, tensor_images: list) -> tuple[list[dict], list]:
     if out[-1]["role"] == "assistant":
         raise InvalidArgument("messages: the last message must not be from the assistant")
     return out, images
+
+
+def _part(part, where: str, pending: list, images: list) -> dict:
+    """One content part, normalized; an image part appends its source to ``images``."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind == "text":
+        return {"type": "text", "text": _text(part.get("text"), f"{where}.text")}
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str) or not url:
+            raise InvalidArgument(f"{where}.image_url: expected {{'url': 'data:image/...;base64,...'}}")
+        images.append(url)
+    elif kind == "image" and part.get("image") is not None:
+        if not isinstance(part["image"], str) or not part["image"]:
+            raise InvalidArgument(f"{where}.image: expected a data: URI or base64 string")
+        images.append(part["image"])
+    elif kind == "image":
+        if not pending:
+            raise InvalidArgument(f"{where}: an image part without a URL needs an element of the image input")
+        images.append(pending.pop(0))
+    else:
+        raise InvalidArgument(f"{where}.type: {kind!r} is not one of 'text', 'image_url', 'image'")
+    return {"type": "image"}
+
+
+def _text(value, where: str) -> str:
+    """A string with a UTF-8 form (JSON can escape lone surrogates, which have none)."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where}: expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{where}: not valid Unicode ({exc.reason} at character {exc.start})") from None
+    return value
+
+
+def text_bytes(messages: list[dict]) -> int:
+    """UTF-8 bytes of all the text in normalized messages (bounds the tokenizer's work)."""
+    total = 0
+    for msg in messages:
+        content = msg["content"]
+        parts = [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
+        total += sum(len(t.encode("utf-8")) for t in parts)
+    return total
 
 
 class PromptBuilder:
@@ -89,7 +116,7 @@ class PromptBuilder:
     def build(self, messages: list[dict], image_tokens: list[int]) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # jinja errors from a model's own template
+        except Exception as exc:  # noqa: BLE001 -- jinja errors from a model's own template
             raise InvalidArgument(f"messages: the chat template refused them ({exc})") from None
         pieces = text.split(self.image_token)
         if len(pieces) - 1 != len(image_tokens):

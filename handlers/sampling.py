@@ -66,42 +66,56 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> SamplingParams:
         """Raise InvalidArgument naming the field and the rule; return self."""
-
-        def bad(name: str, rule: str) -> InvalidArgument:
-            return InvalidArgument(f"{name}={getattr(self, name)!r}: {rule}")
-
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-                     "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise bad(name, "must be a finite number")
-        if self.n != 1:
-            raise bad("n", "only n=1 is supported")
-        if self.max_tokens < 1:
-            raise bad("max_tokens", "must be at least 1")
-        if not 0 <= self.min_tokens <= self.max_tokens:
-            raise bad("min_tokens", f"must be between 0 and max_tokens ({self.max_tokens})")
-        if self.temperature < 0:
-            raise bad("temperature", "must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if self.top_k < -1:
-            raise bad("top_k", "must be -1 or 0 (off) or a positive integer")
-        if not 0 <= self.min_p <= 1:
-            raise bad("min_p", "must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "must be > 0")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not -2 <= getattr(self, name) <= 2:
-                raise bad(name, "must be in [-2, 2]")
-        if self.seed is not None and not 0 <= self.seed < 2**64:
-            raise bad("seed", "must be in [0, 2**64)")
-        for t in self.stop_token_ids:
-            if not 0 <= t < vocab_size:
-                raise InvalidArgument(f"stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
-        for s in self.stop:
-            if not s:
-                raise InvalidArgument("stop_words: empty strings are not allowed")
+        for f in fields(self):
+            check_field(f.name, getattr(self, f.name), vocab_size)
+        if self.min_tokens > self.max_tokens:
+            raise InvalidArgument(f"min_tokens={self.min_tokens}: must be between 0 and max_tokens ({self.max_tokens})")
         return self
+
+
+# Numerically safe bounds applied after validation: outside them the sampler's float32 logits
+# overflow (inf / nan probabilities), which would fail a whole engine step. vLLM clamps
+# temperature the same way; penalties past 100x are already saturated.
+MIN_TEMPERATURE = 1e-2
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+
+_FINITE = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def check_field(name: str, value, vocab_size: int, where: str = "") -> None:
+    """The range rule of one field (vLLM's), raising InvalidArgument naming ``where + name``."""
+
+    def bad(rule: str) -> InvalidArgument:
+        return InvalidArgument(f"{where}{name}={value!r}: {rule}")
+
+    if name in _FINITE and not math.isfinite(value):
+        raise bad("must be a finite number")
+    if name == "n" and value != 1:
+        raise bad("only n=1 is supported")
+    elif name == "max_tokens" and value < 1:
+        raise bad("must be at least 1")
+    elif name == "min_tokens" and value < 0:
+        raise bad("must be between 0 and max_tokens")
+    elif name == "temperature" and value < 0:
+        raise bad("must be >= 0")
+    elif name == "top_p" and not 0 < value <= 1:
+        raise bad("must be in (0, 1]")
+    elif name == "top_k" and value < -1:
+        raise bad("must be -1 or 0 (off) or a positive integer")
+    elif name == "min_p" and not 0 <= value <= 1:
+        raise bad("must be in [0, 1]")
+    elif name == "repetition_penalty" and value <= 0:
+        raise bad("must be > 0")
+    elif name in ("presence_penalty", "frequency_penalty") and not -2 <= value <= 2:
+        raise bad("must be in [-2, 2]")
+    elif name == "seed" and value is not None and not 0 <= value < 2**64:
+        raise bad("must be in [0, 2**64)")
+    elif name == "stop_token_ids":
+        for t in value:
+            if not 0 <= t < vocab_size:
+                raise InvalidArgument(f"{where}stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
+    elif name == "stop" and any(not s for s in value):
+        raise InvalidArgument(f"{where}stop_words: empty strings are not allowed")
 
 
 def _coerce(name: str, value, kind):
@@ -123,8 +137,61 @@ def _coerce(name: str, value, kind):
     return value
 
 
+def _text(name: str, value) -> str:
+    """A stop string; bytes (from a STRING tensor) must be UTF-8."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{name}: expected a string or a list of strings, got {value!r}")
+    try:
+        value.encode("utf-8")  # JSON can escape lone surrogates, which have no UTF-8 form
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{name}: not valid Unicode ({exc.reason} at character {exc.start})") from None
+    return value
+
+
 _KINDS = {f.name: f.type for f in fields(SamplingParams)}
 _SCALAR = {"int": int, "float": float, "bool": bool, "int | None": int}
+
+
+def _normalize(values: dict, vocab_size: int, where: str) -> dict:
+    """Type-check one source of values and apply each field's own range rule."""
+    out = {}
+    for name, value in values.items():
+        label = "stop_words" if name == "stop" else name
+        kind = _SCALAR.get(str(_KINDS[name]))
+        if kind is not None:
+            value = _coerce(where + label, value, kind)
+        elif name == "stop":
+            items = [value] if isinstance(value, (str, bytes)) else value
+            if not isinstance(items, (list, tuple)):
+                raise InvalidArgument(f"{where}stop_words: expected a string or a list of strings, got {value!r}")
+            value = [_text(where + label, s) for s in items]
+        elif name == "stop_token_ids":
+            if not isinstance(value, (list, tuple)):
+                raise InvalidArgument(f"{where}stop_token_ids: expected a list of integers, got {value!r}")
+            value = [_coerce(where + label, v, int) for v in value]
+        check_field(name, value, vocab_size, where)
+        out[name] = value
+    return out
+
+
+def _parse_json(json_text: str) -> dict:
+    try:
+        parsed = json.loads(json_text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"sampling_parameters: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise InvalidArgument("sampling_parameters: not valid JSON (nested too deeply)") from None
+    if not isinstance(parsed, dict):
+        raise InvalidArgument("sampling_parameters: expected a JSON object")
+    unknown = sorted(set(parsed) - set(JSON_KEYS))
+    if unknown:
+        raise InvalidArgument(f"sampling_parameters: unknown key(s) {unknown}; known: {sorted(JSON_KEYS)}")
+    return {JSON_KEYS[key]: value for key, value in parsed.items() if value is not None}
 
 
 def build_sampling_params(
@@ -136,40 +203,20 @@ def build_sampling_params(
     """Merge defaults < ``sampling_parameters`` JSON < explicit tensors, then validate.
 
     ``explicit`` maps field names (``stop`` for stop_words) to Python values already read
-    from tensors; None values are ignored.
+    from tensors; None values are ignored. Every value given is checked, also one that a
+    higher-priority source overrides.
     """
-    values: dict = dict(defaults or {})
-    if json_text:
-        try:
-            parsed = json.loads(json_text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InvalidArgument(f"sampling_parameters: not valid JSON ({exc})") from None
-        if not isinstance(parsed, dict):
-            raise InvalidArgument("sampling_parameters: expected a JSON object")
-        unknown = sorted(set(parsed) - set(JSON_KEYS))
-        if unknown:
-            raise InvalidArgument(f"sampling_parameters: unknown key(s) {unknown}; known: {sorted(JSON_KEYS)}")
-        for key, value in parsed.items():
-            if value is not None:
-                values[JSON_KEYS[key]] = value
-    values.update({k: v for k, v in explicit.items() if v is not None})
-    out = {}
-    for name, value in values.items():
-        kind = _SCALAR.get(str(_KINDS[name]))
-        if kind is not None:
-            out[name] = _coerce(name, value, kind)
-        elif name == "stop":
-            items = [value] if isinstance(value, str) else value
-            if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-                raise InvalidArgument("stop_words: expected a string or a list of strings")
-            out[name] = list(items)
-        elif name == "stop_token_ids":
-            if not isinstance(value, list):
-                raise InvalidArgument("stop_token_ids: expected a list of integers")
-            out[name] = [_coerce("stop_token_ids", v, int) for v in value]
-    if out.get("top_k") == -1:
-        out["top_k"] = 0
-    return SamplingParams(**out).validate(vocab_size)
+    from_json = _normalize(_parse_json(json_text), vocab_size, "sampling_parameters.") if json_text else {}
+    from_tensors = _normalize({k: v for k, v in explicit.items() if v is not None}, vocab_size, "")
+    values = {**_normalize(dict(defaults or {}), vocab_size, "default "), **from_json, **from_tensors}
+    if values.get("top_k") == -1:
+        values["top_k"] = 0
+    params = SamplingParams(**values).validate(vocab_size)
+    if 0 < params.temperature < MIN_TEMPERATURE:
+        params.temperature = MIN_TEMPERATURE
+    low, high = REPETITION_PENALTY_RANGE
+    params.repetition_penalty = min(max(params.repetition_penalty, low), high)
+    return params
 
 
 def defaults_from_generation_config(gen: dict) -> dict:

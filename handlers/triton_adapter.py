@@ -110,6 +110,15 @@ class TritonMetrics:
                 self._hists[name].observe(v)
 
 
+def watchdog(cfg: ModelArgs):
+    """Start the stub watchdog (parameter `exit_on_stub_failure`, default true); None when off."""
+    if cfg.param("exit_on_stub_failure", "true").lower() != "true":
+        return None
+    from .watchdog import Watchdog
+
+    return Watchdog(cfg.instance_name or cfg.config.get("name", "model"))
+
+
 def error(exc: Exception) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(error=triton_error(exc))
 
@@ -145,7 +154,7 @@ def read_raw(request) -> RawRequest:
     sampling = {field: scalar(request, name) for name, field in SAMPLING_TENSORS.items()}
     stops = string_list(request, "stop_words")
     if stops:
-        sampling["stop"] = [s.decode("utf-8", "replace") if isinstance(s, bytes) else str(s) for s in stops]
+        sampling["stop"] = stops  # bytes: preprocess decodes them strictly (invalid UTF-8 is an error)
     stop_ids = tensor(request, "stop_token_ids")
     if stop_ids is not None and stop_ids.size:
         sampling["stop_token_ids"] = [int(x) for x in stop_ids.reshape(-1)]

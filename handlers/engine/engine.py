@@ -69,6 +69,7 @@ class LLMEngine:
         self._ttft: list[float] = []
         self._tpot: list[float] = []
         self._published = 0.0
+        self._drain_until = 0.0
         self.intake: queue.Queue[Job | None] = queue.Queue()
         self._stop = threading.Event()
         self.healthy = True
@@ -82,14 +83,19 @@ class LLMEngine:
     def pending(self) -> int:
         return self.intake.qsize() + self.scheduler.num_waiting
 
-    def stop(self) -> None:
+    def stop(self, drain_seconds: float = 20.0) -> None:
+        """Finish what is in flight (up to ``drain_seconds``), then end the rest with an error.
+
+        Triton calls this from finalize() after its own exit timeout; new requests have stopped coming.
+        """
+        self._drain_until = time.monotonic() + drain_seconds
         self._stop.set()
         self.intake.put(None)
-        self.thread.join(timeout=60)
+        self.thread.join(timeout=drain_seconds + 10)
 
     # ---- the engine thread ----
     def _loop(self) -> None:
-        while not self._stop.is_set():
+        while not self._stop.is_set() or (self.scheduler.has_work() and time.monotonic() < self._drain_until):
             try:
                 busy = self.scheduler.has_work()
                 self._admit(block=not busy)
@@ -100,6 +106,8 @@ class LLMEngine:
             except Exception as exc:  # a fault in a step: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(exc)
+        self._admit(block=False)
+        self._fail_all(Unavailable("the server is shutting down"))
 
     def publish(self, force: bool = False) -> None:
         """Hand the metrics sink a snapshot (every step while busy, twice a second when idle)."""
@@ -204,6 +212,13 @@ class LLMEngine:
         return out
 
     def _fail_all(self, exc: Exception) -> None:
+        while True:  # jobs not admitted yet
+            try:
+                job = self.intake.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.responder.fail(exc)
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.abort(seq.seq_id)
             seq.payload.job.responder.fail(exc)

@@ -12,7 +12,9 @@ from tritonvl.handlers.jobs import job_from_tensors
 
 class TritonPythonModel:
     def initialize(self, args):
-        self.backend = make_backend(ta.ModelArgs(args), ta.TritonMetrics("llm"))
+        cfg = ta.ModelArgs(args)
+        self.watchdog = ta.watchdog(cfg)
+        self.backend = make_backend(cfg, ta.TritonMetrics("llm"))
 
     def execute(self, requests):
         for request in requests:
@@ -27,4 +29,6 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        if self.watchdog:
+            self.watchdog.stop()
         self.backend.stop()

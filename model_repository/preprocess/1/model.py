@@ -16,6 +16,7 @@ from tritonvl.handlers.preprocess import Preprocessor
 class TritonPythonModel:
     def initialize(self, args):
         cfg = ta.ModelArgs(args)
+        self.watchdog = ta.watchdog(cfg)
         self.pre = Preprocessor(cfg.model_dir(), limits_from_params(cfg.param),
                                 max_model_len=cfg.int_param("max_model_len", 0) or None,
                                 default_max_tokens=cfg.int_param("default_max_tokens", 256))
@@ -34,3 +35,7 @@ class TritonPythonModel:
             except Exception as exc:
                 responses.append(ta.error(exc))
         return responses
+
+    def finalize(self):
+        if self.watchdog:
+            self.watchdog.stop()

@@ -14,6 +14,7 @@ from tritonvl.handlers.vision import VisionEncoder
 class TritonPythonModel:
     def initialize(self, args):
         cfg = ta.ModelArgs(args)
+        self.watchdog = ta.watchdog(cfg)
         device, dtype = prepare_device(cfg.device())
         self.encoder = VisionEncoder(cfg.model_dir(), device, parse_dtype(cfg.param("dtype"), dtype),
                                      cache_bytes=cfg.int_param("embedding_cache_bytes", 256 * 1024 * 1024))
@@ -30,3 +31,7 @@ class TritonPythonModel:
             "image_embeds": res.embeds,
             "image_hashes": np.frombuffer(b"".join(res.hashes), dtype=np.uint8).reshape(-1, 16),
         }) for res in results]
+
+    def finalize(self):
+        if self.watchdog:
+            self.watchdog.stop()
