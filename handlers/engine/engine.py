@@ -207,8 +207,15 @@ class LLMEngine:
                 samplers[i].record(token)
                 out[ids[i]] = token
         for i, s in enumerate(samplers):
-            if ids[i] not in out:
+            if ids[i] in out:
+                continue
+            try:
                 out[ids[i]] = s(logits[i])
+            except Exception as exc:  # this sequence's parameters broke sampling: fail it alone
+                log.exception("sampling failed for sequence %d", ids[i])
+                seq = self.scheduler.abort(ids[i])
+                if seq is not None:
+                    seq.payload.job.responder.fail(exc)
         return out
 
     def _fail_all(self, exc: Exception) -> None:
