@@ -15,7 +15,6 @@ import asyncio
 import io
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -148,16 +147,10 @@ class Triton:
     """(B) or (C): the real model repository, with the llm backend chosen by parameter."""
 
     def __init__(self, model_dir: str, backend: str, extra_params: dict | None = None) -> None:
-        from tritonvl.handlers.launcher import ServerProcess, default_model_repository
+        from tritonvl.handlers.launcher import ServerProcess, repository_with
 
         self.tmp = tempfile.mkdtemp(prefix="tritonvl-bench-")
-        repo = Path(self.tmp) / "model_repository"
-        shutil.copytree(default_model_repository(), repo)
-        cfg = repo / "llm" / "config.pbtxt"
-        text = cfg.read_text()
-        for key, value in {"backend": backend, **(extra_params or {})}.items():
-            text = re.sub(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
-        cfg.write_text(text)
+        repo = repository_with(Path(self.tmp) / "model_repository", {"llm": {"backend": backend, **(extra_params or {})}})
         self.server = ServerProcess(model_dir, repo=repo, log_path=f"{self.tmp}/server.log").start()
         self.url = f"http://{self.server.http_url}/v2/models/qwen2_5_vl/generate"
         self.stream, self.pid = True, self.server.proc.pid

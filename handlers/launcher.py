@@ -184,3 +184,23 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def repository_with(dest: str | Path, params: dict[str, dict[str, str]], repo: Path | None = None) -> Path:
+    """Copy the model repository to ``dest`` with some config.pbtxt parameters changed.
+
+    ``params``: {model: {parameter: value}}; each parameter must already exist in that config.
+    """
+    import re
+
+    dest = Path(dest)
+    shutil.copytree(repo or default_model_repository(), dest, ignore=shutil.ignore_patterns("__pycache__"))
+    for model, values in params.items():
+        cfg = dest / model / "config.pbtxt"
+        text = cfg.read_text()
+        for key, value in values.items():
+            text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', text)
+            if n != 1:
+                raise KeyError(f"parameter {key!r} not found in {cfg}")
+        cfg.write_text(text)
+    return dest

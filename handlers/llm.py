@@ -33,6 +33,7 @@ def make_backend(cfg, metrics=None):
                          max_model_len=cfg.int_param("max_model_len", 0) or None,
                          enable_prefix_caching=cfg.param("enable_prefix_caching", "true").lower() == "true",
                          max_waiting=cfg.int_param("max_waiting", 1024),
+                         deadline_s=float(cfg.param("request_deadline_s", "600")),
                          attention=cfg.param("attention_backend", "sdpa"), metrics=metrics)
     raise ValueError(f"backend {kind!r}: expected 'engine' or 'generate'")
 

@@ -52,7 +52,7 @@ class LLMEngine:
     def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype, kv_cache_bytes: int,
                  block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, max_waiting: int = 1024,
-                 attention: str = "sdpa", metrics=None) -> None:
+                 attention: str = "sdpa", metrics=None, deadline_s: float = 0.0) -> None:
         self.info, self.tokenizer, self.device = info, tokenizer, device
         self.runner = ModelRunner(model_dir, info, device, dtype, kv_cache_bytes, block_size, attention)
         capacity = self.runner.num_blocks * block_size
@@ -64,6 +64,7 @@ class LLMEngine:
         self.blocks = BlockManager.from_config(self.config)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.metrics = metrics or NullSink()
+        self.deadline_s = deadline_s  # 0 = none
         self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "generation_tokens": 0,
                          "image_tokens": 0, "requests_finished": 0, "requests_rejected": 0}
         self._ttft: list[float] = []
@@ -164,11 +165,19 @@ class LLMEngine:
             job.responder.fail(exc if isinstance(exc, InvalidArgument) else InvalidArgument(str(exc)))
 
     def _reap_cancelled(self) -> None:
+        """Cancelled requests and requests past their deadline leave at once, freeing their blocks."""
+        now = time.monotonic()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if seq.payload.job.is_cancelled():
+            st: SeqState = seq.payload
+            if st.job.is_cancelled():
                 self.scheduler.abort(seq.seq_id)
                 self.counters["requests_finished"] += 1
-                seq.payload.job.responder.finish("cancelled")
+                st.job.responder.finish("cancelled")
+            elif self.deadline_s and now - st.arrived > self.deadline_s:
+                self.scheduler.abort(seq.seq_id)
+                self.counters["requests_finished"] += 1
+                st.job.responder.fail(Unavailable(
+                    f"request exceeded the {self.deadline_s:g}-second deadline (llm parameter request_deadline_s)"))
 
     def step(self) -> None:
         batch = self.scheduler.schedule()

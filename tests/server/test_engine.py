@@ -4,8 +4,6 @@ cache, seeded sampling, cancellation."""
 from __future__ import annotations
 
 import queue
-import re
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -60,15 +58,11 @@ def test_parity_with_32_mixed_requests_in_flight(server, ref):
 @pytest.fixture(scope="module")
 def small_kv_server(model_dir, tmp_path_factory):
     """A second server whose KV cache is too small for the load: it must preempt."""
-    from tritonvl.handlers.launcher import ServerProcess, default_model_repository
+    from tritonvl.handlers.launcher import ServerProcess, repository_with
 
-    repo = tmp_path_factory.mktemp("repo") / "model_repository"
-    shutil.copytree(default_model_repository(), repo)
-    cfg = repo / "llm" / "config.pbtxt"
-    text = cfg.read_text()
     # 24 blocks of 16 tokens (the test model: 3 layers x 2 kv heads x 16 dims x fp32 = 768 B / token)
-    text = re.sub(r'(key: "kv_cache_bytes" value: \{ string_value: )""', r'\1"294912"', text)
-    cfg.write_text(text)
+    repo = repository_with(tmp_path_factory.mktemp("repo") / "model_repository",
+                           {"llm": {"kv_cache_bytes": str(24 * 16 * 768)}})
     log = tmp_path_factory.mktemp("srv2") / "tritonserver.log"
     with ServerProcess(str(model_dir), repo=repo, log_path=str(log)) as srv:
         yield srv
