@@ -122,4 +122,12 @@ class ModelRunner:
                          use_cache=False, tvl_meta=meta).last_hidden_state
         if not sample_rows:
             return [], None
-        return sample_ids, self.lm_head(hidden[0, torch.tensor(sample_rows, device=dev)]).float()
+        return sample_ids, self._logits(hidden[0, torch.tensor(sample_rows, device=dev)])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[n, hidden] -> [n, vocab] float. On CPU, for 2..16 rows, W @ h.T runs MKL's tall GEMM, up to
+        2x faster than F.linear's short-wide one (measured on the tiny model); the result is a view."""
+        w = self.lm_head.weight
+        if h.device.type == "cpu" and 2 <= h.shape[0] <= 16 and getattr(self.lm_head, "bias", None) is None:
+            return torch.mm(w, h.T).T.float()
+        return self.lm_head(h).float()
