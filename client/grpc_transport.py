@@ -94,7 +94,7 @@ class GrpcTransport:
         try:
             live = self._client.is_server_live(client_timeout=timeout)
         except InferenceServerException as exc:
-            raise ServerUnavailable(f"cannot reach a Triton server at {self.url} over gRPC ({_short(exc.message())})")
+            raise ServerUnavailable(f"cannot reach a Triton server at {self.url} over gRPC ({_short(exc.message())})") from None
         if not live:
             raise ServerUnavailable(f"the Triton server at {self.url} is not live")
         try:

@@ -24,7 +24,6 @@ def safetensor_files(model_dir: str) -> list[Path]:
 
 def load_visual(model_dir: str, device: str, dtype):
     """Only the vision tower, with only its own weights read from disk."""
-    import torch
     from safetensors import safe_open
     from transformers import AutoConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel

@@ -105,6 +105,7 @@ def request_data(image_groups: list[list[bytes]], prompts: list[str], max_tokens
 def encoder_data(image_groups: list[list[bytes]], model_dir: str) -> dict:
     """--input-data for `vision_encoder`: pixel values from the model's own image processor."""
     from PIL import Image
+
     from tritonvl.handlers.preprocess import Preprocessor
 
     pre = Preprocessor(model_dir)

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 from PIL import Image
+
 from tritonvl.client.cli import main
 
 

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
+
 from tritonvl.client import AsyncClient, Client, InvalidRequest, ModelNotReady, ServerUnavailable, StopRules
 
 PROTOCOLS = ["grpc", "http"]

@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 from PIL import Image
+
 from tritonvl.client.errors import ImageError, InvalidRequest
 from tritonvl.client.images import ImageOptions, find_images, load_image
 from tritonvl.client.params import SamplingParams

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from tritonvl.client.errors import InvalidRequest
 from tritonvl.client.params import SamplingParams
 

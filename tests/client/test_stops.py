@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tritonvl.client.params import SamplingParams
 from tritonvl.client.parsing import OutputParser, StopRules
 from tritonvl.client.stops import StopStringMatcher

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tritonvl.client.batch import plan, read_done
 from tritonvl.client.errors import InvalidRequest, ModelNotReady, RequestFailed, RequestTimeout, classify
 from tritonvl.client.images import ImageOptions

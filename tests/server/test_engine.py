@@ -10,7 +10,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from helpers import MODEL, Reference, _inputs, infer_http, joined, make_image, metrics, stream_grpc, wait_for
+from helpers import Reference, infer_http, joined, make_image, metrics, stream_grpc, wait_for
 
 
 @pytest.fixture(scope="module")

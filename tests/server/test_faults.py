@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import queue
 import signal
-import threading
 import time
 from functools import partial
 

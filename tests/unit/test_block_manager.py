@@ -1,6 +1,7 @@
 """BlockManager: paged allocation, ref counts and prefix caching keyed by image content."""
 
 import pytest
+
 from tritonvl.handlers.engine.block_manager import BlockManager, hash_block
 from tritonvl.handlers.engine.config import EngineConfig
 from tritonvl.handlers.engine.sequence import Sequence

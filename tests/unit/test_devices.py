@@ -1,4 +1,5 @@
 import pytest
+
 from tritonvl.handlers.devices import instance_index, pick_device
 
 

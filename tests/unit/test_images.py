@@ -10,6 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+
 from tritonvl.handlers import urlfetch
 from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.images import ImageLimits, decode_image, image_bytes, limits_from_params, load_images

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.prompt import messages_from_text, parse_messages, text_bytes
 

@@ -3,6 +3,7 @@
 import random
 
 import pytest
+
 from tritonvl.handlers.engine.block_manager import BlockManager
 from tritonvl.handlers.engine.config import EngineConfig
 from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler

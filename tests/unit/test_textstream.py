@@ -1,6 +1,7 @@
 """Incremental detokenization and stop handling with Qwen's real tokenizer."""
 
 import pytest
+
 from tritonvl.handlers.sampling import SamplingParams
 from tritonvl.handlers.textstream import IncrementalDetokenizer, OutputStream
 from tritonvl.handlers.tiny_model import tokenizer_source_dir

@@ -6,8 +6,8 @@ text delta when streaming, else exactly one; the last one carries the FINAL flag
 """
 
 from tritonvl.handlers import triton_adapter as ta
-from tritonvl.handlers.llm import make_backend
 from tritonvl.handlers.jobs import job_from_tensors
+from tritonvl.handlers.llm import make_backend
 
 
 class TritonPythonModel:
