@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -176,21 +175,36 @@ def response(outputs: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
 
 
 class StreamSender:
-    """Responses of one decoupled request; safe to call from the engine thread."""
+    """Responses of one decoupled request. ``send``/``send_error`` only enqueue on the model's
+    ResponsePump (handlers/pump.py), so the engine thread never waits on response IPC."""
+
+    _pump = None
 
     def __init__(self, request) -> None:
+        from .pump import ResponsePump
+
+        if StreamSender._pump is None:
+            StreamSender._pump = ResponsePump()
         self.sender = request.get_response_sender()
         self.request = request
-        self._lock = threading.Lock()
 
     def send(self, outputs: dict, final: bool) -> None:
-        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        with self._lock:
-            self.sender.send(response(outputs), flags=flags)
+        self._pump.data(self._send_now, outputs, final)
 
     def send_error(self, exc: Exception) -> None:
-        with self._lock:
-            self.sender.send(error(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        self._pump.error(self._send_error_now, exc)
+
+    @classmethod
+    def flush(cls) -> None:
+        if cls._pump is not None:
+            cls._pump.flush()
+
+    def _send_now(self, outputs: dict, final: bool) -> None:
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self.sender.send(response(outputs), flags=flags)
+
+    def _send_error_now(self, exc: Exception) -> None:
+        self.sender.send(error(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def is_cancelled(self) -> bool:
         """Cancelled by the client (checked on the response sender, else on the request)."""

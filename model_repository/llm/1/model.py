@@ -32,3 +32,4 @@ class TritonPythonModel:
         if self.watchdog:
             self.watchdog.stop()
         self.backend.stop()
+        ta.StreamSender.flush()  # the last responses (drained or failed requests) go out
