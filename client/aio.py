@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .client import DEFAULT_MODEL, normalize_url
+from .client import DEFAULT_MODEL, _configure
 from .errors import TritonVLError
 from .images import ImageOptions, ImageSource
 from .params import SamplingParams
@@ -31,21 +31,7 @@ class AsyncClient:
     def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = DEFAULT_MODEL,
                  timeout: float | None = 300.0, *, stop_rules: StopRules | None = None,
                  image_options: ImageOptions | None = None, verbose: bool = False) -> None:
-        self.url = normalize_url(url, protocol)
-        self.protocol = protocol
-        self.model = model
-        self.timeout = timeout
-        self.stop_rules = stop_rules or StopRules()
-        self.image_options = image_options or ImageOptions()
-        if protocol == "grpc":
-            from .grpc_transport import AsyncGrpcTransport
-
-            self._transport = AsyncGrpcTransport(self.url, verbose)
-        else:
-            from .http_transport import AsyncHttpTransport
-
-            self._transport = AsyncHttpTransport(self.url, verbose)
-        self._tokens: set[CancelToken] = set()
+        _configure(self, url, protocol, model, timeout, stop_rules, image_options, verbose, asynchronous=True)
 
     async def generate(self, prompt: str, images: Sequence[ImageSource] | ImageSource | None = None, *,
                        params: SamplingParams | None = None, **sampling) -> Result:

@@ -27,6 +27,27 @@ def normalize_url(url: str, protocol: str) -> str:
     return url.split("://", 1)[-1].rstrip("/")
 
 
+def _configure(client, url: str, protocol: str, model: str, timeout: float | None, stop_rules: StopRules | None,
+               image_options: ImageOptions | None, verbose: bool, asynchronous: bool) -> None:
+    """The settings and the transport shared by Client and AsyncClient."""
+    client.url = normalize_url(url, protocol)
+    client.protocol = protocol
+    client.model = model
+    client.timeout = timeout
+    client.stop_rules = stop_rules or StopRules()
+    client.image_options = image_options or ImageOptions()
+    if protocol == "grpc":
+        from . import grpc_transport as module
+
+        kind = "AsyncGrpcTransport" if asynchronous else "GrpcTransport"
+    else:
+        from . import http_transport as module
+
+        kind = "AsyncHttpTransport" if asynchronous else "HttpTransport"
+    client._transport = getattr(module, kind)(client.url, verbose)
+    client._tokens = set()
+
+
 class Client:
     """Talk to a tritonvl server over gRPC (default) or HTTP.
 
@@ -41,21 +62,7 @@ class Client:
     def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = DEFAULT_MODEL,
                  timeout: float | None = 300.0, *, stop_rules: StopRules | None = None,
                  image_options: ImageOptions | None = None, verbose: bool = False) -> None:
-        self.url = normalize_url(url, protocol)
-        self.protocol = protocol
-        self.model = model
-        self.timeout = timeout
-        self.stop_rules = stop_rules or StopRules()
-        self.image_options = image_options or ImageOptions()
-        if protocol == "grpc":
-            from .grpc_transport import GrpcTransport
-
-            self._transport = GrpcTransport(self.url, verbose)
-        else:
-            from .http_transport import HttpTransport
-
-            self._transport = HttpTransport(self.url, verbose)
-        self._tokens: set[CancelToken] = set()
+        _configure(self, url, protocol, model, timeout, stop_rules, image_options, verbose, asynchronous=False)
         self._lock = threading.Lock()
 
     def generate(self, prompt: str, images: Sequence[ImageSource] | ImageSource | None = None, *,
