@@ -9,8 +9,8 @@ from dataclasses import asdict, dataclass, field
 class Usage:
     """Token counts as the server reports them.
 
-    ``image_tokens`` is None: the server has no output for it yet (its image placeholders are
-    counted inside ``input_tokens``). ``images`` is the number of images sent.
+    ``image_tokens``: the image placeholder tokens of the prompt (counted inside ``input_tokens``);
+    None from servers without a ``num_image_tokens`` output. ``images`` is the number of images sent.
     """
 
     input_tokens: int | None = None

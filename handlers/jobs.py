@@ -26,7 +26,7 @@ def job_from_tensors(input_ids: np.ndarray, image_embeds: np.ndarray, image_grid
                      image_hashes: np.ndarray, request_json, send, send_error, is_cancelled) -> Job:
     """Build a Job from the llm step's inputs (batch dim already removed)."""
     options = RequestOptions.from_json(request_json)
-    responder = Responder(options, int(input_ids.shape[0]), send, send_error)
+    responder = Responder(options, int(input_ids.shape[0]), send, send_error, int(image_embeds.shape[0]))
     return Job(input_ids.astype(np.int32), np.ascontiguousarray(image_embeds, dtype=np.float32),
                image_grid_thw.astype(np.int64).reshape(-1, 3), [bytes(h) for h in image_hashes],
                options, responder, is_cancelled)

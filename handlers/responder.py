@@ -12,12 +12,13 @@ from .preprocess import RequestOptions
 Send = Callable[[dict, bool], None]
 
 
-def outputs(text: str, ids: list[int], n_in: int, n_out: int, finish_reason: str | None) -> dict:
+def outputs(text: str, ids: list[int], n_in: int, n_out: int, finish_reason: str | None, n_img: int = 0) -> dict:
     out = {
         "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
         "output_ids": np.asarray(ids, dtype=np.int32),
         "num_input_tokens": np.array([n_in], dtype=np.uint32),
         "num_output_tokens": np.array([n_out], dtype=np.uint32),
+        "num_image_tokens": np.array([n_img], dtype=np.uint32),
     }
     if finish_reason is not None:
         out["finish_reason"] = np.array([finish_reason.encode()], dtype=np.object_)
@@ -26,10 +27,11 @@ def outputs(text: str, ids: list[int], n_in: int, n_out: int, finish_reason: str
 
 class Responder:
     def __init__(self, options: RequestOptions, num_input_tokens: int, send: Send,
-                 send_error: Callable[[Exception], None]) -> None:
+                 send_error: Callable[[Exception], None], num_image_tokens: int = 0) -> None:
         self.stream = options.stream
         self.prefix = "" if options.exclude_input_in_output or options.stream else options.prompt_text
         self.n_in = num_input_tokens
+        self.n_img = num_image_tokens
         self.n_out = 0
         self.send = send
         self.send_error = send_error
@@ -66,5 +68,5 @@ class Responder:
         text = "".join(self._text)
         if final and not self.stream:
             text = self.prefix + text
-        self.send(outputs(text, self._ids, self.n_in, self.n_out, reason), final)
+        self.send(outputs(text, self._ids, self.n_in, self.n_out, reason, self.n_img), final)
         self._text, self._ids = [], []

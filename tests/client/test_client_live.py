@@ -223,3 +223,20 @@ def test_url_image(client):
     finally:
         web.shutdown()
     assert fetched.output_ids == client.generate("Describe.", images=[body], max_tokens=4).output_ids
+
+
+def test_usage_reports_image_tokens(server):
+    import io
+
+    from PIL import Image
+    from tritonvl.client import Client
+
+    buf = io.BytesIO()
+    Image.new("RGB", (112, 56), (10, 200, 30)).save(buf, format="PNG")
+    with Client(server.grpc_url) as client:
+        with_image = client.generate("What is this?", images=[buf.getvalue()], max_tokens=2, temperature=0.0)
+        text_only = client.generate("What is this?", max_tokens=2, temperature=0.0)
+    # 112x56 -> an 8x4 patch grid -> 8 tokens after the 2x2 merge
+    assert with_image.usage.image_tokens == 8
+    assert text_only.usage.image_tokens == 0
+    assert with_image.usage.input_tokens - text_only.usage.input_tokens == 8 + 2  # + vision start/end

@@ -25,12 +25,16 @@ def test_text_only(server, ref):
     assert out["finish_reason"] == "length"
     assert out["num_output_tokens"] == MAX
     assert out["num_input_tokens"] == ref.inputs("Tell me a story about a lighthouse.")["input_ids"].shape[1]
+    assert out["num_image_tokens"] == 0
 
 
 def test_one_image(server, ref):
     img = make_image(200, 150, seed=1)
     out = infer_http(server.http_url, **greedy(text_input="What is in the picture?", image=[img]))
     assert out["output_ids"] == ref.generate("What is in the picture?", [img], max_tokens=MAX)
+    ids = ref.inputs("What is in the picture?", [img])["input_ids"]
+    assert out["num_image_tokens"] == int((ids == ref.cfg["image_token_id"]).sum())
+    assert out["num_input_tokens"] == ids.shape[1]
 
 
 def test_image_changes_the_answer(server):
