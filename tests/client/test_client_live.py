@@ -229,6 +229,7 @@ def test_usage_reports_image_tokens(server):
     import io
 
     from PIL import Image
+
     from tritonvl.client import Client
 
     buf = io.BytesIO()

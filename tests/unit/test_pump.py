@@ -3,6 +3,7 @@
 import threading
 
 import numpy as np
+
 from tritonvl.handlers.pump import ResponsePump, merge
 
 
