@@ -148,11 +148,18 @@ def default_model_dir() -> Path:
 
 
 def ensure_default_model() -> Path:
+    """The embedded model, built once; concurrent callers (several model instances starting at the
+    same time under a plain tritonserver) wait on a file lock instead of building it twice."""
+    import fcntl
+
     path = default_model_dir()
-    if not (path / "model.safetensors").is_file():
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        build_tiny_model(tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".tiny-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "model.safetensors").is_file():
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            build_tiny_model(tmp)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
     return path
