@@ -35,10 +35,16 @@ def pick_device(kind: str, device_id: int | str, instance_name: str = "", npu_id
     return "cpu"
 
 
-def prepare_device(device: str):
-    """Import what the device needs (torch_npu only for Ascend) and return (device, dtype)."""
+def prepare_device(device: str, num_threads: int = 0):
+    """Import what the device needs (torch_npu only for Ascend) and return (device, dtype).
+
+    ``num_threads`` > 0 caps torch's CPU threads for this instance (several instances on one CPU
+    otherwise each start one thread per core and slow each other down).
+    """
     import torch
 
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
     if device.startswith("npu"):
         import torch_npu  # noqa: F401  (registers the npu device)
 

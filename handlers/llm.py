@@ -11,7 +11,7 @@ def make_backend(cfg, metrics=None):
     from transformers import AutoTokenizer
 
     model_dir = cfg.model_dir()
-    device, dtype = prepare_device(cfg.device())
+    device, dtype = prepare_device(cfg.device(), cfg.int_param("num_threads", 0))
     dtype = parse_dtype(cfg.param("dtype"), dtype)
     info = load_model_info(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

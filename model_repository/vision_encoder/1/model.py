@@ -15,7 +15,7 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = ta.ModelArgs(args)
         self.watchdog = ta.watchdog(cfg)
-        device, dtype = prepare_device(cfg.device())
+        device, dtype = prepare_device(cfg.device(), cfg.int_param("num_threads", 0))
         self.encoder = VisionEncoder(cfg.model_dir(), device, parse_dtype(cfg.param("dtype"), dtype),
                                      cache_bytes=cfg.int_param("embedding_cache_bytes", 256 * 1024 * 1024))
         self.metrics = ta.TritonMetrics("vision_encoder", only=("image_cache_hits", "image_cache_misses"))
