@@ -68,9 +68,6 @@ class GenerateBackend:
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
-    def pending(self) -> int:
-        return self.jobs.qsize()
-
     def stop(self) -> None:
         """End the running job (finish_reason cancelled) and fail the queued ones."""
         self.stopping.set()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import io
 import re
 import warnings
@@ -156,14 +155,6 @@ def load_images(items: list, limits: ImageLimits) -> list[Image.Image]:
     if len(items) > limits.max_images:
         raise InvalidArgument(f"image: {len(items)} images is over the limit of {limits.max_images} per request")
     return [decode_image(image_bytes(item, i, limits), i, limits) for i, item in enumerate(items)]
-
-
-def content_hash(*arrays) -> bytes:
-    """Content key of an image's processed pixels (for the embedding and prefix caches)."""
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        h.update(memoryview(a).cast("B") if hasattr(a, "__array__") else bytes(a))
-    return h.digest()
 
 
 def limits_from_params(param) -> ImageLimits:

@@ -44,16 +44,3 @@ class Snapshot:
 class NullSink:
     def update(self, snapshot: Snapshot) -> None:
         pass
-
-
-class MemorySink:
-    """Keeps the latest snapshot and every observation (tests and benchmarks)."""
-
-    def __init__(self) -> None:
-        self.last = Snapshot()
-        self.observed: dict[str, list[float]] = {name: [] for name in HISTOGRAMS}
-
-    def update(self, snapshot: Snapshot) -> None:
-        self.last = snapshot
-        for name, values in snapshot.observations.items():
-            self.observed[name].extend(values)

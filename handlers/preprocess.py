@@ -7,7 +7,7 @@ transformers'), builds the prompt with the chat template, and validates every sa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ class RequestOptions:
     prompt_text: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"sampling": json.loads(self.sampling.to_json()), "stream": self.stream,
+        return json.dumps({"sampling": asdict(self.sampling), "stream": self.stream,
                            "exclude_input_in_output": self.exclude_input_in_output,
                            "prompt_text": self.prompt_text})
 

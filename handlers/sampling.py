@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import InvalidArgument
 
@@ -56,13 +56,6 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> SamplingParams:
-        return cls(**json.loads(text))
 
     def validate(self, vocab_size: int) -> SamplingParams:
         """Raise InvalidArgument naming the field and the rule; return self."""

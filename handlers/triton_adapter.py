@@ -19,13 +19,6 @@ from .preprocess import RawRequest
 
 log = logging.getLogger("tritonvl")
 
-_CODES = {
-    "INVALID_ARG": "INVALID_ARG",
-    "UNAVAILABLE": "UNAVAILABLE",
-    "CANCELLED": "CANCELLED",
-    "INTERNAL": "INTERNAL",
-}
-
 # Explicit sampling tensors of the public interface -> SamplingParams field names.
 SAMPLING_TENSORS = {
     "max_tokens": "max_tokens",
@@ -124,7 +117,7 @@ def error(exc: Exception) -> pb_utils.InferenceResponse:
 
 def triton_error(exc: Exception):
     if isinstance(exc, RequestError):
-        code = getattr(pb_utils.TritonError, _CODES.get(exc.code, "INTERNAL"))
+        code = getattr(pb_utils.TritonError, exc.code, pb_utils.TritonError.INTERNAL)
         return pb_utils.TritonError(str(exc), code)
     log.error("internal error: %r", exc)
     return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)

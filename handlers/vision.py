@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from .images import content_hash
+
+def content_hash(*arrays: np.ndarray) -> bytes:
+    """Content key of an image's processed pixels and grid (embedding cache and prefix cache)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(memoryview(np.ascontiguousarray(a)).cast("B"))
+    return h.digest()
 
 
 @dataclass
@@ -56,6 +63,7 @@ class VisionEncoder:
         self.dtype = dtype
         self.visual = load_visual(model_dir, device, dtype)
         self.merge_unit = self.visual.spatial_merge_size**2
+        self.hidden = self.visual.merger.mlp[-1].out_features
         self.cache = EmbeddingCache(cache_bytes)
 
     def snapshot(self):
@@ -77,7 +85,7 @@ class VisionEncoder:
                 n = int(np.prod(row))
                 chunk = pixels[start:start + n]
                 start += n
-                items.append((content_hash(np.ascontiguousarray(chunk), row.astype(np.int64)), chunk, row))
+                items.append((content_hash(chunk, row.astype(np.int64)), chunk, row))
             per_image.append(items)
         results: dict[bytes, np.ndarray] = {}
         todo = {}
@@ -102,7 +110,6 @@ class VisionEncoder:
                 arr = emb.numpy()
                 results[key] = arr
                 self.cache.put(key, arr, arr.nbytes)
-        hidden = self.visual.merger.mlp[-1].out_features
         return [EncodedImages(np.concatenate([results[k] for k, _, _ in items]) if items
-                              else np.zeros((0, hidden), np.float32), [k for k, _, _ in items])
+                              else np.zeros((0, self.hidden), np.float32), [k for k, _, _ in items])
                 for items in per_image]

@@ -81,9 +81,6 @@ class LLMEngine:
     def submit(self, job: Job) -> None:
         self.intake.put(job)
 
-    def pending(self) -> int:
-        return self.intake.qsize() + self.scheduler.num_waiting
-
     def stop(self, drain_seconds: float = 20.0) -> None:
         """Finish what is in flight (up to ``drain_seconds``), then end the rest with an error.
 
