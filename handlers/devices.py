@@ -56,6 +56,21 @@ def prepare_device(device: str, num_threads: int = 0):
     return device, torch.float32
 
 
+def free_device_bytes(device: str, fraction: float) -> int:
+    """``fraction`` of the memory now free on a GPU or NPU (CPU: 1 GiB)."""
+    import torch
+
+    if not 0 < fraction <= 1:
+        raise ValueError(f"kv_cache_fraction must be in (0, 1], got {fraction}")
+    if device.startswith("npu"):
+        free, _total = torch.npu.mem_get_info(torch.device(device))
+    elif device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+    else:
+        return 1 << 30
+    return int(free * fraction)
+
+
 def parse_dtype(name: str, default):
     import torch
 

@@ -23,25 +23,15 @@ def make_backend(cfg, metrics=None):
     if kind == "engine":
         from .engine.engine import LLMEngine
 
-        default_kv = 1 << 30 if device == "cpu" else 0
-        kv_bytes = int(cfg.param("kv_cache_bytes", "0")) or default_kv or _free_device_bytes(
-            device, float(cfg.param("kv_cache_fraction", "0.5")))
-        return LLMEngine(model_dir, info, tokenizer, device, dtype, kv_bytes,
-                         block_size=cfg.int_param("block_size", 16),
+        return LLMEngine(model_dir, info, tokenizer, device, dtype, int(cfg.param("kv_cache_bytes", "0") or 0),
+                         kv_cache_fraction=float(cfg.param("kv_cache_fraction", "0.5") or 0.5),
+                         block_size=cfg.int_param("block_size", 0) or None,
                          max_num_seqs=cfg.int_param("max_num_seqs", 64),
                          max_num_batched_tokens=cfg.int_param("max_num_batched_tokens", 2048),
                          max_model_len=cfg.int_param("max_model_len", 0) or None,
                          enable_prefix_caching=cfg.param("enable_prefix_caching", "true").lower() == "true",
                          max_waiting=cfg.int_param("max_waiting", 1024),
                          deadline_s=float(cfg.param("request_deadline_s", "600")),
-                         attention=cfg.param("attention_backend", "sdpa"), metrics=metrics)
+                         attention=cfg.param("attention_backend", "auto") or "auto", metrics=metrics)
     raise ValueError(f"backend {kind!r}: expected 'engine' or 'generate'")
 
-
-def _free_device_bytes(device: str, fraction: float) -> int:
-    """A fraction of the device memory free after the weights are loaded (GPU / NPU)."""
-    import torch
-
-    mod = torch.npu if device.startswith("npu") else torch.cuda
-    free, _total = mod.mem_get_info(torch.device(device))
-    return int(free * fraction)

@@ -24,6 +24,7 @@ class ModelInfo:
     vision_out_hidden: int
     text_hidden: int
     num_layers: int
+    num_heads: int
     num_kv_heads: int
     head_dim: int
     vocab_size: int
@@ -73,6 +74,7 @@ def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
         vision_out_hidden=vision.get("out_hidden_size", hidden),
         text_hidden=hidden,
         num_layers=text["num_hidden_layers"],
+        num_heads=heads,
         num_kv_heads=text.get("num_key_value_heads", heads),
         head_dim=text.get("head_dim") or hidden // heads,
         vocab_size=text.get("vocab_size", cfg.get("vocab_size")),

@@ -50,11 +50,14 @@ def image_spans(input_ids: np.ndarray, image_token_id: int, hashes: list[bytes])
 
 class LLMEngine:
     def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype, kv_cache_bytes: int,
-                 block_size: int = 16, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 block_size: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, max_waiting: int = 1024,
-                 attention: str = "sdpa", metrics=None, deadline_s: float = 0.0) -> None:
+                 attention: str = "auto", metrics=None, deadline_s: float = 0.0,
+                 kv_cache_fraction: float = 0.5) -> None:
         self.info, self.tokenizer, self.device = info, tokenizer, device
-        self.runner = ModelRunner(model_dir, info, device, dtype, kv_cache_bytes, block_size, attention)
+        self.runner = ModelRunner(model_dir, info, device, dtype, kv_cache_bytes, block_size, attention,
+                                  kv_cache_fraction)
+        block_size = self.runner.block_size
         capacity = self.runner.num_blocks * block_size
         max_len = min(max_model_len or info.max_position_embeddings, capacity)
         self.config = EngineConfig(num_blocks=self.runner.num_blocks, max_model_len=max_len, block_size=block_size,

@@ -7,15 +7,19 @@ on all rows), K/V written to the paged cache, logits only for the rows that samp
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..devices import free_device_bytes
 from ..modelinfo import ModelInfo
 from ..weights import load_full_model
-from .attention import PrefillPart, StepMeta, register
+from . import attention as attn
 from .scheduler import ScheduledBatch
+
+log = logging.getLogger("tritonvl.engine")
 
 
 @dataclass
@@ -29,23 +33,40 @@ class SeqInputs:
 
 
 class ModelRunner:
+    """``kv_cache_bytes`` 0: ``kv_cache_fraction`` of the device memory free once the weights are
+    loaded. ``block_size`` None: the attention backend's default."""
+
     def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
-                 block_size: int, attention: str = "sdpa") -> None:
-        self.info, self.device, self.dtype, self.block_size = info, device, dtype, block_size
+                 block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5) -> None:
+        self.info, self.device, self.dtype = info, device, dtype
+        backend, why = attn.choose(attention, device, dtype, info.head_dim, block_size)
+        fn = backend.make()
+        if backend.name != "sdpa":
+            problem = attn.self_check(backend, fn, device, dtype, info.num_heads, info.num_kv_heads,
+                                      info.head_dim, block_size or backend.default_block_size)
+            if problem and attention != "auto":
+                raise ValueError(f"attention_backend {attention!r} failed its start-up check: {problem}")
+            if problem:
+                log.warning("attention: %s; using sdpa", problem)
+                backend, why, fn = attn.BACKENDS["sdpa"], f"auto ({problem})", attn.sdpa_paged
+        block_size = block_size or backend.default_block_size
+        self.backend, self.block_size = backend, block_size
+        log.info("attention backend %s (%s), block_size %d", backend.name, why, block_size)
         model = load_full_model(model_dir, device, dtype)
         model.model.visual = None  # the vision_encoder model owns the tower
         self.model = model
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
-        name = register(attention)
+        name = attn.register(fn)
         self.lm.config._attn_implementation = name
         for layer in self.lm.layers:
             layer.self_attn.config._attn_implementation = name
         per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * torch.empty((), dtype=dtype).element_size()
+        if not kv_cache_bytes:
+            kv_cache_bytes = free_device_bytes(device, kv_cache_fraction)
         self.num_blocks = max(int(kv_cache_bytes // (per_token * block_size)), 1)
         self.kv_cache = torch.zeros(2, info.num_layers, self.num_blocks * block_size, info.num_kv_heads,
                                     info.head_dim, dtype=dtype, device=device)
-        self._arange_block = torch.arange(block_size)
 
     # ---- per sequence, once ----
     def prepare(self, input_ids: np.ndarray, image_embeds: np.ndarray, image_grid_thw: np.ndarray) -> SeqInputs:
@@ -60,15 +81,10 @@ class ModelRunner:
         return SeqInputs(positions[:, 0].cpu(), int(delta.reshape(-1)[0]), is_image[0].nonzero()[:, 0], embeds)
 
     # ---- per step ----
-    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        table = torch.tensor(block_table, dtype=torch.long)
-        return (table[:, None] * self.block_size + self._arange_block).reshape(-1)[start:end]
-
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor | None]:
         """Forward the step; return the ids of the sequences that sample and their logits [n, vocab]."""
-        tokens, positions, slot_mapping = [], [], []
-        prefills, decode_rows, decode_ctx = [], [], []
+        tokens, positions, parts = [], [], []
         image_rows, image_src = [], []
         sample_rows, sample_ids = [], []
         row = 0
@@ -86,13 +102,7 @@ class ModelRunner:
             else:
                 pos3 = later
             positions.append(pos3)
-            ctx_slots = self._slots(seq.block_table, 0, end)
-            slot_mapping.append(ctx_slots[start:end])
-            if n == 1:
-                decode_rows.append(row)
-                decode_ctx.append(ctx_slots)
-            else:
-                prefills.append(PrefillPart(row, row + n, ctx_slots.to(self.device), start))
+            parts.append(attn.SeqStep(row, start, n, seq.block_table))
             if inputs.image_embeds is not None and start < prompt_len:
                 ip = inputs.image_positions
                 lo, hi = torch.searchsorted(ip, start), torch.searchsorted(ip, end)
@@ -104,16 +114,7 @@ class ModelRunner:
                 sample_ids.append(seq.seq_id)
             row += n
         dev = self.device
-        meta = StepMeta(self.kv_cache, torch.cat(slot_mapping).to(dev), prefills)
-        if decode_rows:
-            width = max(len(c) for c in decode_ctx)
-            slots = torch.zeros(len(decode_ctx), width, dtype=torch.long)
-            mask = torch.zeros(len(decode_ctx), 1, 1, width, dtype=torch.bool)
-            for i, c in enumerate(decode_ctx):
-                slots[i, : len(c)] = c
-                mask[i, ..., : len(c)] = True
-            meta.decode_rows = torch.tensor(decode_rows, device=dev)
-            meta.decode_slots, meta.decode_mask = slots.to(dev), mask.to(dev)
+        meta = attn.build_meta(self.backend, self.kv_cache, self.block_size, parts, dev)
         x = self.lm.embed_tokens(torch.tensor(tokens, device=dev))
         if image_rows:
             x[torch.cat(image_rows).to(dev)] = torch.cat(image_src).to(x.dtype)

@@ -1,0 +1,98 @@
+"""The model repository's path without Triton: preprocess -> vision encoder -> engine, in one process.
+
+For offline batches, profiling, and device checks (``scripts/gpu_check.py``): the same Preprocessor,
+VisionEncoder and LLMEngine the three Triton models run, so what it measures is what the server runs
+minus Triton's transport.
+
+    pipe = OfflinePipeline(model_dir, device="cuda:0")
+    results = pipe.generate([RawRequest(text_input=b"Describe it.", images=[png_bytes],
+                                        sampling={"max_tokens": 64})])
+    pipe.close()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .devices import parse_dtype, prepare_device
+from .jobs import Job
+from .modelinfo import load_model_info
+from .preprocess import Preprocessor, RawRequest, RequestOptions
+from .responder import Responder
+from .vision import VisionEncoder
+
+
+@dataclass
+class Result:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    num_input_tokens: int = 0
+    error: str = ""
+    submitted: float = 0.0  # time.perf_counter() stamps
+    first_token: float = 0.0
+    finished: float = 0.0
+
+
+class OfflinePipeline:
+    """``engine_kwargs`` go to LLMEngine (kv_cache_bytes, block_size, max_num_seqs, attention, ...)."""
+
+    def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "auto", **engine_kwargs) -> None:
+        from .engine.engine import LLMEngine
+
+        device, default_dtype = prepare_device(device)
+        self.dtype = parse_dtype(dtype, default_dtype)
+        self.pre = Preprocessor(str(model_dir))
+        self.vision = VisionEncoder(str(model_dir), device, self.dtype)
+        info = load_model_info(model_dir)
+        kv = engine_kwargs.pop("kv_cache_bytes", 0)
+        self.engine = LLMEngine(str(model_dir), info, self.pre.tokenizer, device, self.dtype, kv, **engine_kwargs)
+
+    def generate(self, requests: list[RawRequest], timeout: float = 3600.0) -> list[Result]:
+        """Run every request to its end (all in flight together); results in request order."""
+        inputs = [self.pre.process(r) for r in requests]
+        encoded = self.vision.encode([(m.pixel_values, m.image_grid_thw) for m in inputs])
+        results = [Result(num_input_tokens=len(m.input_ids)) for m in inputs]
+        remaining = [len(inputs)]
+        all_done = threading.Event()
+        lock = threading.Lock()
+
+        def finished(res: Result) -> None:
+            res.finished = time.perf_counter()
+            with lock:
+                remaining[0] -= 1
+                if remaining[0] == 0:
+                    all_done.set()
+
+        def make_callbacks(res: Result):
+            def send(out: dict, final: bool) -> None:
+                if not res.first_token and len(out["output_ids"]):
+                    res.first_token = time.perf_counter()
+                res.text += out["text_output"][0].decode("utf-8")
+                res.token_ids.extend(int(t) for t in out["output_ids"])
+                if final:
+                    res.finish_reason = out["finish_reason"][0].decode()
+                    finished(res)
+
+            def send_error(exc: Exception) -> None:
+                res.error = f"{type(exc).__name__}: {exc}"
+                finished(res)
+
+            return send, send_error
+
+        if not inputs:
+            return []
+        for m, enc, res in zip(inputs, encoded, results):
+            options = RequestOptions.from_json(m.request)
+            send, send_error = make_callbacks(res)
+            responder = Responder(options, len(m.input_ids), send, send_error, int(enc.embeds.shape[0]))
+            res.submitted = time.perf_counter()
+            self.engine.submit(Job(m.input_ids, enc.embeds, m.image_grid_thw, enc.hashes, options, responder))
+        if not all_done.wait(timeout):
+            raise TimeoutError(f"{remaining[0]} of {len(inputs)} requests unfinished after {timeout} s")
+        return results
+
+    def close(self) -> None:
+        self.engine.stop(drain_seconds=0.0)
