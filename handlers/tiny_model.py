@@ -111,7 +111,11 @@ def build_tiny_model(out_dir: str | os.PathLike, overrides: dict | None = None) 
         tie_word_embeddings=sizes["tie_word_embeddings"],
     )
     torch.manual_seed(sizes["seed"])
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    # big random models (scripts/gpu_check.py) initialise on the GPU and are saved in bf16
+    with torch.device(sizes.get("init_device", "cpu")):
+        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    if sizes.get("save_dtype"):
+        model = model.to(getattr(torch, sizes["save_dtype"]))
     model.generation_config.eos_token_id = list(EOS_IDS)
     model.generation_config.pad_token_id = EOS_IDS[1]
     model.generation_config.bos_token_id = EOS_IDS[1]

@@ -31,15 +31,17 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
 class Reference:
     """transformers' generate() on the same model: the parity oracle."""
 
-    def __init__(self, model_dir) -> None:
+    def __init__(self, model_dir, device: str = "cpu", dtype=None) -> None:
         import torch
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self.torch = torch
+        self.device = device
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.ip = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir).eval()
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype or torch.float32).to(device).eval()
         self.cfg = json.loads(open(f"{model_dir}/config.json").read())
 
     def inputs(self, text: str | None = None, images: list[bytes] = (), messages: list | None = None) -> dict:
@@ -63,7 +65,7 @@ class Reference:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **kwargs}
 
     def generate(self, text=None, images=(), messages=None, max_tokens: int = 16, **gen) -> list[int]:
-        inputs = self.inputs(text, images, messages)
+        inputs = {k: v.to(self.device) for k, v in self.inputs(text, images, messages).items()}
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, **gen)
         return out[0, inputs["input_ids"].shape[1]:].tolist()
