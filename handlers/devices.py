@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 
@@ -33,6 +34,20 @@ def pick_device(kind: str, device_id: int | str, instance_name: str = "", npu_id
     if kind == "GPU" or requested == "cuda":
         return f"cuda:{int(device_id or 0)}"
     return "cpu"
+
+
+def cpu_threads(value: str, share: float = 1.0) -> int:
+    """The ``num_threads`` parameter: a count, 0 for torch's default (one per core), or ``auto`` for
+    ``share`` of the cores (at least 1)."""
+    if value.strip().lower() == "auto":
+        return max(1, int((os.cpu_count() or 1) * share))
+    try:
+        count = int(value)
+    except ValueError:
+        raise ValueError(f"num_threads {value!r}: expected a number or auto") from None
+    if count < 0:
+        raise ValueError(f"num_threads must be >= 0, got {count}")
+    return count
 
 
 def prepare_device(device: str, num_threads: int = 0):

@@ -22,3 +22,19 @@ def test_pick_device(kind, dev_id, name, npu, req, want):
 
 def test_instance_index():
     assert instance_index("llm_0_7") == 7 and instance_index("weird") == 0
+
+
+def test_cpu_threads_parameter(monkeypatch):
+    import pytest
+
+    from tritonvl.handlers.devices import cpu_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert cpu_threads("auto", share=0.5) == 4 and cpu_threads("AUTO") == 8
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert cpu_threads("auto", share=0.5) == 1
+    assert cpu_threads("0") == 0 and cpu_threads("3") == 3
+    with pytest.raises(ValueError, match="expected a number or auto"):
+        cpu_threads("many")
+    with pytest.raises(ValueError, match=">= 0"):
+        cpu_threads("-2")

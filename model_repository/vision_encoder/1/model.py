@@ -7,7 +7,7 @@ One forward over the patches of every image of every request in the dynamic batc
 import numpy as np
 
 from tritonvl.handlers import triton_adapter as ta
-from tritonvl.handlers.devices import parse_dtype, prepare_device
+from tritonvl.handlers.devices import cpu_threads, parse_dtype, prepare_device
 from tritonvl.handlers.vision import VisionEncoder
 
 
@@ -15,7 +15,7 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = ta.ModelArgs(args)
         self.watchdog = ta.watchdog(cfg)
-        device, dtype = prepare_device(cfg.device(), cfg.int_param("num_threads", 0))
+        device, dtype = prepare_device(cfg.device(), cpu_threads(cfg.param("num_threads", "auto"), share=0.5))
         self.encoder = VisionEncoder(cfg.model_dir(), device, parse_dtype(cfg.param("dtype"), dtype),
                                      cache_bytes=cfg.int_param("embedding_cache_bytes", 256 * 1024 * 1024))
         self.metrics = ta.TritonMetrics("vision_encoder", only=("image_cache_hits", "image_cache_misses"))
