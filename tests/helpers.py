@@ -183,3 +183,49 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def to_published_layout(src, dst) -> None:
+    """Rewrite a model built by transformers 5 in the layout of the published Qwen2.5-VL checkpoints
+    (transformers 4.x): text fields at the top of config.json with ``rope_scaling`` {type: mrope},
+    ``in_chans``, weights named ``model.layers.*`` / ``visual.*``, in two shards with an index."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((src / "config.json").read_text())
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for key in ("model_type", "layer_types", "pad_token_id"):
+        text.pop(key, None)
+    vision = cfg.pop("vision_config")
+    vision["in_chans"] = vision.pop("in_channels")
+    vision.pop("rope_parameters", None)
+    vision.pop("model_type", None)
+    cfg.pop("dtype", None)
+    legacy = {**cfg, **text, "rope_theta": rope["rope_theta"], "vision_config": vision,
+              "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
+              "torch_dtype": "float32", "transformers_version": "4.49.0", "vision_token_id": 151654}
+    (dst / "config.json").write_text(json.dumps(legacy, indent=2))
+    state = load_file(str(src / "model.safetensors"))
+    renamed = {}
+    for key, value in state.items():
+        for old, new in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        renamed[key] = value.contiguous()
+    keys = sorted(renamed)
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves, 1):
+        name = f"model-0000{i}-of-00002.safetensors"
+        save_file({k: renamed[k] for k in part}, str(dst / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -23,3 +23,28 @@ def test_gpu_check_script_on_cpu(model_dir, tmp_path):
     for row in report["decode"]:
         assert 0 < row["itl_ms"] < 10_000 and row["bound_tokens_per_s"] > 0
     assert "fp32 parity: PASS" in proc.stdout
+
+
+def test_published_checkpoint_layout_equals_generate(model_dir, tmp_path):
+    """A checkpoint in the published (transformers 4.x) layout, as downloaded from the hub: same sizes
+    and ids read, and the engine's output equals generate() on the original model."""
+    from tests.helpers import Reference, make_image, to_published_layout
+    from tritonvl.handlers.modelinfo import load_model_info
+    from tritonvl.handlers.offline import OfflinePipeline
+    from tritonvl.handlers.preprocess import RawRequest
+
+    legacy = tmp_path / "published"
+    to_published_layout(model_dir, legacy)
+    assert "text_config" not in json.loads((legacy / "config.json").read_text())
+    new, old = load_model_info(model_dir), load_model_info(legacy)
+    assert {**vars(new), "path": ""} == {**vars(old), "path": ""}
+    specs = [("Say something.", [], 10), ("What is shown?", [make_image(200, 150, 4)], 10)]
+    pipe = OfflinePipeline(str(legacy), device="cpu", dtype="float32", kv_cache_bytes=1 << 24)
+    try:
+        got = pipe.generate([RawRequest(text_input=t.encode(), images=im, sampling={"max_tokens": n})
+                             for t, im, n in specs])
+    finally:
+        pipe.close()
+    ref = Reference(str(model_dir))
+    for (text, images, n), res in zip(specs, got):
+        assert not res.error and res.token_ids == ref.generate(text, images, max_tokens=n), text
