@@ -93,7 +93,7 @@ def build_tiny_model(out_dir: str | os.PathLike, overrides: dict | None = None) 
     config = Qwen2_5_VLConfig(
         text_config={
             **text,
-            "vocab_size": 151936,
+            "vocab_size": text.pop("vocab_size", 151936),
             "max_position_embeddings": 4096,
             "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1000000.0},
             "initializer_range": sizes["initializer_range"],

@@ -48,3 +48,28 @@ def test_published_checkpoint_layout_equals_generate(model_dir, tmp_path):
     ref = Reference(str(model_dir))
     for (text, images, n), res in zip(specs, got):
         assert not res.error and res.token_ids == ref.generate(text, images, max_tokens=n), text
+
+
+def test_other_shapes_untied_padded_vocab_mha(tmp_path):
+    """A 7B-like shape at toy size: untied lm_head, vocabulary padded past the tokenizer (152064),
+    plain multi-head attention, head_dim 32; engine output equals generate() (ids the tokenizer does
+    not know decode to nothing, they do not break the stream)."""
+    from tests.helpers import Reference, make_image
+    from tritonvl.handlers.offline import OfflinePipeline
+    from tritonvl.handlers.preprocess import RawRequest
+    from tritonvl.handlers.tiny_model import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "m", {
+        "text": {"hidden_size": 128, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 4, "mrope_section": [4, 6, 6], "vocab_size": 152064},
+        "tie_word_embeddings": False, "seed": 11})
+    specs = [("Hello there.", [], 12), ("Look.", [make_image(150, 210, 9)], 12)]
+    pipe = OfflinePipeline(str(model), device="cpu", dtype="float32", kv_cache_bytes=1 << 24)
+    try:
+        got = pipe.generate([RawRequest(text_input=t.encode(), images=im, sampling={"max_tokens": n})
+                             for t, im, n in specs])
+    finally:
+        pipe.close()
+    ref = Reference(str(model))
+    for (text, images, n), res in zip(specs, got):
+        assert not res.error and res.token_ids == ref.generate(text, images, max_tokens=n), text
