@@ -4,10 +4,9 @@ For offline batches, profiling, and device checks (``scripts/gpu_check.py``): th
 VisionEncoder and LLMEngine the three Triton models run, so what it measures is what the server runs
 minus Triton's transport.
 
-    pipe = OfflinePipeline(model_dir, device="cuda:0")
-    results = pipe.generate([RawRequest(text_input=b"Describe it.", images=[png_bytes],
-                                        sampling={"max_tokens": 64})])
-    pipe.close()
+    with OfflinePipeline(model_dir, device="cuda:0") as pipe:
+        results = pipe.generate([RawRequest(text_input=b"Describe it.", images=[png_bytes],
+                                            sampling={"max_tokens": 64})])
 """
 
 from __future__ import annotations
@@ -96,3 +95,9 @@ class OfflinePipeline:
 
     def close(self) -> None:
         self.engine.stop(drain_seconds=0.0)
+
+    def __enter__(self) -> OfflinePipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -239,42 +239,50 @@ class SeqStep:
 
 def build_meta(backend: Backend, kv_cache: torch.Tensor, block_size: int, parts: list[SeqStep],
                device) -> StepMeta:
-    arange = torch.arange(block_size)
-
-    def slots(table: list[int], end: int) -> torch.Tensor:
-        t = torch.tensor(table, dtype=torch.long)
-        return (t[:, None] * block_size + arange).reshape(-1)[:end]
-
-    ctx = [slots(p.block_table, p.start + p.n) for p in parts]
-    meta = StepMeta(kv_cache, torch.cat([c[p.start:] for c, p in zip(ctx, parts)]).to(device), block_size)
-    decodes = [i for i, p in enumerate(parts) if p.n == 1]
+    """Vectorised: one padded block table for the step, every slot computed from it in a few ops."""
+    qlens = [p.n for p in parts]
+    ends = [p.start + p.n for p in parts]
+    used = [-(-e // block_size) for e in ends]
+    width = max(used)
+    tables = torch.tensor([p.block_table[:u] + [0] * (width - u) for p, u in zip(parts, used)], dtype=torch.long)
+    q_counts = torch.tensor(qlens)
+    seq_of_row = torch.repeat_interleave(torch.arange(len(parts)), q_counts)
+    first_row = torch.repeat_interleave(torch.tensor([p.row for p in parts]), q_counts)
+    pos = torch.arange(sum(qlens)) - first_row + torch.repeat_interleave(torch.tensor([p.start for p in parts]), q_counts)
+    slots = tables[seq_of_row, pos // block_size] * block_size + pos % block_size
+    meta = StepMeta(kv_cache, slots.to(device), block_size)
+    decodes = [i for i, n in enumerate(qlens) if n == 1]
     if decodes:
         meta.decode_rows = torch.tensor([parts[i].row for i in decodes], device=device)
-    if backend.prefill == "gathered":
-        meta.prefills = [PrefillPart(p.row, p.row + p.n, c.to(device), p.start)
-                         for c, p in zip(ctx, parts) if p.n != 1]
-    if decodes and backend.decode == "gathered":
-        width = max(len(ctx[i]) for i in decodes)
-        dslots = torch.zeros(len(decodes), width, dtype=torch.long)
-        mask = torch.zeros(len(decodes), 1, 1, width, dtype=torch.bool)
-        for j, i in enumerate(decodes):
-            dslots[j, : len(ctx[i])] = ctx[i]
-            mask[j, ..., : len(ctx[i])] = True
-        meta.decode_slots, meta.decode_mask = dslots.to(device), mask.to(device)
+    if backend.prefill == "gathered" or (decodes and backend.decode == "gathered"):
+        arange = torch.arange(block_size)
+
+        def ctx_slots(idx: list[int]) -> torch.Tensor:  # [len(idx), width * block_size]
+            return (tables[idx, :, None] * block_size + arange).reshape(len(idx), -1)
+
+        if backend.prefill == "gathered":
+            pre = [i for i, n in enumerate(qlens) if n != 1]
+            if pre:
+                rows = ctx_slots(pre)
+                meta.prefills = [PrefillPart(parts[i].row, parts[i].row + qlens[i], rows[j, :ends[i]].to(device),
+                                             parts[i].start) for j, i in enumerate(pre)]
+        if decodes and backend.decode == "gathered":
+            lens = torch.tensor([ends[i] for i in decodes])
+            max_ctx = int(lens.max())
+            meta.decode_slots = ctx_slots(decodes)[:, :max_ctx].contiguous().to(device)
+            mask = torch.arange(max_ctx)[None, :] < lens[:, None]
+            meta.decode_slots.masked_fill_(~mask.to(device), 0)
+            meta.decode_mask = mask[:, None, None, :].to(device)
     paged = list(range(len(parts))) if backend.prefill == "paged" else decodes if backend.decode == "paged" else []
     if paged:
-        sel = [parts[i] for i in paged]
-        width = max(-(-(p.start + p.n) // block_size) for p in sel)
-        tables = torch.zeros(len(sel), width, dtype=torch.int32)
-        for j, p in enumerate(sel):
-            used = -(-(p.start + p.n) // block_size)
-            tables[j, :used] = torch.tensor(p.block_table[:used], dtype=torch.int32)
-        meta.kv_lens = [p.start + p.n for p in sel]
-        qlens = [p.n for p in sel]
-        meta.block_tables = tables.to(device)
-        meta.cu_q = torch.tensor([0, *_cumsum(qlens)], dtype=torch.int32, device=device)
-        meta.cu_k = torch.tensor([0, *_cumsum(meta.kv_lens)], dtype=torch.int32, device=device)
-        meta.max_q, meta.max_k = max(qlens), max(meta.kv_lens)
+        sel_lens = [ends[i] for i in paged]
+        sel_q = [qlens[i] for i in paged]
+        w = max(used[i] for i in paged)
+        meta.block_tables = tables[paged, :w].to(torch.int32).to(device)
+        meta.kv_lens = sel_lens
+        meta.cu_q = torch.tensor([0, *_cumsum(sel_q)], dtype=torch.int32, device=device)
+        meta.cu_k = torch.tensor([0, *_cumsum(sel_lens)], dtype=torch.int32, device=device)
+        meta.max_q, meta.max_k = max(sel_q), max(sel_lens)
     return meta
 
 
