@@ -84,7 +84,9 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor | None]:
         """Forward the step; return the ids of the sequences that sample and their logits [n, vocab]."""
-        tokens, positions, parts = [], [], []
+        total = sum(entry.num_new_tokens for entry in batch)
+        positions = torch.empty(3, total, dtype=torch.long)
+        tokens, parts, gen_rows, gen_pos = [], [], [], []
         image_rows, image_src = [], []
         sample_rows, sample_ids = [], []
         row = 0
@@ -94,14 +96,17 @@ class ModelRunner:
             end = start + n
             tokens.extend(seq.token_ids[start:end])
             prompt_len = seq.num_prompt_tokens
-            pos = torch.arange(start, end)
-            later = (pos + inputs.rope_delta).expand(3, n)
-            if start < prompt_len:
-                split = min(end, prompt_len) - start
-                pos3 = torch.cat([inputs.prompt_positions[:, start:start + split], later[:, split:]], dim=1)
+            if start >= prompt_len and n == 1:  # the common decode row: filled in one op below
+                gen_rows.append(row)
+                gen_pos.append(start + inputs.rope_delta)
             else:
-                pos3 = later
-            positions.append(pos3)
+                later = (torch.arange(start, end) + inputs.rope_delta).expand(3, n)
+                if start < prompt_len:
+                    split = min(end, prompt_len) - start
+                    positions[:, row:row + split] = inputs.prompt_positions[:, start:start + split]
+                    positions[:, row + split:row + n] = later[:, split:]
+                else:
+                    positions[:, row:row + n] = later
             parts.append(attn.SeqStep(row, start, n, seq.block_table))
             if inputs.image_embeds is not None and start < prompt_len:
                 ip = inputs.image_positions
@@ -113,12 +118,14 @@ class ModelRunner:
                 sample_rows.append(row + n - 1)
                 sample_ids.append(seq.seq_id)
             row += n
+        if gen_rows:
+            positions[:, gen_rows] = torch.tensor(gen_pos)
         dev = self.device
         meta = attn.build_meta(self.backend, self.kv_cache, self.block_size, parts, dev)
         x = self.lm.embed_tokens(torch.tensor(tokens, device=dev))
         if image_rows:
             x[torch.cat(image_rows).to(dev)] = torch.cat(image_src).to(x.dtype)
-        pos = torch.cat(positions, dim=1)[:, None, :].to(dev)  # [3, 1, T]
+        pos = positions[:, None, :].to(dev)  # [3, 1, T]
         hidden = self.lm(inputs_embeds=x[None], position_ids=pos, attention_mask={"full_attention": None},
                          use_cache=False, tvl_meta=meta).last_hidden_state
         if not sample_rows:
