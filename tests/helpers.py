@@ -229,3 +229,22 @@ def to_published_layout(src, dst) -> None:
         save_file({k: renamed[k] for k in part}, str(dst / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in part})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def assert_offline_equals_generate(model_dir, specs, ref_dir=None, **pipeline_kwargs) -> str:
+    """Run ``specs`` [(text, [image bytes], max_tokens)] all in flight through the in-process engine
+    (OfflinePipeline, CPU float32) and check each against generate() on ``ref_dir`` (default: the same).
+    Returns the attention backend the engine ran."""
+    from tritonvl.handlers.offline import OfflinePipeline
+    from tritonvl.handlers.preprocess import RawRequest
+
+    kwargs = {"kv_cache_bytes": 1 << 24, **pipeline_kwargs}
+    with OfflinePipeline(str(model_dir), device="cpu", dtype="float32", **kwargs) as pipe:
+        backend = pipe.engine.runner.backend.name
+        got = pipe.generate([RawRequest(text_input=t.encode(), images=list(im), sampling={"max_tokens": n})
+                             for t, im, n in specs])
+    ref = Reference(str(ref_dir or model_dir))
+    for (text, images, n), res in zip(specs, got):
+        assert not res.error, res.error
+        assert res.token_ids == ref.generate(text, images, max_tokens=n), (backend, text)
+    return backend

@@ -191,8 +191,8 @@ def unavailable(backend: Backend, device: str, dtype: torch.dtype, head_dim: int
         return f"{backend.name} needs block_size to be a multiple of {backend.block_multiple}, got {block_size}"
     try:
         backend.make()
-    except ImportError as exc:
-        return f"{backend.name}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - ImportError, or an ABI mismatch (OSError, RuntimeError)
+        return f"{backend.name}: {type(exc).__name__}: {exc}"
     return None
 
 

@@ -231,9 +231,7 @@ def test_runner_falls_back_or_refuses_when_the_kernel_disagrees(fake_kernels, mo
 def test_engine_through_kernel_contract_equals_generate(fake_kernels, monkeypatch, model_dir, name):
     """The whole engine (scheduler, chunked prefill, paged metadata) driving a kernel backend's
     contract model in float32, every request in flight together, token-identical to generate()."""
-    from tests.helpers import Reference, make_image
-    from tritonvl.handlers.offline import OfflinePipeline
-    from tritonvl.handlers.preprocess import RawRequest
+    from tests.helpers import assert_offline_equals_generate, make_image
 
     flash, npu = fake_kernels
     flash.flash_attn_varlen_func = fake_flash_varlen(strict_dtype=False)
@@ -243,15 +241,6 @@ def test_engine_through_kernel_contract_equals_generate(fake_kernels, monkeypatc
     specs = [("Tell me a story.", [], 12), ("What is shown?", [make_image(224, 168, 1)], 10),
              ("Compare them.", [make_image(224, 168, 1), make_image(120, 260, 2)], 8)]
     # a 24-token step budget: the image prompts are prefilled in several chunks
-    pipe = OfflinePipeline(str(model_dir), device="cpu", dtype="float32", attention=name,
-                           kv_cache_bytes=1 << 24, max_num_seqs=4, max_num_batched_tokens=24)
-    try:
-        assert pipe.engine.runner.backend.name == name
-        got = pipe.generate([RawRequest(text_input=t.encode(), images=list(im), sampling={"max_tokens": n})
-                             for t, im, n in specs])
-    finally:
-        pipe.close()
-    ref = Reference(str(model_dir))
-    for (text, images, n), res in zip(specs, got):
-        assert not res.error
-        assert res.token_ids == ref.generate(text, images, max_tokens=n), text
+    used = assert_offline_equals_generate(model_dir, specs, attention=name, max_num_seqs=4,
+                                          max_num_batched_tokens=24)
+    assert used == name

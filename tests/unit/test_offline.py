@@ -28,10 +28,8 @@ def test_gpu_check_script_on_cpu(model_dir, tmp_path):
 def test_published_checkpoint_layout_equals_generate(model_dir, tmp_path):
     """A checkpoint in the published (transformers 4.x) layout, as downloaded from the hub: same sizes
     and ids read, and the engine's output equals generate() on the original model."""
-    from tests.helpers import Reference, make_image, to_published_layout
+    from tests.helpers import assert_offline_equals_generate, make_image, to_published_layout
     from tritonvl.handlers.modelinfo import load_model_info
-    from tritonvl.handlers.offline import OfflinePipeline
-    from tritonvl.handlers.preprocess import RawRequest
 
     legacy = tmp_path / "published"
     to_published_layout(model_dir, legacy)
@@ -39,24 +37,14 @@ def test_published_checkpoint_layout_equals_generate(model_dir, tmp_path):
     new, old = load_model_info(model_dir), load_model_info(legacy)
     assert {**vars(new), "path": ""} == {**vars(old), "path": ""}
     specs = [("Say something.", [], 10), ("What is shown?", [make_image(200, 150, 4)], 10)]
-    pipe = OfflinePipeline(str(legacy), device="cpu", dtype="float32", kv_cache_bytes=1 << 24)
-    try:
-        got = pipe.generate([RawRequest(text_input=t.encode(), images=im, sampling={"max_tokens": n})
-                             for t, im, n in specs])
-    finally:
-        pipe.close()
-    ref = Reference(str(model_dir))
-    for (text, images, n), res in zip(specs, got):
-        assert not res.error and res.token_ids == ref.generate(text, images, max_tokens=n), text
+    assert_offline_equals_generate(legacy, specs, ref_dir=model_dir)
 
 
 def test_other_shapes_untied_padded_vocab_mha(tmp_path):
     """A 7B-like shape at toy size: untied lm_head, vocabulary padded past the tokenizer (152064),
     plain multi-head attention, head_dim 32; engine output equals generate() (ids the tokenizer does
     not know decode to nothing, they do not break the stream)."""
-    from tests.helpers import Reference, make_image
-    from tritonvl.handlers.offline import OfflinePipeline
-    from tritonvl.handlers.preprocess import RawRequest
+    from tests.helpers import assert_offline_equals_generate, make_image
     from tritonvl.handlers.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp_path / "m", {
@@ -64,12 +52,4 @@ def test_other_shapes_untied_padded_vocab_mha(tmp_path):
                  "num_key_value_heads": 4, "mrope_section": [4, 6, 6], "vocab_size": 152064},
         "tie_word_embeddings": False, "seed": 11})
     specs = [("Hello there.", [], 12), ("Look.", [make_image(150, 210, 9)], 12)]
-    pipe = OfflinePipeline(str(model), device="cpu", dtype="float32", kv_cache_bytes=1 << 24)
-    try:
-        got = pipe.generate([RawRequest(text_input=t.encode(), images=im, sampling={"max_tokens": n})
-                             for t, im, n in specs])
-    finally:
-        pipe.close()
-    ref = Reference(str(model))
-    for (text, images, n), res in zip(specs, got):
-        assert not res.error and res.token_ids == ref.generate(text, images, max_tokens=n), text
+    assert_offline_equals_generate(model, specs)
