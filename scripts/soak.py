@@ -15,6 +15,7 @@ import io
 import json
 import random
 import sys
+import threading
 import time
 
 import aiohttp
@@ -71,6 +72,35 @@ def rss(pid: int) -> int:
     return sum(q.memory_info().rss for q in [p] + p.children(recursive=True))
 
 
+class Sampler(threading.Thread):
+    """The server's resident memory every ``every`` seconds while the soak runs: growth that keeps
+    going in the second half of the run suggests a leak; growth only early is warm-up (caches, pools)."""
+
+    def __init__(self, pid: int, every: float) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.samples = pid, every, []
+        self._stop_event = threading.Event()
+        self.t0 = time.monotonic()
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            self.samples.append([round(time.monotonic() - self.t0), round(rss(self.pid) / 2**20, 1)])
+            if self._stop_event.wait(self.every):
+                return
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.samples.append([round(time.monotonic() - self.t0), round(rss(self.pid) / 2**20, 1)])
+
+    def halves(self) -> list[float]:
+        """MB gained in the first and in the second half of the run."""
+        mb = [m for _, m in self.samples]
+        mid = len(mb) // 2
+        return [round(mb[mid] - mb[0], 1), round(mb[-1] - mb[mid], 1)]
+
+
 async def soak(url: str, seconds: float, concurrency: int, max_requests: int, seed: int) -> dict:
     stats = {"sent": {"ok": 0, "cancel": 0, "bad": 0}, "ok_good": 0, "ok_bad": 0, "bad_refused": 0,
              "bad_not_refused": 0, "problems": []}
@@ -110,11 +140,16 @@ def main(argv=None) -> int:
     try:
         asyncio.run(soak(url, 10, 8, 50, args.seed + 1))  # warm-up before the memory baseline
         before = rss(pid) if pid else None
+        series = Sampler(pid, every=15.0) if pid else None
         t = time.monotonic()
         stats = asyncio.run(soak(url, args.seconds, args.concurrency, args.max_requests, args.seed))
         stats["seconds"] = round(time.monotonic() - t, 1)
         stats["rss_before_mb"] = before / 2**20 if before else None
         stats["rss_after_mb"] = rss(pid) / 2**20 if pid else None
+        if series:
+            series.stop()
+            stats["rss_series_mb"] = series.samples  # [seconds since start, MB] every 15 s
+            stats["rss_growth_halves_mb"] = series.halves()
         import urllib.request
 
         with urllib.request.urlopen(f"http://{host}/v2/health/ready", timeout=10) as r:
