@@ -44,3 +44,6 @@ class Snapshot:
 class NullSink:
     def update(self, snapshot: Snapshot) -> None:
         pass
+
+    def info(self, name: str, description: str, labels: dict) -> None:
+        pass

@@ -77,7 +77,7 @@ class TritonMetrics:
             GAUGES = {n: d for n, d in GAUGES.items() if n in only}
             HISTOGRAMS = {n: d for n, d in HISTOGRAMS.items() if n in only}
 
-        labels = {"model": model}
+        labels = self._labels = {"model": model}
         kinds = pb_utils.MetricFamily
         # The families must outlive their metrics: keep them.
         self._families = {n: kinds(f"tritonvl_{n}_total", d, kinds.COUNTER) for n, d in COUNTERS.items()}
@@ -87,6 +87,14 @@ class TritonMetrics:
         self._gauges = {n: self._families[n].Metric(labels=labels) for n in GAUGES}
         self._hists = {n: self._families[n].Metric(labels=labels, buckets=b) for n, (_, b) in HISTOGRAMS.items()}
         self._last: dict = {}
+
+    def info(self, name: str, description: str, labels: dict) -> None:
+        """A constant-1 gauge ``tritonvl_<name>`` whose labels carry configuration (Prometheus' info idiom)."""
+        family = pb_utils.MetricFamily(f"tritonvl_{name}", description, pb_utils.MetricFamily.GAUGE)
+        metric = family.Metric(labels={**self._labels, **{k: str(v) for k, v in labels.items()}})
+        metric.set(1)
+        self._families[name] = family
+        self._gauges[name] = metric  # kept alive with its family
 
     def update(self, snapshot) -> None:
         for name, value in snapshot.counters.items():

@@ -67,6 +67,7 @@ class LLMEngine:
         self.blocks = BlockManager.from_config(self.config)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.metrics = metrics or NullSink()
+        self.metrics.info("engine_info", "The llm engine's configuration (labels); value 1", self.describe())
         self.deadline_s = deadline_s  # 0 = none
         self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "generation_tokens": 0,
                          "image_tokens": 0, "requests_finished": 0, "requests_rejected": 0}
@@ -79,6 +80,15 @@ class LLMEngine:
         self.healthy = True
         self.thread = threading.Thread(target=self._loop, name="tritonvl-engine", daemon=True)
         self.thread.start()
+
+    def describe(self) -> dict:
+        """What the engine runs with (logged at start, labels of tritonvl_engine_info)."""
+        cfg = self.config
+        return {"attention_backend": self.runner.backend.name, "device": self.device,
+                "dtype": str(self.runner.dtype).removeprefix("torch."), "block_size": cfg.block_size,
+                "num_blocks": cfg.num_blocks, "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
+                "max_num_batched_tokens": cfg.max_num_batched_tokens,
+                "prefix_caching": str(cfg.enable_prefix_caching).lower()}
 
     # ---- called from Triton's threads ----
     def submit(self, job: Job) -> None:

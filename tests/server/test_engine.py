@@ -178,3 +178,18 @@ def test_streamed_text_never_splits_a_utf8_character(server, ref):
         assert sum(d.count("\ufffd") for d in deltas) == full.count("\ufffd")
         seen_multibyte |= any(len(ch.encode()) > 1 and ch != "\ufffd" for ch in full)
     assert seen_multibyte, "no multi-byte character was produced: the check saw nothing"
+
+
+def test_engine_info_metric_names_its_configuration(server):
+    """tritonvl_engine_info: the attention backend chosen (auto -> sdpa on CPU) and the KV geometry."""
+    import re
+
+    import requests
+
+    text = requests.get(server.metrics_url, timeout=10).text
+    m = re.search(r"^tritonvl_engine_info\{([^}]*)\} 1$", text, re.M)
+    assert m, text[-2000:]
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+    assert labels["model"] == "llm" and labels["attention_backend"] == "sdpa" and labels["device"] == "cpu"
+    assert labels["block_size"] == "16" and int(labels["num_blocks"]) > 0
+    assert int(labels["max_model_len"]) <= int(labels["num_blocks"]) * 16
