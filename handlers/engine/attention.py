@@ -10,6 +10,9 @@ what each sequence attends to, in the form its backend asks for:
 - ``flash_attn`` (CUDA, when the flash-attn package is installed): one ``flash_attn_varlen_func``
   call over the whole packed step (prefill chunks and decodes) reading the blocks through a block
   table. flash-attn 2 needs fp16/bf16, head_dim % 8 == 0 and blocks of a multiple of 256 tokens.
+- ``triton`` (CUDA, OpenAI Triton, which ships with torch there): decodes through our paged kernel
+  (``triton_kernels.py``) reading the blocks through a block table; prefill chunks gathered. For GPUs
+  without flash-attn. Blocks: a power of two >= 16.
 - ``npu`` (Ascend, torch_npu): decodes through ``npu_fused_infer_attention_score`` over the block
   table (its incremental, paged branch); prefill chunks through the portable gathered path.
 
@@ -53,6 +56,7 @@ class StepMeta:
     cu_q: torch.Tensor | None = None  # [S + 1] int32 cumulative query lengths
     cu_k: torch.Tensor | None = None  # [S + 1] int32 cumulative context lengths (new tokens included)
     kv_lens: list[int] = field(default_factory=list)  # [S] context lengths
+    kv_lens_tensor: torch.Tensor | None = None  # the same, int32 on the device
     max_q: int = 0
     max_k: int = 0
 
@@ -157,6 +161,28 @@ def make_npu() -> Callable:
     return npu_paged
 
 
+def make_triton() -> Callable:
+    """The OpenAI-Triton backend: paged decode kernel of ours; prefill chunks gathered (sdpa)."""
+    from .triton_kernels import paged_decode
+
+    def triton_paged(module, query, key, value, attention_mask, scaling=None, tvl_meta: StepMeta | None = None,
+                     **kwargs):
+        meta = tvl_meta
+        layer = module.layer_idx
+        _write_kv(meta, layer, key, value)
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[-1])
+        _gathered_prefills(meta, layer, query, out, scaling)
+        if meta.decode_rows is not None:
+            k_cache, v_cache = _paged_view(meta, layer)
+            q = query[0, :, meta.decode_rows].transpose(0, 1)  # [B, H, D]
+            scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+            out[0, meta.decode_rows] = paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens_tensor,
+                                                    scale)
+        return out, None
+
+    return triton_paged
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -173,6 +199,7 @@ BACKENDS: dict[str, Backend] = {
     "sdpa": Backend("sdpa", lambda: sdpa_paged, ("cpu", "cuda", "npu"), "gathered", "gathered"),
     "flash_attn": Backend("flash_attn", make_flash_attn, ("cuda",), "paged", "paged", 256, 256,
                           (torch.float16, torch.bfloat16)),
+    "triton": Backend("triton", make_triton, ("cuda",), "gathered", "paged", 16, 16),
     "npu": Backend("npu", make_npu, ("npu",), "gathered", "paged", 128, 128, (torch.float16, torch.bfloat16)),
 }
 
@@ -187,6 +214,8 @@ def unavailable(backend: Backend, device: str, dtype: torch.dtype, head_dim: int
         return f"{backend.name} needs float16 or bfloat16, not {dtype}"
     if backend.name == "flash_attn" and (head_dim % 8 or head_dim > 256):
         return f"flash_attn needs head_dim % 8 == 0 and <= 256, got {head_dim}"
+    if backend.name == "triton" and block_size and block_size & (block_size - 1):
+        return f"triton needs block_size to be a power of two, got {block_size}"
     if block_size and block_size % backend.block_multiple:
         return f"{backend.name} needs block_size to be a multiple of {backend.block_multiple}, got {block_size}"
     try:
@@ -202,7 +231,7 @@ def choose(requested: str, device: str, dtype: torch.dtype, head_dim: int,
     A backend named explicitly that cannot run raises ValueError naming the reason."""
     if requested == "auto":
         skipped = []
-        for name in ("flash_attn", "npu"):
+        for name in ("flash_attn", "triton", "npu"):
             reason = unavailable(BACKENDS[name], device, dtype, head_dim, block_size)
             if reason is None:
                 return BACKENDS[name], "auto"
@@ -280,6 +309,7 @@ def build_meta(backend: Backend, kv_cache: torch.Tensor, block_size: int, parts:
         w = max(used[i] for i in paged)
         meta.block_tables = tables[paged, :w].to(torch.int32).to(device)
         meta.kv_lens = sel_lens
+        meta.kv_lens_tensor = torch.tensor(sel_lens, dtype=torch.int32, device=device)
         meta.cu_q = torch.tensor([0, *_cumsum(sel_q)], dtype=torch.int32, device=device)
         meta.cu_k = torch.tensor([0, *_cumsum(sel_lens)], dtype=torch.int32, device=device)
         meta.max_q, meta.max_k = max(sel_q), max(sel_lens)

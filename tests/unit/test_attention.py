@@ -104,14 +104,14 @@ def fake_kernels(monkeypatch):
 def test_auto_on_cpu_is_sdpa_and_says_why():
     backend, why = attn.choose("auto", "cpu", torch.float32, 64)
     assert backend.name == "sdpa"
-    assert "flash_attn runs on cuda" in why and "npu runs on npu" in why
+    assert "flash_attn runs on cuda" in why and "triton runs on cuda" in why and "npu runs on npu" in why
 
 
 def test_explicit_backend_that_cannot_run_names_the_reason():
     with pytest.raises(ValueError, match="runs on cuda, not cpu"):
         attn.choose("flash_attn", "cpu", torch.float32, 64)
     with pytest.raises(ValueError, match="expected auto or one of"):
-        attn.choose("triton", "cpu", torch.float32, 64)
+        attn.choose("xformers", "cpu", torch.float32, 64)
 
 
 def test_kernel_constraints_are_reported(fake_kernels, monkeypatch):
