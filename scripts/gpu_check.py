@@ -153,6 +153,21 @@ def decode_speed(model_dir: Path, device: str, dtype: str, engine_kwargs: dict, 
     return rows
 
 
+def runnable(backend: str, device: str) -> bool:
+    """Whether the named attention backend can run on ``device`` in bf16 (else say why and skip it)."""
+    import torch
+
+    from tritonvl.handlers.engine import attention
+
+    if backend == "auto":
+        return True
+    dtype = torch.float32 if device.startswith("cpu") else torch.bfloat16
+    reason = attention.unavailable(attention.BACKENDS[backend], device, dtype, 128)
+    if reason:
+        print(f"skipping {backend}: {reason}")
+    return reason is None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda:0")
@@ -160,36 +175,45 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=0, help="override the number of decoder layers")
     ap.add_argument("--model", help="an existing model directory instead of building one")
     ap.add_argument("--work", default="/tmp/tritonvl-gpu-check")
-    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--attention", default="auto",
+                    help="backend for parity; decode speed runs each of a comma list, e.g. sdpa,triton,flash_attn")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--quick", action="store_true", help="3 parity requests, batches 1,4, 8 tokens")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     model_dir = build(args)
-    kw = {"attention": args.attention, "max_num_seqs": 64}
+    backends = [b for b in args.attention.split(",") if runnable(b, args.device)]
+    if not backends:
+        print("none of the backends can run here:", args.attention)
+        return 1
+    kw = {"attention": backends[0], "max_num_seqs": 64}
     on_cpu = args.device.startswith("cpu")
     if on_cpu:
         kw["kv_cache_bytes"] = 1 << 28
     report = {"device": args.device, "model": str(model_dir)}
-    report["parity_fp32"] = parity(model_dir, args.device, "float32", kw, args.quick)
+    report["parity_fp32"] = []
+    for backend in backends:
+        report["parity_fp32"] += parity(model_dir, args.device, "float32", {**kw, "attention": backend}, args.quick)
     if not on_cpu:
         report["agreement_bf16"] = parity(model_dir, args.device, "bfloat16", kw, args.quick)
     batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
-    report["decode"] = decode_speed(model_dir, args.device, "float32" if on_cpu else "bfloat16", kw, batches,
-                                    8 if args.quick else args.tokens)
+    report["decode"] = []
+    for backend in backends:
+        report["decode"] += decode_speed(model_dir, args.device, "float32" if on_cpu else "bfloat16",
+                                         {**kw, "attention": backend}, batches, 8 if args.quick else args.tokens)
 
     for name in ("parity_fp32", "agreement_bf16"):
         for r in report.get(name, []):
             print(f"{name:15s} {r['backend']:10s} images={r['images']} equal={r['equal']!s:5s} "
                   f"leading_equal={r['leading_equal']}/{r['tokens']} {r['error']}")
-    print("| batch | ms/token | tokens/s | bound tokens/s | of bound |")
-    print("|---|---|---|---|---|")
+    print("| backend | batch | ms/token | tokens/s | bound tokens/s | of bound |")
+    print("|---|---|---|---|---|---|")
     for r in report["decode"]:
-        print(f"| {r['batch']} | {r['itl_ms']:.2f} | {r['tokens_per_s']:.0f} | {r['bound_tokens_per_s']:.0f} "
-              f"| {r['fraction_of_bound']:.0%} |")
+        print(f"| {r['backend']} | {r['batch']} | {r['itl_ms']:.2f} | {r['tokens_per_s']:.0f} "
+              f"| {r['bound_tokens_per_s']:.0f} | {r['fraction_of_bound']:.0%} |")
     d = report["decode"][0]
-    print(f"backend {d['backend']}, weights read per step {d['weight_bytes'] / 1e9:.2f} GB, "
+    print(f"weights read per step {d['weight_bytes'] / 1e9:.2f} GB, "
           f"copy bandwidth {d['bandwidth_gb_s']:.0f} GB/s")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
