@@ -88,24 +88,38 @@ def _gathered_prefills(meta: StepMeta, layer: int, query: torch.Tensor, out: tor
         out[0, part.q_start:part.q_end] = o[0].transpose(0, 1)
 
 
-def sdpa_paged(module, query, key, value, attention_mask, scaling=None, tvl_meta: StepMeta | None = None,
+def with_decode(decode: Callable) -> Callable:
+    """An attention function from a decode routine: K/V written, prefill chunks through the gathered
+    SDPA path, then ``decode(meta, layer, q [B, H, D], scale) -> [B, H, D]`` for the decode rows.
+
+    Called by HF's layers with query [1, heads, T, D] (mRoPE applied), key/value [1, kv_heads, T, D];
+    returns [1, T, heads, D]."""
+
+    def attend(module, query, key, value, attention_mask, scaling=None, tvl_meta: StepMeta | None = None,
                **kwargs):
-    """query: [1, heads, T, D] (mRoPE applied); key/value: [1, kv_heads, T, D]. Returns [1, T, heads, D]."""
-    meta = tvl_meta
-    layer = module.layer_idx
-    _write_kv(meta, layer, key, value)
-    out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[-1])
-    _gathered_prefills(meta, layer, query, out, scaling)
-    if meta.decode_rows is not None:
-        k_cache, v_cache = meta.kv_cache[0, layer], meta.kv_cache[1, layer]
-        rows = meta.decode_rows
-        q = query[0, :, rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-        k = k_cache[meta.decode_slots].permute(0, 2, 1, 3)  # [B, KVH, ctx, D]
-        v = v_cache[meta.decode_slots].permute(0, 2, 1, 3)
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=meta.decode_mask,
-                                           scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-        out[0, rows] = o[:, :, 0]
-    return out, None
+        meta = tvl_meta
+        layer = module.layer_idx
+        _write_kv(meta, layer, key, value)
+        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[-1])
+        _gathered_prefills(meta, layer, query, out, scaling)
+        if meta.decode_rows is not None:
+            scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+            out[0, meta.decode_rows] = decode(meta, layer, query[0, :, meta.decode_rows].transpose(0, 1), scale)
+        return out, None
+
+    return attend
+
+
+def _sdpa_decode(meta: StepMeta, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    k_cache, v_cache = meta.kv_cache[0, layer], meta.kv_cache[1, layer]
+    k = k_cache[meta.decode_slots].permute(0, 2, 1, 3)  # [B, KVH, ctx, D]
+    v = v_cache[meta.decode_slots].permute(0, 2, 1, 3)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype), attn_mask=meta.decode_mask,
+                                       scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return o[:, :, 0]
+
+
+sdpa_paged = with_decode(_sdpa_decode)
 
 
 def make_flash_attn() -> Callable:
@@ -133,54 +147,33 @@ def make_npu() -> Callable:
     fused = torch_npu.npu_fused_infer_attention_score
     scale_kw = ["scale"]  # renamed from scale_value in newer torch_npu; settled on first call
 
-    def npu_paged(module, query, key, value, attention_mask, scaling=None, tvl_meta: StepMeta | None = None,
-                  **kwargs):
-        meta = tvl_meta
-        layer = module.layer_idx
-        _write_kv(meta, layer, key, value)
-        heads, dim = query.shape[1], query.shape[-1]
-        out = query.new_empty(1, query.shape[2], heads, dim)
-        _gathered_prefills(meta, layer, query, out, scaling)
-        if meta.decode_rows is not None:
-            k_cache, v_cache = _paged_view(meta, layer)
-            nb, bs, kvh, _ = k_cache.shape
-            rows = meta.decode_rows
-            q = query[0, :, rows].transpose(0, 1).reshape(len(meta.kv_lens), 1, heads * dim).contiguous()
-            args = dict(block_table=meta.block_tables, actual_seq_lengths_kv=meta.kv_lens, num_heads=heads,
-                        num_key_value_heads=kvh, input_layout="BSH", block_size=bs)
-            scale = scaling if scaling is not None else 1.0 / math.sqrt(dim)
-            kc, vc = k_cache.view(nb, bs, kvh * dim), v_cache.view(nb, bs, kvh * dim)
-            try:
-                o = fused(q, kc, vc, **args, **{scale_kw[0]: scale})[0]
-            except TypeError:
-                scale_kw[0] = "scale_value" if scale_kw[0] == "scale" else "scale"
-                o = fused(q, kc, vc, **args, **{scale_kw[0]: scale})[0]
-            out[0, rows] = o.reshape(-1, heads, dim)
-        return out, None
+    def npu_decode(meta: StepMeta, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        k_cache, v_cache = _paged_view(meta, layer)
+        nb, bs, kvh, dim = k_cache.shape
+        batch, heads, _ = q.shape
+        q = q.reshape(batch, 1, heads * dim).contiguous()
+        args = dict(block_table=meta.block_tables, actual_seq_lengths_kv=meta.kv_lens, num_heads=heads,
+                    num_key_value_heads=kvh, input_layout="BSH", block_size=bs)
+        kc, vc = k_cache.view(nb, bs, kvh * dim), v_cache.view(nb, bs, kvh * dim)
+        try:
+            o = fused(q, kc, vc, **args, **{scale_kw[0]: scale})[0]
+        except TypeError:
+            scale_kw[0] = "scale_value" if scale_kw[0] == "scale" else "scale"
+            o = fused(q, kc, vc, **args, **{scale_kw[0]: scale})[0]
+        return o.reshape(batch, heads, dim)
 
-    return npu_paged
+    return with_decode(npu_decode)
 
 
 def make_triton() -> Callable:
     """The OpenAI-Triton backend: paged decode kernel of ours; prefill chunks gathered (sdpa)."""
     from .triton_kernels import paged_decode
 
-    def triton_paged(module, query, key, value, attention_mask, scaling=None, tvl_meta: StepMeta | None = None,
-                     **kwargs):
-        meta = tvl_meta
-        layer = module.layer_idx
-        _write_kv(meta, layer, key, value)
-        out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[-1])
-        _gathered_prefills(meta, layer, query, out, scaling)
-        if meta.decode_rows is not None:
-            k_cache, v_cache = _paged_view(meta, layer)
-            q = query[0, :, meta.decode_rows].transpose(0, 1)  # [B, H, D]
-            scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-            out[0, meta.decode_rows] = paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens_tensor,
-                                                    scale)
-        return out, None
+    def triton_decode(meta: StepMeta, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        k_cache, v_cache = _paged_view(meta, layer)
+        return paged_decode(q, k_cache, v_cache, meta.block_tables, meta.kv_lens_tensor, scale)
 
-    return triton_paged
+    return with_decode(triton_decode)
 
 
 @dataclass(frozen=True)
