@@ -54,6 +54,13 @@ def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
+def checked_chunk(result, error, url: str) -> Chunk:
+    """One stream callback's (result, error) as a Chunk, or the error raised as a TritonVLError."""
+    if error is not None:
+        raise stream_error(error, url)
+    return chunk_from_result(result)
+
+
 def stream_error(error, url: str) -> TritonVLError:
     """An error from the stream: with a gRPC status (transport) or without (the server's reply)."""
     if hasattr(error, "code") and hasattr(error, "details"):  # a raw grpc.RpcError (aio streams)
@@ -135,10 +142,7 @@ class GrpcTransport:
                     raise RequestTimeout(f"no complete answer within {timeout} s") from None
                 if item is _CANCEL:
                     raise Cancelled()
-                result, error = item
-                if error is not None:
-                    raise stream_error(error, self.url)
-                chunk = chunk_from_result(result)
+                chunk = checked_chunk(*item, self.url)
                 finished = chunk.final
                 yield chunk
                 if finished:
@@ -194,9 +198,7 @@ class AsyncGrpcTransport:
             async for result, error in call:
                 if token.cancelled:
                     break
-                if error is not None:
-                    raise stream_error(error, self.url)
-                chunk = chunk_from_result(result)
+                chunk = checked_chunk(result, error, self.url)
                 finished = chunk.final
                 yield chunk
                 if finished:

@@ -96,16 +96,11 @@ class Generation:
         return delta
 
 
-class TextStream:
-    """Iterate for text deltas; ``result`` holds the Result once the iteration has ended.
+class _StreamBase:
+    """What the sync and async text streams share: the chunks, the generation, the cancel hook."""
 
-    ``cancel()`` (from any thread) ends the stream early with finish_reason "cancelled". Leaving
-    the loop early (``break``) or the ``with`` block also cancels the request. Errors raise
-    TritonVLError subclasses.
-    """
-
-    def __init__(self, chunks: Iterator[Chunk], generation: Generation, cancel: Callable[[], None]) -> None:
-        self._chunks = chunks
+    def __init__(self, chunks, generation: Generation, cancel: Callable[[], None]) -> None:
+        self._chunks = chunks  # Iterator[Chunk] or AsyncIterator[Chunk]
         self._gen = generation
         self._cancel = cancel
         self._iter = self._run()
@@ -113,6 +108,15 @@ class TextStream:
     @property
     def result(self) -> Result | None:
         return self._gen.result
+
+
+class TextStream(_StreamBase):
+    """Iterate for text deltas; ``result`` holds the Result once the iteration has ended.
+
+    ``cancel()`` (from any thread) ends the stream early with finish_reason "cancelled". Leaving
+    the loop early (``break``) or the ``with`` block also cancels the request. Errors raise
+    TritonVLError subclasses.
+    """
 
     def __iter__(self) -> Iterator[str]:
         return self._iter
@@ -166,18 +170,8 @@ class TextStream:
             yield tail
 
 
-class AsyncTextStream:
+class AsyncTextStream(_StreamBase):
     """``async for`` the text deltas; the asyncio twin of TextStream."""
-
-    def __init__(self, chunks: AsyncIterator[Chunk], generation: Generation, cancel: Callable[[], None]) -> None:
-        self._chunks = chunks
-        self._gen = generation
-        self._cancel = cancel
-        self._iter = self._run()
-
-    @property
-    def result(self) -> Result | None:
-        return self._gen.result
 
     def __aiter__(self) -> AsyncIterator[str]:
         return self._iter
