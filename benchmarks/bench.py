@@ -35,7 +35,7 @@ MODELS = {"tiny": None, "bench": "bench"}  # None: the embedded default model; e
 
 
 def build_model(name: str) -> str:
-    from tritonvl.handlers.tiny_model import (
+    from tritonvl.handlers.tools.tiny_model import (
         PRESETS,
         build_tiny_model,
         default_model_dir,
@@ -124,7 +124,7 @@ class Naive:
     """(A) started as a subprocess."""
 
     def __init__(self, model_dir: str) -> None:
-        from tritonvl.handlers.launcher import free_port
+        from tritonvl.handlers.tools.launcher import free_port
 
         self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "naive_server.py"), model_dir,
@@ -141,7 +141,7 @@ class Triton:
     """(B) or (C): the real model repository, with the llm backend chosen by parameter."""
 
     def __init__(self, model_dir: str, backend: str, extra_params: dict | None = None) -> None:
-        from tritonvl.handlers.launcher import ServerProcess, repository_with
+        from tritonvl.handlers.tools.launcher import ServerProcess, repository_with
 
         self.tmp = tempfile.mkdtemp(prefix="tritonvl-bench-")
         repo = repository_with(Path(self.tmp) / "model_repository", {"llm": {"backend": backend, **(extra_params or {})}})

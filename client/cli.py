@@ -8,7 +8,7 @@ import sys
 
 def _serve(args: argparse.Namespace) -> int:
     try:
-        from tritonvl.handlers.launcher import serve
+        from tritonvl.handlers.tools.launcher import serve
     except ImportError as exc:
         print(f"tritonvl serve needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
         return 2
@@ -21,7 +21,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
     try:
-        from tritonvl.handlers.tiny_model import build_tiny_model
+        from tritonvl.handlers.tools.tiny_model import build_tiny_model
     except ImportError as exc:
         print(f"make-tiny-model needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
         return 2

@@ -10,7 +10,7 @@ import json
 import math
 from dataclasses import dataclass, field, fields
 
-from .errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument
 
 # Keys accepted in the `sampling_parameters` JSON (vLLM names) and the field each one sets.
 JSON_KEYS = {

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 def build(args) -> Path:
-    from tritonvl.handlers.tiny_model import PRESETS, build_tiny_model
+    from tritonvl.handlers.tools.tiny_model import PRESETS, build_tiny_model
 
     if args.model:
         return Path(args.model)
@@ -50,7 +50,7 @@ def build(args) -> Path:
 
 def requests(quick: bool):
     from tests.helpers import make_image
-    from tritonvl.handlers.preprocess import RawRequest
+    from tritonvl.handlers.preprocess.preprocessor import RawRequest
 
     img_a, img_b = make_image(224, 168, 1), make_image(120, 260, 2)
     specs = [("Tell me a story about a fox.", [], 24), ("What is in the picture?", [img_a], 16),
@@ -69,7 +69,7 @@ def parity(model_dir: Path, device: str, dtype: str, engine_kwargs: dict, quick:
     import torch
 
     from tests.helpers import Reference
-    from tritonvl.handlers.offline import OfflinePipeline
+    from tritonvl.handlers.tools.offline import OfflinePipeline
 
     reqs = requests(quick)
     pipe = OfflinePipeline(str(model_dir), device=device, dtype=dtype, **engine_kwargs)
@@ -119,8 +119,8 @@ def decode_speed(model_dir: Path, device: str, dtype: str, engine_kwargs: dict, 
     import torch
 
     from tritonvl.handlers.modelinfo import load_model_info
-    from tritonvl.handlers.offline import OfflinePipeline
-    from tritonvl.handlers.preprocess import RawRequest
+    from tritonvl.handlers.preprocess.preprocessor import RawRequest
+    from tritonvl.handlers.tools.offline import OfflinePipeline
 
     info = load_model_info(model_dir)
     pipe = OfflinePipeline(str(model_dir), device=device, dtype=dtype, **engine_kwargs)

@@ -106,7 +106,7 @@ def encoder_data(image_groups: list[list[bytes]], model_dir: str) -> dict:
     """--input-data for `vision_encoder`: pixel values from the model's own image processor."""
     from PIL import Image
 
-    from tritonvl.handlers.preprocess import Preprocessor
+    from tritonvl.handlers.preprocess.preprocessor import Preprocessor
 
     pre = Preprocessor(model_dir)
     data = []
@@ -306,7 +306,7 @@ def default_model_dir(serve: str | None) -> str:
         return serve
     if os.environ.get("TRITONVL_MODEL") and not serve:
         return os.environ["TRITONVL_MODEL"]
-    from tritonvl.handlers.tiny_model import ensure_default_model
+    from tritonvl.handlers.tools.tiny_model import ensure_default_model
 
     return str(ensure_default_model())
 

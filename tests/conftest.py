@@ -22,7 +22,7 @@ TEST_MODEL_SIZES = {
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    from tritonvl.handlers.tiny_model import build_tiny_model
+    from tritonvl.handlers.tools.tiny_model import build_tiny_model
 
     cached = os.environ.get("TRITONVL_TEST_MODEL")
     if cached and (Path(cached) / "model.safetensors").is_file():
@@ -35,7 +35,7 @@ def server(model_dir, tmp_path_factory):
     """A real tritonserver on model_repository/ serving the test model."""
     if shutil.which("tritonserver") is None:
         pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
-    from tritonvl.handlers.launcher import ServerProcess
+    from tritonvl.handlers.tools.launcher import ServerProcess
 
     log = tmp_path_factory.mktemp("server") / "tritonserver.log"
     with ServerProcess(str(model_dir), log_path=str(log)) as srv:

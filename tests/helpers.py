@@ -235,8 +235,8 @@ def assert_offline_equals_generate(model_dir, specs, ref_dir=None, **pipeline_kw
     """Run ``specs`` [(text, [image bytes], max_tokens)] all in flight through the in-process engine
     (OfflinePipeline, CPU float32) and check each against generate() on ``ref_dir`` (default: the same).
     Returns the attention backend the engine ran."""
-    from tritonvl.handlers.offline import OfflinePipeline
-    from tritonvl.handlers.preprocess import RawRequest
+    from tritonvl.handlers.preprocess.preprocessor import RawRequest
+    from tritonvl.handlers.tools.offline import OfflinePipeline
 
     kwargs = {"kv_cache_bytes": 1 << 24, **pipeline_kwargs}
     with OfflinePipeline(str(model_dir), device="cpu", dtype="float32", **kwargs) as pipe:

@@ -11,7 +11,7 @@ what each sequence attends to, in the form its backend asks for:
   call over the whole packed step (prefill chunks and decodes) reading the blocks through a block
   table. flash-attn 2 needs fp16/bf16, head_dim % 8 == 0 and blocks of a multiple of 256 tokens.
 - ``triton`` (CUDA, OpenAI Triton, which ships with torch there): decodes through our paged kernel
-  (``triton_kernels.py``) reading the blocks through a block table; prefill chunks gathered. For GPUs
+  (``triton_lang_decode.py``) reading the blocks through a block table; prefill chunks gathered. For GPUs
   without flash-attn. Blocks: a power of two >= 16.
 - ``npu`` (Ascend, torch_npu): decodes through ``npu_fused_infer_attention_score`` over the block
   table (its incremental, paged branch); prefill chunks through the portable gathered path.
@@ -167,7 +167,7 @@ def make_npu() -> Callable:
 
 def make_triton() -> Callable:
     """The OpenAI-Triton backend: paged decode kernel of ours; prefill chunks gathered (sdpa)."""
-    from .triton_kernels import paged_decode
+    from tritonvl.handlers.engine.triton_lang_decode import paged_decode
 
     def triton_decode(meta: StepMeta, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         k_cache, v_cache = _paged_view(meta, layer)

@@ -14,8 +14,8 @@ from array import array
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
-from .config import EngineConfig
-from .sequence import MMSpan, Sequence
+from tritonvl.handlers.engine.config import EngineConfig
+from tritonvl.handlers.engine.sequence import MMSpan, Sequence
 
 
 def hash_block(prev_hash: bytes | None, token_ids: list[int], start: int, mm_spans: list[MMSpan]) -> bytes:

@@ -10,17 +10,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import InvalidArgument, Unavailable
-from ..jobs import Job
-from ..metrics import NullSink, Snapshot
-from ..modelinfo import ModelInfo
-from ..sampler import SeqSampler
-from ..textstream import OutputStream
-from .block_manager import BlockManager
-from .config import EngineConfig
-from .model_runner import ModelRunner, SeqInputs
-from .scheduler import QueueFullError, Scheduler
-from .sequence import Sequence
+from tritonvl.handlers.engine.block_manager import BlockManager
+from tritonvl.handlers.engine.config import EngineConfig
+from tritonvl.handlers.engine.model_runner import ModelRunner, SeqInputs
+from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler
+from tritonvl.handlers.engine.sequence import Sequence
+from tritonvl.handlers.errors import InvalidArgument, Unavailable
+from tritonvl.handlers.llm.job import Job
+from tritonvl.handlers.llm.sampler import SeqSampler
+from tritonvl.handlers.llm.textstream import OutputStream
+from tritonvl.handlers.metrics import NullSink, Snapshot
+from tritonvl.handlers.modelinfo import ModelInfo
 
 log = logging.getLogger("tritonvl.engine")
 

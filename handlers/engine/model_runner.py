@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..devices import free_device_bytes
-from ..modelinfo import ModelInfo
-from ..weights import load_full_model
+from tritonvl.handlers.devices import free_device_bytes
+from tritonvl.handlers.engine.scheduler import ScheduledBatch
+from tritonvl.handlers.modelinfo import ModelInfo
+from tritonvl.handlers.weights import load_full_model
+
 from . import attention as attn
-from .scheduler import ScheduledBatch
 
 log = logging.getLogger("tritonvl.engine")
 

@@ -12,9 +12,9 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
-from .config import EngineConfig
-from .sequence import Sequence, SequenceStatus
+from tritonvl.handlers.engine.block_manager import BlockManager
+from tritonvl.handlers.engine.config import EngineConfig
+from tritonvl.handlers.engine.sequence import Sequence, SequenceStatus
 
 
 class QueueFullError(RuntimeError):

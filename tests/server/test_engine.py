@@ -58,7 +58,7 @@ def test_parity_with_32_mixed_requests_in_flight(server, ref):
 @pytest.fixture(scope="module")
 def small_kv_server(model_dir, tmp_path_factory):
     """A second server whose KV cache is too small for the load: it must preempt."""
-    from tritonvl.handlers.launcher import ServerProcess, repository_with
+    from tritonvl.handlers.tools.launcher import ServerProcess, repository_with
 
     # 24 blocks of 16 tokens (the test model: 3 layers x 2 kv heads x 16 dims x fp32 = 768 B / token)
     repo = repository_with(tmp_path_factory.mktemp("repo") / "model_repository",

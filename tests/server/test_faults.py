@@ -15,7 +15,7 @@ from helpers import MODEL, _inputs
 
 @pytest.fixture
 def own_server(model_dir, tmp_path):
-    from tritonvl.handlers.launcher import ServerProcess
+    from tritonvl.handlers.tools.launcher import ServerProcess
 
     srv = ServerProcess(str(model_dir), log_path=str(tmp_path / "server.log")).start()
     yield srv

@@ -13,7 +13,7 @@ GEN = "/v2/models/qwen2_5_vl/generate"
 
 @pytest.fixture(scope="module")
 def limited(model_dir, tmp_path_factory):
-    from tritonvl.handlers.launcher import ServerProcess, repository_with
+    from tritonvl.handlers.tools.launcher import ServerProcess, repository_with
 
     repo = repository_with(tmp_path_factory.mktemp("limits") / "model_repository",
                            {"llm": {"max_num_seqs": "2", "max_num_batched_tokens": "256", "max_waiting": "2",

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_script_answers_curl_with_an_image(tmp_path):
-    from tritonvl.handlers.launcher import free_port
+    from tritonvl.handlers.tools.launcher import free_port
 
     http, grpc, metrics = free_port(), free_port(), free_port()
     log = open(tmp_path / "serve.log", "wb")

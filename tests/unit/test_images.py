@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tritonvl.handlers import urlfetch
 from tritonvl.handlers.errors import InvalidArgument
-from tritonvl.handlers.images import ImageLimits, decode_image, image_bytes, limits_from_params, load_images
+from tritonvl.handlers.preprocess import urlfetch
+from tritonvl.handlers.preprocess.images import (
+    ImageLimits,
+    decode_image,
+    image_bytes,
+    limits_from_params,
+    load_images,
+)
 
 LIMITS = ImageLimits()
 

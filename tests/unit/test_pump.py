@@ -4,7 +4,7 @@ import threading
 
 import numpy as np
 
-from tritonvl.handlers.pump import ResponsePump, merge
+from tritonvl.handlers.tritonserver.pump import ResponsePump, merge
 
 
 def out(text: str, ids: list[int], n: int) -> dict:

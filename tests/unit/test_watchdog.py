@@ -3,7 +3,7 @@
 import subprocess
 import time
 
-from tritonvl.handlers.watchdog import Watchdog
+from tritonvl.handlers.tritonserver.watchdog import Watchdog
 
 
 def wait(pred, timeout=10.0):

@@ -5,9 +5,9 @@ execute() only enqueues; the backend's thread owns the device and sends the resp
 text delta when streaming, else exactly one; the last one carries the FINAL flag.
 """
 
-from tritonvl.handlers import triton_adapter as ta
-from tritonvl.handlers.jobs import job_from_tensors
-from tritonvl.handlers.llm import make_backend
+from tritonvl.handlers.llm.backend import make_backend
+from tritonvl.handlers.llm.job import job_from_tensors
+from tritonvl.handlers.tritonserver import adapter as ta
 
 
 class TritonPythonModel:

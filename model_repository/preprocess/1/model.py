@@ -8,9 +8,9 @@ Bad input is a per-request INVALID_ARG error; the rest of the batch carries on.
 
 import numpy as np
 
-from tritonvl.handlers import triton_adapter as ta
-from tritonvl.handlers.images import limits_from_params
-from tritonvl.handlers.preprocess import Preprocessor
+from tritonvl.handlers.preprocess.images import limits_from_params
+from tritonvl.handlers.preprocess.preprocessor import Preprocessor
+from tritonvl.handlers.tritonserver import adapter as ta
 
 
 class TritonPythonModel:

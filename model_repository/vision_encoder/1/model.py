@@ -6,9 +6,9 @@ One forward over the patches of every image of every request in the dynamic batc
 
 import numpy as np
 
-from tritonvl.handlers import triton_adapter as ta
 from tritonvl.handlers.devices import cpu_threads, parse_dtype, prepare_device
-from tritonvl.handlers.vision import VisionEncoder
+from tritonvl.handlers.tritonserver import adapter as ta
+from tritonvl.handlers.vision.encoder import VisionEncoder
 
 
 class TritonPythonModel:

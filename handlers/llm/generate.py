@@ -15,12 +15,12 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from .errors import Unavailable
-from .jobs import Job
-from .modelinfo import ModelInfo
-from .sampler import SeqSampler
-from .textstream import OutputStream
-from .weights import load_full_model
+from tritonvl.handlers.errors import Unavailable
+from tritonvl.handlers.llm.job import Job
+from tritonvl.handlers.llm.sampler import SeqSampler
+from tritonvl.handlers.llm.textstream import OutputStream
+from tritonvl.handlers.modelinfo import ModelInfo
+from tritonvl.handlers.weights import load_full_model
 
 log = logging.getLogger("tritonvl.generate")
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .devices import parse_dtype, prepare_device
-from .modelinfo import load_model_info
+from tritonvl.handlers.devices import parse_dtype, prepare_device
+from tritonvl.handlers.modelinfo import load_model_info
 
 
 def make_backend(cfg, metrics=None):
@@ -17,11 +17,11 @@ def make_backend(cfg, metrics=None):
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     kind = cfg.param("backend", "generate")
     if kind == "generate":
-        from .generate_backend import GenerateBackend
+        from tritonvl.handlers.llm.generate import GenerateBackend
 
         return GenerateBackend(model_dir, info, tokenizer, device, dtype)
     if kind == "engine":
-        from .engine.engine import LLMEngine
+        from tritonvl.handlers.engine.engine import LLMEngine
 
         return LLMEngine(model_dir, info, tokenizer, device, dtype, int(cfg.param("kv_cache_bytes", "0") or 0),
                          kv_cache_fraction=float(cfg.param("kv_cache_fraction", "0.5") or 0.5),

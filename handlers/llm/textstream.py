@@ -9,8 +9,7 @@ ends with "length". Before min_tokens no stop applies (the sampler also masks st
 from __future__ import annotations
 
 from tritonvl.client.stops import StopStringMatcher
-
-from .sampling import SamplingParams
+from tritonvl.handlers.sampling import SamplingParams
 
 
 class IncrementalDetokenizer:

@@ -7,16 +7,17 @@ transformers'), builds the prompt with the chat template, and validates every sa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import InvalidArgument
-from .images import ImageLimits, load_images
-from .modelinfo import ModelInfo, load_model_info
-from .prompt import PromptBuilder, messages_from_text, parse_messages, text_bytes
-from .sampling import SamplingParams, build_sampling_params, defaults_from_generation_config
+from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
+from tritonvl.handlers.options import RequestOptions
+from tritonvl.handlers.preprocess.images import ImageLimits, load_images
+from tritonvl.handlers.preprocess.prompt import PromptBuilder, messages_from_text, parse_messages, text_bytes
+from tritonvl.handlers.sampling import build_sampling_params, defaults_from_generation_config
 
 
 @dataclass
@@ -38,24 +39,6 @@ class ModelInputs:
     pixel_values: np.ndarray  # float32 [patches, patch_dim]
     image_grid_thw: np.ndarray  # int64 [images, 3]
     request: str  # JSON: sampling params and response options (see RequestOptions)
-
-
-@dataclass
-class RequestOptions:
-    sampling: SamplingParams
-    stream: bool = False
-    exclude_input_in_output: bool = False
-    prompt_text: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps({"sampling": asdict(self.sampling), "stream": self.stream,
-                           "exclude_input_in_output": self.exclude_input_in_output,
-                           "prompt_text": self.prompt_text})
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> RequestOptions:
-        d = json.loads(text)
-        return cls(SamplingParams(**d["sampling"]), d["stream"], d["exclude_input_in_output"], d["prompt_text"])
 
 
 def utf8(value: bytes | None, name: str) -> str | None:

@@ -56,7 +56,7 @@ class VisionEncoder:
     def __init__(self, model_dir: str, device: str, dtype, cache_bytes: int = 256 * 1024 * 1024) -> None:
         import torch
 
-        from .weights import load_visual
+        from tritonvl.handlers.weights import load_visual
 
         self.torch = torch
         self.device = device
@@ -67,7 +67,7 @@ class VisionEncoder:
         self.cache = EmbeddingCache(cache_bytes)
 
     def snapshot(self):
-        from .metrics import Snapshot
+        from tritonvl.handlers.metrics import Snapshot
 
         return Snapshot(counters={"image_cache_hits": self.cache.hits, "image_cache_misses": self.cache.misses})
 

@@ -15,12 +15,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .devices import parse_dtype, prepare_device
-from .jobs import Job
-from .modelinfo import load_model_info
-from .preprocess import Preprocessor, RawRequest, RequestOptions
-from .responder import Responder
-from .vision import VisionEncoder
+from tritonvl.handlers.devices import parse_dtype, prepare_device
+from tritonvl.handlers.llm.job import Job
+from tritonvl.handlers.llm.responder import Responder
+from tritonvl.handlers.modelinfo import load_model_info
+from tritonvl.handlers.options import RequestOptions
+from tritonvl.handlers.preprocess.preprocessor import Preprocessor, RawRequest
+from tritonvl.handlers.vision.encoder import VisionEncoder
 
 
 @dataclass
@@ -39,7 +40,7 @@ class OfflinePipeline:
     """``engine_kwargs`` go to LLMEngine (kv_cache_bytes, block_size, max_num_seqs, attention, ...)."""
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "auto", **engine_kwargs) -> None:
-        from .engine.engine import LLMEngine
+        from tritonvl.handlers.engine.engine import LLMEngine
 
         device, default_dtype = prepare_device(device)
         self.dtype = parse_dtype(dtype, default_dtype)

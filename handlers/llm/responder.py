@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .preprocess import RequestOptions
+from tritonvl.handlers.options import RequestOptions
 
 # send(outputs, final): outputs maps public output names to numpy arrays (no batch dim).
 Send = Callable[[dict, bool], None]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument
 
 ROLES = ("system", "user", "assistant")
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .preprocess import RequestOptions
-from .responder import Responder
+from tritonvl.handlers.llm.responder import Responder
+from tritonvl.handlers.options import RequestOptions
 
 
 @dataclass

@@ -17,7 +17,7 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -78,7 +78,7 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
         if not (Path(model_dir) / "config.json").is_file():
             raise SystemExit(f"tritonvl serve: {model_dir} has no config.json (not a Hugging Face model directory)")
     else:
-        from .tiny_model import ensure_default_model
+        from tritonvl.handlers.tools.tiny_model import ensure_default_model
 
         print("tritonvl: no --model given: serving the embedded tiny random-weight Qwen2.5-VL", flush=True)
         model_dir = str(ensure_default_model())

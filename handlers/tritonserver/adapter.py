@@ -13,9 +13,9 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from .devices import pick_device
-from .errors import RequestError
-from .preprocess import RawRequest
+from tritonvl.handlers.devices import pick_device
+from tritonvl.handlers.errors import RequestError
+from tritonvl.handlers.preprocess.preprocessor import RawRequest
 
 log = logging.getLogger("tritonvl")
 
@@ -57,7 +57,7 @@ class ModelArgs:
         path = self.param("model_path") or os.environ.get("TRITONVL_MODEL", "")
         if path:
             return path
-        from .tiny_model import ensure_default_model
+        from tritonvl.handlers.tools.tiny_model import ensure_default_model
 
         return str(ensure_default_model())
 
@@ -70,7 +70,7 @@ class TritonMetrics:
     """Publishes metrics.Snapshot values on Triton's metrics endpoint (prefix ``tritonvl_``)."""
 
     def __init__(self, model: str, only: tuple[str, ...] | None = None) -> None:
-        from .metrics import COUNTERS, GAUGES, HISTOGRAMS
+        from tritonvl.handlers.metrics import COUNTERS, GAUGES, HISTOGRAMS
 
         if only is not None:  # the metrics this model reports
             COUNTERS = {n: d for n, d in COUNTERS.items() if n in only}
@@ -114,7 +114,7 @@ def watchdog(cfg: ModelArgs):
     """Start the stub watchdog (parameter `exit_on_stub_failure`, default true); None when off."""
     if cfg.param("exit_on_stub_failure", "true").lower() != "true":
         return None
-    from .watchdog import Watchdog
+    from tritonvl.handlers.tritonserver.watchdog import Watchdog
 
     return Watchdog(cfg.instance_name or cfg.config.get("name", "model"))
 
@@ -182,7 +182,7 @@ class StreamSender:
     _pump = None
 
     def __init__(self, request) -> None:
-        from .pump import ResponsePump
+        from tritonvl.handlers.tritonserver.pump import ResponsePump
 
         if StreamSender._pump is None:
             StreamSender._pump = ResponsePump()

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from .errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument
 
 MAX_REDIRECTS = 3
 _CHUNK = 64 * 1024

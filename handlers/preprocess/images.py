@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's smart_resize refuses more
@@ -66,7 +66,7 @@ def image_bytes(item: bytes | str, index: int, limits: ImageLimits) -> bytes:
             scheme = text.split(b":", 1)[0].decode("ascii")
             raise InvalidArgument(f"{where}: {scheme} URLs are not accepted; send the image bytes, base64 "
                                   "or a data: URI")
-        from .urlfetch import fetch_image
+        from tritonvl.handlers.preprocess.urlfetch import fetch_image
 
         return _sized(fetch_image(text.decode("ascii"), where, limits), where, limits)
     if len(text) > limits.max_bytes * 4 // 3 + 1024:

@@ -1,0 +1,1 @@
+"""The llm step: jobs, responders, detokenising, sampling, the backends (engine, generate())."""

@@ -1,0 +1,1 @@
+"""The preprocess step: request tensors -> input ids, pixel values, request options."""

@@ -1,0 +1,1 @@
+"""The vision_encoder step: batched tower forward, embedding cache."""
