@@ -177,7 +177,7 @@ def response(outputs: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
 
 class StreamSender:
     """Responses of one decoupled request. ``send``/``send_error`` only enqueue on the model's
-    ResponsePump (handlers/pump.py), so the engine thread never waits on response IPC."""
+    ResponsePump (handlers/tritonserver/pump.py), so the engine thread never waits on response IPC."""
 
     _pump = None
 
@@ -190,10 +190,10 @@ class StreamSender:
         self.request = request
 
     def send(self, outputs: dict, final: bool) -> None:
-        self._pump.data(self._send_now, outputs, final)
+        self._pump.data(self, self._send_now, outputs, final)
 
     def send_error(self, exc: Exception) -> None:
-        self._pump.error(self._send_error_now, exc)
+        self._pump.error(self, self._send_error_now, exc)
 
     @classmethod
     def flush(cls) -> None:

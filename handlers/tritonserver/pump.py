@@ -35,16 +35,19 @@ class ResponsePump:
         self.thread = threading.Thread(target=self._run, name="tritonvl-pump", daemon=True)
         self.thread.start()
 
-    def data(self, send: Send, outputs: dict, final: bool) -> None:
-        self.q.put((send, outputs, final, None))
+    # `key` names the request (its sender object): deltas and errors of one request meet under it.
+    # Not the callables: a bound method is a new object on every attribute access, and a request's
+    # `send` and `send_error` are different callables anyway.
+    def data(self, key: object, send: Send, outputs: dict, final: bool) -> None:
+        self.q.put((key, send, outputs, final, None))
 
-    def error(self, send_error: Callable[[Exception], None], exc: Exception) -> None:
-        self.q.put((send_error, None, True, exc))
+    def error(self, key: object, send_error: Callable[[Exception], None], exc: Exception) -> None:
+        self.q.put((key, send_error, None, True, exc))
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued so far is sent."""
         done = threading.Event()
-        self.q.put((None, None, False, done))
+        self.q.put((None, None, None, False, done))
         done.wait(timeout)
 
     def _run(self) -> None:
@@ -55,25 +58,25 @@ class ResponsePump:
                     batch.append(self.q.get_nowait())
                 except queue.Empty:
                     break
-            pending: dict = {}  # send -> [outputs, final], in first-seen order
-            for send, outputs, final, extra in batch:
-                if send is None:  # a flush marker: everything before it goes out first
+            pending: dict = {}  # key -> [send, outputs, final], in first-seen order
+            for key, send, outputs, final, extra in batch:
+                if key is None:  # a flush marker: everything before it goes out first
                     self._send_all(pending)
                     pending = {}
                     extra.set()
-                elif extra is not None:  # an error ends its request
-                    self._send_all({k: v for k, v in pending.items() if k is send})
-                    pending.pop(send, None)
+                elif extra is not None:  # an error ends its request: its queued deltas go out first
+                    if key in pending:
+                        self._call(*pending.pop(key))
                     self._call(send, extra)
-                elif send in pending:
-                    prev = pending[send]
-                    prev[0], prev[1] = merge(prev[0], outputs), prev[1] or final
+                elif key in pending:
+                    prev = pending[key]
+                    prev[1], prev[2] = merge(prev[1], outputs), prev[2] or final
                 else:
-                    pending[send] = [outputs, final]
+                    pending[key] = [send, outputs, final]
             self._send_all(pending)
 
     def _send_all(self, pending: dict) -> None:
-        for send, (outputs, final) in pending.items():
+        for send, outputs, final in pending.values():
             self._call(send, outputs, final)
 
     @staticmethod

@@ -1,6 +1,10 @@
 """The response pump: order kept, deltas of one request merged, nothing lost, errors end requests."""
 
+import importlib
+import sys
 import threading
+import time
+import types
 
 import numpy as np
 
@@ -31,10 +35,10 @@ def test_pump_delivers_everything_in_order_even_when_it_lags():
 
     sx, sy = sender("x"), sender("y")
     for i in range(50):
-        pump.data(sx, out(str(i % 10), [i], i + 1), final=i == 49)
-        pump.data(sy, out("y", [100 + i], i + 1), final=False)
+        pump.data("x", sx, out(str(i % 10), [i], i + 1), final=i == 49)
+        pump.data("y", sy, out("y", [100 + i], i + 1), final=False)
     errors = []
-    pump.error(lambda exc: errors.append(str(exc)), ValueError("boom"))
+    pump.error("z", lambda exc: errors.append(str(exc)), ValueError("boom"))
     gate.set()
     pump.flush()
     text = "".join(t for t, _, _ in got["x"])
@@ -44,3 +48,60 @@ def test_pump_delivers_everything_in_order_even_when_it_lags():
     assert [i for _, ids, _ in got["y"] for i in ids] == [100 + i for i in range(50)]
     assert len(got["x"]) < 50  # merged while the sender lagged
     assert errors == ["boom"]
+
+
+class _FakeTriton(types.ModuleType):
+    """Just enough of triton_python_backend_utils for adapter.StreamSender (pure-logic test)."""
+
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    def __init__(self) -> None:
+        super().__init__("triton_python_backend_utils")
+
+        class TritonError(Exception):
+            INTERNAL, INVALID_ARG = 13, 3
+
+            def __init__(self, msg, code=13):
+                super().__init__(msg)
+                self.code = code
+
+        self.TritonError = TritonError
+        self.Tensor = lambda name, value: (name, value)
+        self.InferenceResponse = lambda output_tensors=None, error=None: {"outputs": output_tensors,
+                                                                          "error": error}
+
+
+class _Sender:
+    """Records what Triton's response sender would put on the wire, in order."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self.gate, self.sent = gate, []
+
+    def send(self, resp, flags=0) -> None:
+        self.gate.wait(5)
+        kind = "error" if resp["error"] is not None else dict(resp["outputs"])["text_output"][0][0].decode()
+        self.sent.append((kind, flags))
+
+
+def test_stream_sender_error_goes_out_after_the_queued_deltas(monkeypatch):
+    """The real StreamSender's bound methods (a new one per call): queued deltas first, then the error, FINAL last."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _FakeTriton())
+    monkeypatch.delitem(sys.modules, "tritonvl.handlers.tritonserver.adapter", raising=False)
+    adapter = importlib.import_module("tritonvl.handlers.tritonserver.adapter")
+    try:
+        gate = threading.Event()
+        blocker, victim = (_Sender(gate) for _ in range(2))
+        adapter.StreamSender._pump = ResponsePump()
+        a = adapter.StreamSender(types.SimpleNamespace(get_response_sender=lambda: blocker))
+        b = adapter.StreamSender(types.SimpleNamespace(get_response_sender=lambda: victim))
+        a.send(out("a", [1], 1), False)  # the pump thread blocks on this one: the rest piles up
+        time.sleep(0.2)
+        b.send(out("x", [2], 1), False)
+        b.send(out("y", [3], 2), False)
+        b.send_error(ValueError("deadline"))
+        gate.set()
+        adapter.StreamSender.flush()
+        assert victim.sent == [("xy", 0), ("error", 1)]
+        assert blocker.sent == [("a", 0)]
+    finally:
+        sys.modules.pop("tritonvl.handlers.tritonserver.adapter", None)
