@@ -9,12 +9,28 @@ STAMP_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/tritonvl
 mkdir -p "$STAMP_DIR"
 stamp="$STAMP_DIR/setup-$( (cat pyproject.toml scripts/setup.sh; pwd) | sha256sum | cut -c1-16)-$($PY -c 'import sys;print(sys.prefix)' | sha256sum | cut -c1-8)"
 
-if [ -f "$stamp" ] && $PY -c "import torch, transformers, tritonvl.handlers, tritonclient.grpc, pytriton" 2>/dev/null \
-   && command -v perf_analyzer >/dev/null && command -v tritonvl >/dev/null; then
+# The checkout the interpreter imports tritonvl from. The stamp alone is not enough: setting up a
+# second clone re-points the editable install there, and this checkout's stamp would still say "done".
+installed_from() {
+  (cd / && $PY -c "import os, tritonvl.handlers as h; print(os.path.dirname(os.path.dirname(os.path.realpath(h.__file__))))" 2>/dev/null)
+}
+up_to_date() {
+  [ -f "$stamp" ] || { echo "no set-up stamp for this checkout"; return 1; }
+  $PY -c "import torch, transformers, tritonvl.handlers, tritonclient.grpc, pytriton" 2>/dev/null \
+    || { echo "a package is missing"; return 1; }
+  command -v perf_analyzer >/dev/null && command -v tritonvl >/dev/null || { echo "a command is missing"; return 1; }
+  local from; from=$(installed_from)
+  [ "$from" = "$(pwd -P)" ] || { echo "tritonvl is installed from ${from:-nowhere}, not from $(pwd -P)"; return 1; }
+}
+case "${1:-}" in
+  --stamp) echo "$stamp"; exit 0 ;;  # where the stamp of this checkout and interpreter lives
+  --check) up_to_date; exit ;;        # 0 when set up for this checkout; else the reason, and 1
+esac
+if reason=$(up_to_date); then
   exit 0
 fi
 
-echo "== tritonvl setup (python: $($PY -c 'import sys;print(sys.executable)'))"
+echo "== tritonvl setup ($reason; python: $($PY -c 'import sys;print(sys.executable)'))"
 if ! /sbin/ldconfig -p 2>/dev/null | grep -q libb64.so.0d; then
   if command -v apt-get >/dev/null; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
