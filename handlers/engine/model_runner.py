@@ -7,7 +7,6 @@ on all rows), K/V written to the paged cache, logits only for the rows that samp
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +18,6 @@ from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.weights import load_full_model
 
 from . import attention as attn
-
-log = logging.getLogger("tritonvl.engine")
 
 
 @dataclass
@@ -40,25 +37,17 @@ class ModelRunner:
     def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
                  block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5) -> None:
         self.info, self.device, self.dtype = info, device, dtype
-        backend, why = attn.choose(attention, device, dtype, info.head_dim, block_size)
-        fn = backend.make()
-        if backend.name != "sdpa":
-            problem = attn.self_check(backend, fn, device, dtype, info.num_heads, info.num_kv_heads,
-                                      info.head_dim, block_size or backend.default_block_size)
-            if problem and attention != "auto":
-                raise ValueError(f"attention_backend {attention!r} failed its start-up check: {problem}")
-            if problem:
-                log.warning("attention: %s; using sdpa", problem)
-                backend, why, fn = attn.BACKENDS["sdpa"], f"auto ({problem})", attn.sdpa_paged
-        block_size = block_size or backend.default_block_size
-        self.backend, self.block_size = backend, block_size
-        log.info("attention backend %s (%s), block_size %d", backend.name, why, block_size)
+        chosen = attn.select(attention, device, dtype, info.num_heads, info.num_kv_heads, info.head_dim, block_size)
+        self.backend, self.block_size = chosen.backend, chosen.block_size
+        block_size = chosen.block_size
         model = load_full_model(model_dir, device, dtype)
         model.model.visual = None  # the vision_encoder model owns the tower
         self.model = model
         self.lm = model.model.language_model
         self.lm_head = model.lm_head
-        name = attn.register(fn)
+        # The hop to our attention: every decoder layer now calls the function registered under
+        # attn.ATTN_NAME, and run() hands it the step's StepMeta as the ``tvl_meta`` keyword.
+        name = attn.register(chosen.fn)
         self.lm.config._attn_implementation = name
         for layer in self.lm.layers:
             layer.self_attn.config._attn_implementation = name

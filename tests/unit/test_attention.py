@@ -5,7 +5,7 @@ No CUDA or Ascend device here, so flash-attn's ``flash_attn_varlen_func`` (paged
 their documented behaviour, including the checks the real kernels make on their arguments. These
 tests prove our side of the contract (block tables, cumulative lengths, layouts, causal alignment),
 not the kernels: the engine re-checks every kernel backend against sdpa on the real device at
-start-up (``attention.self_check``).
+start-up (``attention.select`` runs ``self_check``).
 """
 
 from __future__ import annotations
@@ -102,16 +102,17 @@ def fake_kernels(monkeypatch):
 
 
 def test_auto_on_cpu_is_sdpa_and_says_why():
-    backend, why = attn.choose("auto", "cpu", torch.float32, 64)
-    assert backend.name == "sdpa"
+    chosen = attn.select("auto", "cpu", torch.float32, 4, 2, 64)
+    backend, why = chosen.backend, chosen.why
+    assert backend.name == "sdpa" and chosen.block_size == 16
     assert "flash_attn runs on cuda" in why and "triton runs on cuda" in why and "npu runs on npu" in why
 
 
 def test_explicit_backend_that_cannot_run_names_the_reason():
     with pytest.raises(ValueError, match="runs on cuda, not cpu"):
-        attn.choose("flash_attn", "cpu", torch.float32, 64)
+        attn.select("flash_attn", "cpu", torch.float32, 4, 2, 64)
     with pytest.raises(ValueError, match="expected auto or one of"):
-        attn.choose("xformers", "cpu", torch.float32, 64)
+        attn.select("xformers", "cpu", torch.float32, 4, 2, 64)
 
 
 def test_kernel_constraints_are_reported(fake_kernels, monkeypatch):
@@ -122,12 +123,12 @@ def test_kernel_constraints_are_reported(fake_kernels, monkeypatch):
     assert "multiple of 256" in attn.unavailable(fa, "cpu", torch.bfloat16, 64, block_size=16)
     assert "float16 or bfloat16" in attn.unavailable(fa, "cpu", torch.float32, 64)
     assert "head_dim" in attn.unavailable(fa, "cpu", torch.bfloat16, 12)
-    backend, why = attn.choose("auto", "cpu", torch.bfloat16, 64)
-    assert backend.name == "flash_attn" and why == "auto"
+    chosen = attn.select("auto", "cpu", torch.bfloat16, 4, 2, 64)
+    assert chosen.backend.name == "flash_attn" and chosen.why == "auto" and chosen.block_size == 256
     # a block size the kernel cannot take makes auto fall back, and an explicit request fail
-    assert attn.choose("auto", "cpu", torch.bfloat16, 64, block_size=16)[0].name == "sdpa"
+    assert attn.select("auto", "cpu", torch.bfloat16, 4, 2, 64, block_size=16).backend.name == "sdpa"
     with pytest.raises(ValueError, match="multiple of 256"):
-        attn.choose("flash_attn", "cpu", torch.bfloat16, 64, block_size=16)
+        attn.select("flash_attn", "cpu", torch.bfloat16, 4, 2, 64, block_size=16)
 
 
 def test_missing_package_is_unavailable(monkeypatch):
@@ -244,3 +245,17 @@ def test_engine_through_kernel_contract_equals_generate(fake_kernels, monkeypatc
     used = assert_offline_equals_generate(model_dir, specs, attention=name, max_num_seqs=4,
                                           max_num_batched_tokens=24)
     assert used == name
+
+
+def test_select_falls_back_to_sdpa_when_the_kernel_disagrees(fake_kernels, monkeypatch):
+    """select() owns the start-up check: auto replaces a disagreeing kernel by sdpa (saying why);
+    named explicitly, the same kernel is refused."""
+    flash, _ = fake_kernels
+    flash.flash_attn_varlen_func = fake_flash_varlen(top_left=True)
+    fa = attn.BACKENDS["flash_attn"]
+    monkeypatch.setitem(attn.BACKENDS, "flash_attn", attn.Backend(**{**fa.__dict__, "device_types": ("cpu",)}))
+    chosen = attn.select("auto", "cpu", torch.bfloat16, 4, 2, 16)
+    assert chosen.backend.name == "sdpa" and chosen.fn is attn.sdpa_paged and chosen.block_size == 16
+    assert "differs from sdpa" in chosen.why
+    with pytest.raises(ValueError, match="failed its start-up check"):
+        attn.select("flash_attn", "cpu", torch.bfloat16, 4, 2, 16)

@@ -48,10 +48,10 @@ def test_kernel_matches_sdpa_on_mixed_steps():
 
 def test_auto_prefers_triton_when_it_can_run_and_checks_block_size():
     out = run_interpreted("""
-        assert attn.choose("auto", "cpu", torch.float32, 64)[0].name == "triton"
-        assert attn.choose("auto", "cpu", torch.float32, 64, block_size=48)[0].name == "sdpa"
+        assert attn.select("auto", "cpu", torch.float32, 4, 4, 64).backend.name == "triton"
+        assert attn.select("auto", "cpu", torch.float32, 4, 4, 64, block_size=48).backend.name == "sdpa"
         try:
-            attn.choose("triton", "cpu", torch.float32, 64, block_size=48)
+            attn.select("triton", "cpu", torch.float32, 4, 4, 64, block_size=48)
         except ValueError as e:
             assert "power of two" in str(e)
         else:
