@@ -8,15 +8,39 @@ import sys
 
 def _serve(args: argparse.Namespace) -> int:
     try:
+        from tritonvl.handlers.params import ParamError
         from tritonvl.handlers.tools.launcher import serve
+        from tritonvl.handlers.tools.repository import parse_sets
     except ImportError as exc:
         print(f"tritonvl serve needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
         return 2
-    try:
-        return serve(args.model, args.http_port, args.grpc_port, args.metrics_port, args.device, args.extra)
+    try:  # bad --set values stop here, before tritonserver starts
+        overrides = parse_sets(args.set)
+        return serve(args.model, args.http_port, args.grpc_port, args.metrics_port, args.device, args.extra,
+                     overrides=overrides)
+    except ParamError as exc:
+        print(f"tritonvl serve: {exc}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as exc:  # torch & co. are imported lazily, deep inside
         print(f"tritonvl serve needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
         return 2
+
+
+def _gateway(args: argparse.Namespace) -> int:
+    try:
+        from tritonvl.handlers.gateway.app import run
+        from tritonvl.handlers.gateway.config import GatewayConfig, served_names
+    except ImportError as exc:
+        print(f"tritonvl gateway needs the gateway extra: pip install 'tritonvl[gateway]' ({exc})", file=sys.stderr)
+        return 2
+    try:
+        config = GatewayConfig(args.triton_url, args.triton_model,
+                               served_names(args.model, args.served_model_name, args.triton_model),
+                               int(args.max_body_mb * 2**20), args.max_concurrent, args.timeout)
+    except ValueError as exc:
+        print(f"tritonvl gateway: {exc}", file=sys.stderr)
+        return 2
+    return run(config, args.host, args.port, args.log_level)
 
 
 def _make_tiny_model(args: argparse.Namespace) -> int:
@@ -130,8 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--device", choices=["cpu", "cuda", "npu"], default="",
                    help="force a device for every model (default: what the instance groups say)")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="override a model parameter for this run, e.g. llm.max_num_seqs=16, "
+                        "llm.instance_kind=KIND_GPU, vision_encoder.instance_count=2 (repeatable; serves a "
+                        "copy of the repository; keys: docs/PARAMETERS.md)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="-- extra tritonserver arguments")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("gateway", help="OpenAI-compatible HTTP API in front of a Triton server",
+                       description="Serve /v1/chat/completions (with image_url parts), /v1/completions, /v1/models, "
+                                   "/health, /metrics and /describe-image/ in front of a tritonvl Triton server, "
+                                   "which it calls over gRPC streaming. Needs no torch (docs/OPENAI.md).",
+                       epilog="example: tritonvl gateway --triton-url triton-0:8001 --port 9000 "
+                              "--model /models/Qwen2.5-VL-7B-Instruct")
+    p.add_argument("--triton-url", default="localhost:8001", help="Triton's gRPC HOST:PORT (default: %(default)s)")
+    p.add_argument("--port", type=int, default=9000, help="HTTP port (default: %(default)s)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument("--model", help="the served model name as clients send it (vLLM's rule: the --model argument "
+                                   "as given, e.g. a path); default: the Triton model's name")
+    p.add_argument("--served-model-name", action="append", metavar="NAME",
+                   help="name(s) clients use instead of --model (repeatable; the first is the one answers carry)")
+    p.add_argument("--triton-model", default="qwen2_5_vl", help="the public model on Triton (default: %(default)s)")
+    p.add_argument("--max-concurrent", type=int, default=512,
+                   help="requests in flight; more are refused with 429 (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=64, help="request body limit, MiB (default: %(default)s)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per generation (default: %(default)s)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=_gateway)
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2.5-VL to DIR")
     p.add_argument("dir")

@@ -40,6 +40,10 @@ class ModelInfo:
         """Patches per LLM image token."""
         return self.spatial_merge_size**2
 
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV cache bytes one token takes: K and V x layers x kv heads x head_dim x element size."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():

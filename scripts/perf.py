@@ -32,14 +32,10 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -232,73 +228,23 @@ def levels(spec: str) -> list[float]:
 
 # ---- a server on an edited copy of model_repository/ -------------------------------------------
 
-def apply_settings(repo: Path, settings: list[str]) -> None:
-    """`model.key=value`: `count` (instance group), `max_queue_delay_microseconds`,
-    `preferred_batch_size` (e.g. 2,4), else a `parameters` string value."""
-    for item in settings:
-        target, value = item.split("=", 1)
-        model, key = target.split(".", 1)
-        cfg = repo / model / "config.pbtxt"
-        text = cfg.read_text()
-        if key == "count":
-            text, n = re.subn(r"count: \d+", f"count: {int(value)}", text, count=1)
-        elif key == "max_queue_delay_microseconds":
-            text, n = re.subn(r"max_queue_delay_microseconds: \d+", f"{key}: {int(value)}", text)
-        elif key == "preferred_batch_size":
-            text, n = re.subn(r"dynamic_batching \{", f"dynamic_batching {{ preferred_batch_size: [ {value} ]", text)
-        else:
-            text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', text)
-        if n == 0:
-            raise SystemExit(f"perf.py: --set {item}: no {key!r} in {cfg}")
-        cfg.write_text(text)
+def start_server(serve: str | None, settings: list[str], log: Path):
+    """A tritonserver (handlers/tools/launcher.py) on a temporary copy of model_repository/ with
+    `settings` (`MODEL.KEY=VALUE`, as `tritonvl serve --set`) applied; stop() removes the copy."""
+    from tritonvl.handlers.params import ParamError
+    from tritonvl.handlers.tools.launcher import ServerProcess
+    from tritonvl.handlers.tools.repository import parse_sets
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`tritonvl serve` (a subprocess) on a temporary copy of model_repository/ with `settings` applied."""
-
-    def __init__(self, model_dir: str | None, settings: list[str], log_dir: Path) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="tritonvl-perf-"))
-        repo = self.tmp / "model_repository"
-        shutil.copytree(ROOT / "model_repository", repo)
-        apply_settings(repo, settings)
-        http, grpc, metrics = free_port(), free_port(), free_port()
-        self.url, self.health = f"localhost:{grpc}", f"http://localhost:{http}/v2/health/ready"
-        cmd = [sys.executable, "-m", "tritonvl.client.cli", "serve", "--http-port", str(http), "--grpc-port",
-               str(grpc), "--metrics-port", str(metrics)] + (["--model", model_dir] if model_dir else [])
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(log_dir / "server.log", "ab")  # noqa: SIM115 (closed in stop())
-        env = {**os.environ, "TRITONVL_MODEL_REPOSITORY": str(repo)}
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 600) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"perf.py: the server exited ({self.proc.returncode}); see {self.log.name}")
-            try:
-                with urllib.request.urlopen(self.health, timeout=2):
-                    return self
-            except OSError:
-                time.sleep(1)
-        self.stop()
-        raise SystemExit(f"perf.py: the server was not ready after {timeout:.0f}s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)  # `tritonvl serve` passes it on to tritonserver
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    try:
+        overrides = parse_sets(settings)
+    except ParamError as exc:
+        raise SystemExit(f"perf.py: --set: {exc}") from None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    server = ServerProcess(default_model_dir(serve), overrides=overrides, log_path=str(log), ready_timeout=600)
+    try:
+        return server.start()
+    except RuntimeError as exc:
+        raise SystemExit(f"perf.py: {exc}") from None
 
 
 def default_model_dir(serve: str | None) -> str:
@@ -395,8 +341,8 @@ def write_rows(rows: list[dict], csv_path: Path, json_path: Path) -> None:
 def run_command(args) -> int:
     server = None
     if args.serve or args.set:
-        server = Server(None if args.serve in (None, "tiny") else args.serve, args.set, Path(args.out)).wait_ready()
-        args.url = server.url
+        server = start_server(args.serve, args.set, Path(args.out) / "server.log")
+        args.url = server.grpc_url
     try:
         rows = sweep(args)
     finally:
@@ -413,11 +359,10 @@ COLD = ["vision_encoder.embedding_cache_bytes=0", "llm.enable_prefix_caching=fal
 
 
 def kv_cache_bytes(model_dir: str, blocks: int, block_size: int = 16, dtype_bytes: int = 4) -> int:
-    """Bytes of `blocks` KV blocks of this model (fp32 on the CPU): 2 x layers x kv_heads x head_dim."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    text = cfg.get("text_config", cfg)
-    head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    return 2 * text["num_hidden_layers"] * text["num_key_value_heads"] * head_dim * dtype_bytes * block_size * blocks
+    """Bytes of `blocks` KV blocks of this model (fp32 on the CPU)."""
+    from tritonvl.handlers.modelinfo import load_model_info
+
+    return load_model_info(model_dir).kv_bytes_per_token(dtype_bytes) * block_size * blocks
 
 
 def variants(model_dir: str) -> list[tuple[str, str, list[str], list[tuple[str, str, str]]]]:
@@ -431,13 +376,13 @@ def variants(model_dir: str) -> list[tuple[str, str, list[str], list[tuple[str, 
         ("max_num_seqs=2", "llm max_num_seqs 64 -> 2", COLD + ["llm.max_num_seqs=2"], [stream]),
         ("kv=24-blocks", "llm KV budget 1 GiB -> 24 blocks of 16 tokens",
          COLD + [f"llm.kv_cache_bytes={kv_cache_bytes(model_dir, 24)}"], [stream]),
-        ("preprocess-x1", "preprocess instances 2 -> 1", COLD + ["preprocess.count=1"], [stream]),
+        ("preprocess-x1", "preprocess instances 2 -> 1", COLD + ["preprocess.instance_count=1"], [stream]),
         ("encoder-shipped", "vision_encoder as shipped: max_queue_delay 2000 us, 1 instance", COLD, [enc]),
         ("encoder-delay-0", "vision_encoder max_queue_delay 2000 us -> 0",
          COLD + ["vision_encoder.max_queue_delay_microseconds=0"], [enc]),
         ("encoder-delay-20ms", "vision_encoder max_queue_delay 2000 us -> 20000",
          COLD + ["vision_encoder.max_queue_delay_microseconds=20000"], [enc]),
-        ("encoder-x2", "vision_encoder instances 1 -> 2", COLD + ["vision_encoder.count=2"], [enc]),
+        ("encoder-x2", "vision_encoder instances 1 -> 2", COLD + ["vision_encoder.instance_count=2"], [enc]),
     ]
 
 
@@ -453,10 +398,10 @@ def run_capacity(args) -> int:
         if args.replot or (only and name not in only):
             continue
         print(f"\n== {name}: --set {' '.join(settings) or '(none)'}", flush=True)
-        server = Server(None if args.serve in (None, "tiny") else args.serve, settings, out / "logs").wait_ready()
+        server = start_server(args.serve, settings, out / "logs" / f"server-{name}.log")
         try:
             for model, mode, load in runs:
-                run = argparse.Namespace(**{**vars(args), "url": server.url, "model": model, "mode": mode,
+                run = argparse.Namespace(**{**vars(args), "url": server.grpc_url, "model": model, "mode": mode,
                                             "label": name, "concurrency": args.levels,
                                             "request_rate": args.rates if load == "request_rate" else None})
                 rows += sweep(run)
@@ -620,8 +565,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", help="model directory for vision_encoder pixel values (default: the served one)")
     p.add_argument("--serve", metavar="MODEL_DIR|tiny", help="start a server on a copy of model_repository/")
     p.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
-                   help="edit the copy's config.pbtxt: llm.max_num_seqs=2, vision_encoder.count=2, "
-                        "vision_encoder.max_queue_delay_microseconds=0 (implies --serve tiny)")
+                   help="as `tritonvl serve --set` (docs/PARAMETERS.md): llm.max_num_seqs=2, "
+                        "vision_encoder.instance_count=2, vision_encoder.max_queue_delay_microseconds=0 "
+                        "(implies --serve tiny)")
     p.add_argument("--label", default="", help="name of this run in its output files")
     p.add_argument("--out", default="perf-results", help="output folder (default: %(default)s)")
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.params import IMAGE_FORMATS, PreprocessParams
 
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+ALLOWED_FORMATS = IMAGE_FORMATS
 MAX_ASPECT_RATIO = 200  # Qwen2.5-VL's smart_resize refuses more
 
 
@@ -157,17 +158,10 @@ def load_images(items: list, limits: ImageLimits) -> list[Image.Image]:
     return [decode_image(image_bytes(item, i, limits), i, limits) for i, item in enumerate(items)]
 
 
-def limits_from_params(param) -> ImageLimits:
-    """ImageLimits from config parameters (``param(name, default) -> str``)."""
-    d = ImageLimits()
-
-    def names(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(f.strip() for f in param(key, ",".join(default)).split(",") if f.strip())
-
-    return ImageLimits(max_bytes=int(param("max_image_bytes", str(d.max_bytes))),
-                       max_pixels=int(param("max_image_pixels", str(d.max_pixels))),
-                       max_images=int(param("max_images_per_request", str(d.max_images))),
-                       formats=tuple(f.upper() for f in names("image_formats", d.formats)),
-                       max_prompt_bytes=int(param("max_prompt_bytes", str(d.max_prompt_bytes))),
-                       url_allowlist=tuple(h.lower() for h in names("image_url_allowlist", ())),
-                       url_timeout_s=float(param("image_url_timeout_s", str(d.url_timeout_s))))
+def limits_from_params(p: PreprocessParams) -> ImageLimits:
+    """ImageLimits from the typed parameters of `preprocess` (handlers/params.py)."""
+    return ImageLimits(max_bytes=p.max_image_bytes, max_pixels=p.max_image_pixels,
+                       max_images=p.max_images_per_request, formats=p.image_formats,
+                       max_prompt_bytes=p.max_prompt_bytes,
+                       url_allowlist=tuple(h.lower() for h in p.image_url_allowlist),
+                       url_timeout_s=p.image_url_timeout_s)

@@ -14,8 +14,13 @@ import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tritonvl.handlers.tools.repository import Overrides, repository_with
+
+__all__ = ["ServerProcess", "free_port", "repository_with", "serve"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,8 +76,32 @@ def server_command(server: Server, repo: Path, http_port: int, grpc_port: int, m
 
 
 def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, device: str,
-          extra: list[str], repo: Path | None = None) -> int:
-    """Run tritonserver in the foreground; forward SIGINT/SIGTERM; return its exit code."""
+          extra: list[str], repo: Path | None = None, overrides: Overrides | None = None) -> int:
+    """Run tritonserver in the foreground; forward SIGINT/SIGTERM; return its exit code.
+
+    ``overrides`` ({model: {key: value}}, from ``--set``): served from a temporary repository copy;
+    an unknown model or key or a bad value raises ParamError before tritonserver starts.
+    """
+    tmp = None
+    if overrides:
+        tmp = tempfile.mkdtemp(prefix="tritonvl-repo-")
+        try:
+            repo = repository_with(Path(tmp) / "model_repository", overrides, repo)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        sets = " ".join(f"{m}.{k}={v}" for m, kv in overrides.items() for k, v in kv.items())
+        print(f"tritonvl: serving a copy of the model repository with {sets}", flush=True)
+    try:
+        return _serve(model, http_port, grpc_port, metrics_port, device, extra, repo)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, device: str,
+           extra: list[str], repo: Path | None) -> int:
+    model = model or os.environ.get("TRITONVL_MODEL")  # e.g. docker run -e TRITONVL_MODEL=...
     if model:
         model_dir = str(Path(model).resolve())
         if not (Path(model_dir) / "config.json").is_file():
@@ -110,12 +139,23 @@ class ServerProcess:
     """A tritonserver in the background (for tests, benchmarks and perf runs).
 
     ``with ServerProcess(model_dir) as srv: srv.http_url`` ... stops it (SIGTERM) on exit.
+    ``overrides`` ({model: {key: value}}, as ``tritonvl serve --set``) serve a temporary copy of
+    ``repo`` (checked here: ParamError before anything starts), removed by stop().
     """
 
     def __init__(self, model_dir: str, repo: Path | None = None, extra: list[str] | None = None,
-                 log_path: str | None = None, env: dict | None = None, ready_timeout: float = 300) -> None:
+                 log_path: str | None = None, env: dict | None = None, ready_timeout: float = 300,
+                 overrides: Overrides | None = None) -> None:
         self.model_dir = str(model_dir)
         self.repo = repo or default_model_repository()
+        self._tmp = None
+        if overrides:
+            self._tmp = tempfile.mkdtemp(prefix="tritonvl-repo-")
+            try:
+                self.repo = repository_with(Path(self._tmp) / "model_repository", overrides, self.repo)
+            except BaseException:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                raise
         self.extra = extra or []
         self.http_port, self.grpc_port, self.metrics_port = free_port(), free_port(), free_port()
         self.log_path = log_path or f"/tmp/tritonvl-server-{self.http_port}.log"
@@ -147,6 +187,7 @@ class ServerProcess:
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError(f"tritonserver exited with {self.proc.returncode}; log: {self.log_path}\n"
                                    + self.log_tail())
             try:
@@ -167,6 +208,13 @@ class ServerProcess:
             return ""
 
     def stop(self, timeout: float = 60) -> int | None:
+        try:
+            return self._stop(timeout)
+        finally:
+            if self._tmp:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def _stop(self, timeout: float) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
@@ -184,23 +232,3 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def repository_with(dest: str | Path, params: dict[str, dict[str, str]], repo: Path | None = None) -> Path:
-    """Copy the model repository to ``dest`` with some config.pbtxt parameters changed.
-
-    ``params``: {model: {parameter: value}}; each parameter must already exist in that config.
-    """
-    import re
-
-    dest = Path(dest)
-    shutil.copytree(repo or default_model_repository(), dest, ignore=shutil.ignore_patterns("__pycache__"))
-    for model, values in params.items():
-        cfg = dest / model / "config.pbtxt"
-        text = cfg.read_text()
-        for key, value in values.items():
-            text, n = re.subn(rf'(key: "{key}" value: {{ string_value: )"[^"]*"', rf'\g<1>"{value}"', text)
-            if n != 1:
-                raise KeyError(f"parameter {key!r} not found in {cfg}")
-        cfg.write_text(text)
-    return dest

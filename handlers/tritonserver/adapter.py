@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonvl.handlers.devices import pick_device
 from tritonvl.handlers.errors import RequestError
+from tritonvl.handlers.params import read as read_params
 from tritonvl.handlers.preprocess.preprocessor import RawRequest
 
 log = logging.getLogger("tritonvl")
@@ -35,26 +36,24 @@ SAMPLING_TENSORS = {
 
 
 class ModelArgs:
-    """What Triton passes to initialize(): config, parameters and the instance's placement."""
+    """What Triton passes to initialize(): config, typed parameters and the instance's placement.
 
-    def __init__(self, args: dict) -> None:
+    ``model`` names the parameter table (handlers/params.py: preprocess, vision_encoder, llm); an
+    unknown key or a bad value raises ParamError here, so Triton logs it and does not load the model.
+    """
+
+    def __init__(self, args: dict, model: str) -> None:
         self.config = json.loads(args["model_config"])
-        self.params = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
+        raw = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
+        self.params = read_params(model, raw)
         self.kind = args.get("model_instance_kind", "CPU")
         self.device_id = args.get("model_instance_device_id", "0")
         self.instance_name = args.get("model_instance_name", "")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
 
-    def param(self, name: str, default: str = "") -> str:
-        value = self.params.get(name, "")
-        return default if value in ("", None) or value.startswith("${") else value
-
-    def int_param(self, name: str, default: int) -> int:
-        return int(self.param(name, str(default)))
-
     def model_dir(self) -> str:
         """`model_path` parameter, else $TRITONVL_MODEL, else the embedded tiny model."""
-        path = self.param("model_path") or os.environ.get("TRITONVL_MODEL", "")
+        path = self.params.model_path or os.environ.get("TRITONVL_MODEL", "")
         if path:
             return path
         from tritonvl.handlers.tools.tiny_model import ensure_default_model
@@ -62,8 +61,9 @@ class ModelArgs:
         return str(ensure_default_model())
 
     def device(self) -> str:
-        return pick_device(self.kind, self.device_id, self.instance_name, self.param("npu_device_ids"),
-                           self.param("device") or os.environ.get("TRITONVL_DEVICE", ""))
+        p = self.params
+        return pick_device(self.kind, self.device_id, self.instance_name, ",".join(map(str, p.npu_device_ids)),
+                           p.device or os.environ.get("TRITONVL_DEVICE", ""))
 
 
 class TritonMetrics:
@@ -112,7 +112,7 @@ class TritonMetrics:
 
 def watchdog(cfg: ModelArgs):
     """Start the stub watchdog (parameter `exit_on_stub_failure`, default true); None when off."""
-    if cfg.param("exit_on_stub_failure", "true").lower() != "true":
+    if not cfg.params.exit_on_stub_failure:
         return None
     from tritonvl.handlers.tritonserver.watchdog import Watchdog
 
@@ -166,6 +166,7 @@ def read_raw(request) -> RawRequest:
         sampling=sampling,
         stream=bool(scalar(request, "stream") or False),
         exclude_input_in_output=bool(scalar(request, "exclude_input_in_output") or False),
+        apply_chat_template=scalar(request, "apply_chat_template") is not False,  # absent: true
     )
 
 

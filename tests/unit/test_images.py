@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.params import read as read_params
 from tritonvl.handlers.preprocess import urlfetch
 from tritonvl.handlers.preprocess.images import (
     ImageLimits,
@@ -155,7 +156,7 @@ def test_limits_from_params():
         "image_url_allowlist": "Images.Example.com, *.cdn.example",
         "image_url_timeout_s": "2.5",
     }
-    limits = limits_from_params(lambda name, default: params.get(name, default))
+    limits = limits_from_params(read_params("preprocess", params))
     assert (limits.max_bytes, limits.max_images, limits.formats, limits.max_prompt_bytes) == (
         10,
         3,
@@ -163,7 +164,7 @@ def test_limits_from_params():
         99,
     )
     assert limits.url_allowlist == ("images.example.com", "*.cdn.example") and limits.url_timeout_s == 2.5
-    assert limits_from_params(lambda name, default: default) == ImageLimits()
+    assert limits_from_params(read_params("preprocess", {})) == ImageLimits()
 
 
 # --- URL fetching (off unless allow-listed), with resolution and HTTP replaced: no network ---

@@ -12,7 +12,7 @@ from tritonvl.handlers.tritonserver import adapter as ta
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = ta.ModelArgs(args)
+        cfg = ta.ModelArgs(args, "llm")
         self.watchdog = ta.watchdog(cfg)
         self.backend = make_backend(cfg, ta.TritonMetrics("llm"))
 

@@ -15,11 +15,11 @@ from tritonvl.handlers.tritonserver import adapter as ta
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = ta.ModelArgs(args)
+        cfg = ta.ModelArgs(args, "preprocess")
         self.watchdog = ta.watchdog(cfg)
-        self.pre = Preprocessor(cfg.model_dir(), limits_from_params(cfg.param),
-                                max_model_len=cfg.int_param("max_model_len", 0) or None,
-                                default_max_tokens=cfg.int_param("default_max_tokens", 256))
+        p = cfg.params
+        self.pre = Preprocessor(cfg.model_dir(), limits_from_params(p), max_model_len=p.max_model_len,
+                                default_max_tokens=p.default_max_tokens)
 
     def execute(self, requests):
         responses = []

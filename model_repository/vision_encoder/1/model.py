@@ -6,18 +6,19 @@ One forward over the patches of every image of every request in the dynamic batc
 
 import numpy as np
 
-from tritonvl.handlers.devices import cpu_threads, parse_dtype, prepare_device
+from tritonvl.handlers.devices import parse_dtype, prepare_device
 from tritonvl.handlers.tritonserver import adapter as ta
 from tritonvl.handlers.vision.encoder import VisionEncoder
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = ta.ModelArgs(args)
+        cfg = ta.ModelArgs(args, "vision_encoder")
         self.watchdog = ta.watchdog(cfg)
-        device, dtype = prepare_device(cfg.device(), cpu_threads(cfg.param("num_threads", "auto"), share=0.5))
-        self.encoder = VisionEncoder(cfg.model_dir(), device, parse_dtype(cfg.param("dtype"), dtype),
-                                     cache_bytes=cfg.int_param("embedding_cache_bytes", 256 * 1024 * 1024))
+        p = cfg.params
+        device, dtype = prepare_device(cfg.device(), p.num_threads)
+        self.encoder = VisionEncoder(cfg.model_dir(), device, parse_dtype(p.dtype, dtype),
+                                     cache_bytes=p.embedding_cache_bytes)
         self.metrics = ta.TritonMetrics("vision_encoder", only=("image_cache_hits", "image_cache_misses"))
 
     def execute(self, requests):

@@ -1,0 +1,360 @@
+"""Every config.pbtxt parameter of the three Python models, declared once: type, default, rule, doc.
+
+Each model's parameters are one frozen dataclass whose fields carry their rule, default and doc;
+``read(model, raw)`` turns a config's string values into that typed object and refuses unknown keys
+and bad values with a message naming the model, the key and the rule. ``SETTINGS`` are the
+config.pbtxt fields ``tritonvl serve --set`` may also change (instance group, dynamic batcher).
+Torch-free: ``--set`` is checked before anything loads. docs/PARAMETERS.md is generated from here:
+
+    python -m tritonvl.handlers.params --markdown > docs/PARAMETERS.md
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+from tritonvl.handlers.devices import cpu_threads
+
+
+class ParamError(ValueError):
+    """A config.pbtxt parameter or ``--set`` value that is unknown or breaks its rule."""
+
+
+# ---- rules: parse a string value, say what is expected ------------------------------------------
+
+
+class Rule:
+    empty: object = None  # the value of an unset parameter whose default is empty
+
+    def parse(self, text: str) -> object:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Rule):
+    min: int | None = None
+
+    def parse(self, text: str) -> int:
+        value = int(text)
+        if self.min is not None and value < self.min:
+            raise ValueError
+        return value
+
+    def describe(self) -> str:
+        return "an integer" + (f" >= {self.min}" if self.min is not None else "")
+
+
+@dataclass(frozen=True)
+class Float(Rule):
+    min: float = 0.0
+    max: float | None = None
+    open_min: bool = False  # min itself refused
+
+    def parse(self, text: str) -> float:
+        value = float(text)
+        if value != value or value < self.min or (self.open_min and value == self.min):
+            raise ValueError
+        if self.max is not None and value > self.max:
+            raise ValueError
+        return value
+
+    def describe(self) -> str:
+        low = f"{'>' if self.open_min else '>='} {self.min:g}"
+        return f"a number {low}" + (f" and <= {self.max:g}" if self.max is not None else "")
+
+
+class Bool(Rule):
+    def parse(self, text: str) -> bool:
+        word = text.lower()
+        if word in ("true", "1", "yes"):
+            return True
+        if word in ("false", "0", "no"):
+            return False
+        raise ValueError
+
+    def describe(self) -> str:
+        return "true/false (also 1/0, yes/no)"
+
+
+class Choice(Rule):
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+
+    def parse(self, text: str) -> str:
+        for c in self.choices:  # case-insensitive; the canonical spelling comes back
+            if c.lower() == text.lower():
+                return c
+        raise ValueError
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(self.choices)
+
+
+class Text(Rule):
+    empty = ""
+
+    def parse(self, text: str) -> str:
+        return text
+
+    def describe(self) -> str:
+        return "text"
+
+
+class Threads(Rule):
+    def parse(self, text: str) -> int:
+        return cpu_threads(text, share=0.5)
+
+    def describe(self) -> str:
+        return "an integer >= 0 (0 = torch's default, one per core) or auto (half the cores)"
+
+
+class ListOf(Rule):
+    empty = ()
+
+    def __init__(self, item: Rule) -> None:
+        self.item = item
+
+    def parse(self, text: str) -> tuple:
+        return tuple(self.item.parse(part.strip()) for part in text.split(",") if part.strip())
+
+    def describe(self) -> str:
+        return f"a comma-separated list, each {self.item.describe()}"
+
+
+def param(rule: Rule, default: str, doc: str):
+    """A parameter: its rule, its default as config.pbtxt would spell it ("" = unset), one line of doc."""
+    return field(metadata={"rule": rule, "default": default, "doc": doc})
+
+
+# ---- the parameters of each model ---------------------------------------------------------------
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # Pillow format names
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommonParams:
+    model_path: str = param(
+        Text(), "", "Hugging Face model directory; empty: $TRITONVL_MODEL, else the embedded tiny model"
+    )
+    exit_on_stub_failure: bool = param(
+        Bool(), "true", "stop the whole server when a sibling model's stub process dies (the watchdog)"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessParams(CommonParams):
+    max_model_len: int | None = param(
+        Int(2), "", "longest prompt + output in tokens; empty: the model's max_position_embeddings"
+    )
+    default_max_tokens: int = param(Int(1), "256", "max_tokens of a request that sets none")
+    max_image_bytes: int = param(Int(1), "20971520", "encoded bytes per image")
+    max_image_pixels: int = param(
+        Int(1), "40000000", "pixels per image, read from the header before decoding"
+    )
+    max_images_per_request: int = param(Int(0), "8", "images per request")
+    image_formats: tuple[str, ...] = param(
+        ListOf(Choice(*IMAGE_FORMATS)), "JPEG,PNG,WEBP,GIF,BMP", "image formats accepted"
+    )
+    max_prompt_bytes: int = param(
+        Int(1), "1048576", "UTF-8 bytes of a request's text, checked before tokenizing"
+    )
+    image_url_allowlist: tuple[str, ...] = param(
+        ListOf(Text()),
+        "",
+        "hosts whose http(s) image URLs are "
+        "fetched (`img.example.com`, `*.cdn.example`); empty: URLs refused",
+    )
+    image_url_timeout_s: float = param(Float(0, open_min=True), "10", "seconds per image URL fetch")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceParams(CommonParams):
+    device: str | None = param(
+        Choice("cpu", "cuda", "npu"),
+        "",
+        "force a device; empty: $TRITONVL_DEVICE, else the instance group (docs/DEVICES.md)",
+    )
+    dtype: str = param(
+        Choice("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"),
+        "auto",
+        "weights and activations; auto: float32 on CPU, bfloat16 on GPU/NPU",
+    )
+    npu_device_ids: tuple[int, ...] = param(
+        ListOf(Int(0)), "", "Ascend NPUs the group's instances take round-robin (any instance kind)"
+    )
+    num_threads: int = param(Threads(), "0", "torch CPU threads per instance")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionParams(DeviceParams):
+    # auto: the llm in the same server uses every core; two pools as wide as the machine fight.
+    num_threads: int = param(Threads(), "auto", "torch CPU threads per instance")
+    embedding_cache_bytes: int = param(
+        Int(0), "268435456", "LRU cache of image embeddings by content; 0: off"
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LLMParams(DeviceParams):
+    backend: str = param(
+        Choice("engine", "generate"),
+        "engine",
+        "engine: continuous batching, paged KV cache; "
+        "generate: transformers' generate(), one request "
+        "at a time (the baseline)",
+    )
+    kv_cache_bytes: int | None = param(
+        Int(0), "", "KV cache bytes; empty or 0: 1 GiB on CPU, kv_cache_fraction on GPU/NPU"
+    )
+    kv_cache_fraction: float = param(
+        Float(0, 1, open_min=True),
+        "0.5",
+        "share of the device memory free after loading that the KV cache takes",
+    )
+    block_size: int | None = param(Int(1), "", "tokens per KV block; empty: the attention backend's default")
+    max_num_seqs: int = param(Int(1), "64", "sequences running at once")
+    max_num_batched_tokens: int = param(
+        Int(1), "2048", "tokens per engine step (prefill chunks + one per decode)"
+    )
+    max_model_len: int | None = param(
+        Int(2), "", "longest sequence; empty: max_position_embeddings, capped by the KV cache"
+    )
+    enable_prefix_caching: bool = param(
+        Bool(), "true", "reuse KV blocks of equal prefixes (images by content)"
+    )
+    max_waiting: int = param(Int(1), "1024", "requests waiting for admission; past it UNAVAILABLE at once")
+    request_deadline_s: float = param(
+        Float(0), "600", "a request still generating after this ends with UNAVAILABLE; 0: no deadline"
+    )
+    attention_backend: str = param(
+        Choice("auto", "sdpa", "flash_attn", "triton", "npu"),
+        "auto",
+        "paged attention kernel (docs/DEVICES.md); auto picks by device, falls back to sdpa",
+    )
+
+
+MODELS: dict[str, type] = {"preprocess": PreprocessParams, "vision_encoder": VisionParams, "llm": LLMParams}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A config.pbtxt field outside `parameters` that ``--set`` rewrites (every model of MODELS)."""
+
+    rule: Rule
+    doc: str
+
+
+SETTINGS: dict[str, Setting] = {
+    "instance_count": Setting(Int(1), "instances of the model (`instance_group` count)"),
+    "instance_kind": Setting(
+        Choice("KIND_CPU", "KIND_GPU", "KIND_MODEL"), "`instance_group` kind (KIND_GPU: one instance per GPU)"
+    ),
+    "max_queue_delay_microseconds": Setting(Int(0), "how long the dynamic batcher waits for more requests"),
+    "preferred_batch_size": Setting(ListOf(Int(1)), "the dynamic batcher's preferred batch sizes"),
+}
+
+
+# ---- reading and checking -----------------------------------------------------------------------
+
+
+def unset(text: str | None) -> bool:
+    """Empty and ``${...}`` placeholders (left by a template) mean "use the default"."""
+    return text is None or text.strip() == "" or text.strip().startswith("${")
+
+
+def _model(model: str) -> type:
+    if model not in MODELS:
+        raise ParamError(f"unknown model {model!r}: expected one of {', '.join(MODELS)}")
+    return MODELS[model]
+
+
+def _unknown(model: str, key: str, known: list[str]) -> ParamError:
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ParamError(
+        f"{model}: unknown parameter {key!r}{hint}; known: {', '.join(known)} (docs/PARAMETERS.md)"
+    )
+
+
+def parse_value(model: str, key: str, rule: Rule, text: str) -> object:
+    try:
+        return rule.parse(text.strip())
+    except ValueError:
+        raise ParamError(f"{model}: parameter {key!r} = {text!r}: expected {rule.describe()}") from None
+
+
+def read(model: str, raw: Mapping[str, str]):
+    """The typed parameters of ``model`` from a config's string values; unset ones take their default."""
+    cls = _model(model)
+    declared = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in declared:
+            raise _unknown(model, key, list(declared))
+    values = {}
+    for name, f in declared.items():
+        text = raw.get(name)
+        text = f.metadata["default"] if unset(text) else text
+        rule = f.metadata["rule"]
+        values[name] = rule.empty if text == "" else parse_value(model, name, rule, text)
+    return cls(**values)
+
+
+def check(model: str, key: str, value: str) -> None:
+    """Raise ParamError unless ``model.key=value`` is a valid parameter or setting (``--set``)."""
+    declared = {f.name: f.metadata["rule"] for f in fields(_model(model))}
+    rules = declared | {k: s.rule for k, s in SETTINGS.items()}
+    if key not in rules:
+        raise _unknown(model, key, list(rules))
+    if not (key in declared and unset(value)):
+        parse_value(model, key, rules[key], value)
+
+
+# ---- docs/PARAMETERS.md -------------------------------------------------------------------------
+
+
+def markdown() -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        "# Model parameters",
+        "",
+        "Generated from `handlers/params.py` by `python -m tritonvl.handlers.params --markdown > "
+        "docs/PARAMETERS.md`; do not edit by hand.",
+        "",
+        "Each is a `parameters` entry of the model's `config.pbtxt`. Empty values and `${...}` "
+        "placeholders mean the default. An unknown key or a bad value stops that model's load with a "
+        "message naming the key and the rule. Try a value for one run without editing "
+        "`model_repository/`: `tritonvl serve --set llm.max_num_seqs=16 --set "
+        "llm.instance_kind=KIND_GPU` (repeatable; checked before tritonserver starts).",
+        "",
+    ]
+    for model, cls in MODELS.items():
+        lines += [f"## {model}", "", "| key | type | default | |", "|---|---|---|---|"]
+        for f in fields(cls):
+            m = f.metadata
+            default = f"`{m['default']}`" if m["default"] else "(empty)"
+            lines.append(f"| `{f.name}` | {cell(m['rule'].describe())} | {default} | {cell(m['doc'])} |")
+        lines.append("")
+    lines += [
+        "## Instance group and batching (`--set` only, every model above)",
+        "",
+        "`tritonvl serve --set MODEL.KEY=VALUE` also rewrites these fields of the copied `config.pbtxt`.",
+        "",
+        "| key | type | |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{k}` | {cell(s.rule.describe())} | {cell(s.doc)} |" for k, s in SETTINGS.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m tritonvl.handlers.params --markdown > docs/PARAMETERS.md")
+    sys.stdout.write(markdown())
