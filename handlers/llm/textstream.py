@@ -8,29 +8,46 @@ ends with "length". Before min_tokens no stop applies (the sampler also masks st
 
 from __future__ import annotations
 
+from tokenizers.decoders import DecodeStream
+
 from tritonvl.client.stops import StopStringMatcher
 from tritonvl.handlers.sampling import SamplingParams
 
 
 class IncrementalDetokenizer:
-    """Decode token by token without ever emitting half of a UTF-8 character."""
+    """Decode token by token without ever emitting half of a UTF-8 character; ``flush`` at the end.
+
+    tokenizers' ``DecodeStream`` does the per-token work (one decode of a short window per token, in
+    Rust); it holds text back while it ends in a partial character. We track the same window
+    (``_prefix``: start of the context, ``_read``: end of what was emitted) only for ``flush``.
+    """
 
     def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        self._backend = tokenizer.backend_tokenizer  # the tokenizers.Tokenizer of a fast HF tokenizer
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self.ids: list[int] = []
-        self._prefix = 0  # start of the window decoded for context
-        self._read = 0  # end of what has already been emitted
+        self._prefix = 0
+        self._read = 0
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        before = decode(self.ids[self._prefix:self._read], skip_special_tokens=self.skip)
-        after = decode(self.ids[self._prefix:], skip_special_tokens=self.skip)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.ids)
-            return after[len(before):]
-        return ""
+        text = self._stream.step(self._backend, token_id)
+        if text is None:
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return text
+
+    def flush(self) -> str:
+        """The text held back at the end (a partial character shows as U+FFFD, as a full decode gives it)."""
+        if self._read == len(self.ids):
+            return ""
+        window = self.ids[self._prefix:]
+        before = self.tokenizer.decode(window[:self._read - self._prefix], skip_special_tokens=self.skip)
+        after = self.tokenizer.decode(window, skip_special_tokens=self.skip)
+        self._prefix = self._read = len(self.ids)
+        return after[len(before):]
 
 
 class OutputStream:
@@ -54,7 +71,7 @@ class OutputStream:
         n = len(self.ids)
         if n > self.params.min_tokens and token_id in self.stop_ids:
             self.finish_reason = "stop"
-            return self.matcher.flush()
+            return self._tail()
         delta = self.detok.add(token_id)
         if n > self.params.min_tokens or not self.params.stop:
             delta = self.matcher.feed(delta)
@@ -62,9 +79,17 @@ class OutputStream:
                 self.finish_reason = "stop"
                 return delta
         if n >= self.params.max_tokens:
-            self.finish_reason = "length"
-            return delta + self.matcher.flush()
+            delta += self._tail()
+            self.finish_reason = "stop" if self.matcher.stopped is not None else "length"
         return delta
+
+    def _tail(self) -> str:
+        """At the end: the detokenizer's held-back text (through the stop matcher when stops apply),
+        then what the matcher held back."""
+        held = self.detok.flush()
+        if len(self.ids) > self.params.min_tokens or not self.params.stop:
+            held = self.matcher.feed(held)
+        return held + self.matcher.flush()
 
     def cancel(self, reason: str = "cancelled") -> str:
         self.finish_reason = reason

@@ -75,3 +75,22 @@ def test_min_tokens_delays_stops(tok):
     s = OutputStream(tok, SamplingParams(max_tokens=10, min_tokens=1), (151645,))
     s.add(ids[0])
     assert not s.finished
+
+
+@pytest.mark.parametrize("end", ["length", "eos", "stop_token_ids"])
+def test_a_partial_last_character_is_emitted_as_a_full_decode_gives_it(tok, end):
+    """A generation that ends inside a multi-byte character (issue 19): the streamed text equals
+    a full decode of the ids ("好的 \ufffd"), it does not lose the character and the space before it."""
+    ids = tok.encode("好的 🦩")[:-1]  # the flamingo's last byte never comes
+    full = tok.decode(ids)
+    assert full.endswith(" \ufffd")
+    if end == "length":
+        s, feed = OutputStream(tok, SamplingParams(max_tokens=len(ids)), (151645,)), ids
+    elif end == "eos":
+        s, feed = OutputStream(tok, SamplingParams(max_tokens=50), (151645,)), ids + [151645]
+    else:
+        s, feed = OutputStream(tok, SamplingParams(max_tokens=50, stop_token_ids=[13]), (151645,)), ids + [13]
+    text = "".join(s.add(t) for t in feed)
+    assert s.finished and s.finish_reason == ("length" if end == "length" else "stop")
+    assert text == full
+
