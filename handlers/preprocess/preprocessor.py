@@ -31,6 +31,7 @@ class RawRequest:
     sampling: dict = field(default_factory=dict)  # explicit tensors, SamplingParams field names
     stream: bool = False
     exclude_input_in_output: bool = False
+    apply_chat_template: bool = True  # false: text_input is the whole prompt (images: the caller's placeholders)
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Preprocessor:
     def process(self, raw: RawRequest) -> ModelInputs:
         messages_json = utf8(raw.messages, "messages")
         text = utf8(raw.text_input, "text_input")
+        if not raw.apply_chat_template and messages_json:
+            raise InvalidArgument("apply_chat_template=false takes a raw text_input, not messages")
         if messages_json:
             messages, sources = parse_messages(messages_json, raw.images)
         elif text is None:
@@ -84,7 +87,9 @@ class Preprocessor:
         images = load_images(sources, self.limits)
         pixel_values, grid = self.pixels(images)
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
-        ids = self.prompts.build(messages, tokens)
+        ids = self.prompts.build(messages, tokens) if raw.apply_chat_template else self.prompts.expand(text, tokens)
+        if not ids:
+            raise InvalidArgument("text_input: an empty raw prompt (apply_chat_template=false) has no tokens")
         if len(ids) >= self.max_model_len:
             raise InvalidArgument(
                 f"prompt: {len(ids)} tokens does not fit max_model_len={self.max_model_len} (with room to generate)")

@@ -118,11 +118,16 @@ class PromptBuilder:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 -- jinja errors from a model's own template
             raise InvalidArgument(f"messages: the chat template refused them ({exc})") from None
+        return self.expand(text, image_tokens)
+
+    def expand(self, text: str, image_tokens: list[int]) -> list[int]:
+        """A finished prompt (template applied, or raw with one ``<|image_pad|>`` per image) -> ids."""
         pieces = text.split(self.image_token)
         if len(pieces) - 1 != len(image_tokens):
             raise InvalidArgument(
                 f"the prompt holds {len(pieces) - 1} image placeholders for {len(image_tokens)} images "
-                f"(do not put {self.image_token} in the text)")
+                f"(with the chat template, do not put {self.image_token} in the text; without it, put "
+                f"<|vision_start|>{self.image_token}<|vision_end|> once per image)")
         expanded = pieces[0] + "".join(self.image_token * n + p for n, p in zip(image_tokens, pieces[1:]))
         ids = self.tokenizer.encode(expanded, add_special_tokens=False)
         if sum(1 for t in ids if t == self.image_token_id) != sum(image_tokens):

@@ -1,0 +1,32 @@
+"""The gateway's settings (one object; the CLI and tests build it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    triton_url: str = "localhost:8001"  # Triton's gRPC HOST:PORT
+    triton_model: str = "qwen2_5_vl"  # the public model on that server
+    served_model_names: tuple[str, ...] = ()  # what /v1/models lists and requests may name
+    max_body_bytes: int = 64 * 2**20  # larger request bodies get 413
+    max_concurrent: int = 512  # requests in flight beyond this get 429 at once
+    request_timeout_s: float = 600.0  # the gRPC deadline of one generation
+    describe_prompt: str = "Describe this image."  # /describe-image/ without a prompt
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024 or self.max_concurrent < 1 or self.request_timeout_s <= 0:
+            raise ValueError("max_body_bytes >= 1024, max_concurrent >= 1 and request_timeout_s > 0 are required")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Served names: the first is the default and the one answers carry."""
+        return self.served_model_names or (self.triton_model,)
+
+
+def served_names(model: str | None, served_model_name: list[str] | None, triton_model: str) -> tuple[str, ...]:
+    """vLLM's rule: ``--served-model-name`` if given, else ``--model`` as given, else the Triton model."""
+    if served_model_name:
+        return tuple(served_model_name)
+    return (model,) if model else (triton_model,)

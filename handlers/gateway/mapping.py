@@ -1,0 +1,178 @@
+"""OpenAI request bodies -> requests on the public Triton model.
+
+Chat ``messages`` go to Triton unchanged as the ``messages`` tensor (JSON): the server already
+takes OpenAI content parts (``text``, ``image_url`` with data URIs, bare base64 or http(s) URLs
+under its allow-list), system and multi-turn, so images are fetched and checked in one place,
+under one URL policy. Sampling fields become the public tensors / ``sampling_parameters`` JSON
+(through the client's SamplingParams, which checks the server's ranges before anything is sent).
+A field this server cannot honour is a 400 naming it, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tritonvl.client.errors import InvalidRequest
+from tritonvl.client.params import SamplingParams
+from tritonvl.client.request import Request
+from tritonvl.handlers.gateway.errors import bad_request, unsupported
+
+# OpenAI / vLLM name -> SamplingParams field
+SAMPLING = {
+    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "min_tokens": "min_tokens",
+    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
+    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+    "repetition_penalty": "repetition_penalty", "stop": "stop", "stop_token_ids": "stop_token_ids",
+    "ignore_eos": "ignore_eos", "skip_special_tokens": "skip_special_tokens",
+    "include_stop_str_in_output": "include_stop_str_in_output",
+}
+_TYPES = {"max_tokens": int, "max_completion_tokens": int, "min_tokens": int, "top_k": int, "seed": int,
+          "temperature": float, "top_p": float, "min_p": float, "presence_penalty": float,
+          "frequency_penalty": float, "repetition_penalty": float, "ignore_eos": bool,
+          "skip_special_tokens": bool, "include_stop_str_in_output": bool}
+# Accepted and without effect on the answer (they describe the caller or the billing).
+IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+# Accepted only at a value that asks for nothing we lack (null is always fine).
+DEFAULT_ONLY = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logprobs": (False,),
+                "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
+                "use_beam_search": (False,), "add_generation_prompt": (True,)}
+_COMMON = {"model", "stream", "stream_options", *SAMPLING, *IGNORED, "n", "logprobs", "logit_bias"} - {
+    "max_completion_tokens"}
+CHAT_KEYS = _COMMON | {"messages", "max_completion_tokens", "response_format", "top_logprobs", "tools",
+                       "tool_choice", "add_generation_prompt"}
+COMPLETION_KEYS = _COMMON | {"prompt", "echo", "suffix", "best_of", "use_beam_search"}
+
+
+@dataclass
+class TritonRequest(Request):
+    """A client Request plus public inputs the client does not send itself (``apply_chat_template``
+    for raw prompts; structured-output inputs later)."""
+
+    extra: dict[str, tuple[object, str]] = field(default_factory=dict)
+
+    def fields(self) -> dict[str, tuple[object, str]]:
+        return {**super().fields(), **self.extra}
+
+
+@dataclass
+class Parsed:
+    request: TritonRequest
+    model: str | None  # as the caller named it (None: the default)
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat(body: dict) -> Parsed:
+    check_keys(body, CHAT_KEYS)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("messages", "messages: expected a non-empty list of {role, content} objects")
+    messages = [_message(m, i) for i, m in enumerate(messages)]
+    stream, include_usage = _stream(body)
+    extra = structured_output(body)
+    req = TritonRequest(sampling(body), messages=messages, stream=stream, extra=extra)
+    return Parsed(req, _model(body), stream, include_usage)
+
+
+def parse_completion(body: dict) -> Parsed:
+    check_keys(body, COMPLETION_KEYS)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad_request("prompt", "prompt: expected a string (one prompt per request; token ids are not "
+                                    "accepted)")
+    stream, include_usage = _stream(body)
+    # OpenAI's default for completions is 16 tokens; vLLM follows it
+    params = sampling({"max_tokens": 16, **{k: v for k, v in body.items() if v is not None}})
+    req = TritonRequest(params, prompt=prompt, stream=stream, extra={"apply_chat_template": (False, "BOOL")})
+    return Parsed(req, _model(body), stream, include_usage)
+
+
+def structured_output(body: dict) -> dict[str, tuple[object, str]]:
+    """Public inputs for ``response_format``: the place structured outputs plug in (none yet)."""
+    fmt = body.get("response_format")
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text" and set(fmt) == {"type"}):
+        return {}
+    raise unsupported("response_format", "only {'type': 'text'} is supported (no structured outputs yet)")
+
+
+def check_keys(body: dict, allowed: set[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise unsupported(key)
+    for key, values in DEFAULT_ONLY.items():
+        if key in body and body[key] is not None and not _same(body[key], values):
+            why = "only n=1 is supported" if key == "n" else f"only {values[0]!r} is supported"
+            raise unsupported(key, why)
+
+
+def sampling(body: dict) -> SamplingParams:
+    values: dict = {}
+    for name, target in SAMPLING.items():
+        value = body.get(name)
+        if value is None or (name == "max_tokens" and body.get("max_completion_tokens") is not None):
+            continue
+        values[target] = _typed(name, value)
+    try:
+        return SamplingParams.from_kwargs(**values)
+    except InvalidRequest as exc:  # "temperature=-1.0: must be >= 0": the client's rule, named
+        name = str(exc).split(":", 1)[0].split("=", 1)[0]
+        raise bad_request(name if name in SAMPLING else None, str(exc)) from None
+
+
+def _typed(name: str, value):
+    kind = _TYPES.get(name)
+    if kind is bool and not isinstance(value, bool):
+        raise bad_request(name, f"{name}: expected a boolean, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise bad_request(name, f"{name}: expected an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad_request(name, f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if name == "stop":
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+            raise bad_request(name, "stop: expected a non-empty string or a list of them")
+    if name == "stop_token_ids" and (not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in value)):
+        raise bad_request(name, "stop_token_ids: expected a list of integers")
+    return value
+
+
+def _message(msg, i: int) -> dict:
+    if not isinstance(msg, dict) or "role" not in msg:
+        raise bad_request("messages", f"messages[{i}]: expected an object with 'role' and 'content'")
+    if msg["role"] == "developer":  # OpenAI's newer name for the system role
+        msg = {**msg, "role": "system"}
+    return msg
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise bad_request("stream", f"stream: expected a boolean, got {stream!r}")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, False
+    if not stream:
+        raise bad_request("stream_options", "stream_options: only allowed when stream is true")
+    if not isinstance(opts, dict) or set(opts) - {"include_usage"}:
+        raise unsupported("stream_options", "only {'include_usage': bool} is supported")
+    usage = opts.get("include_usage") or False
+    if not isinstance(usage, bool):
+        raise bad_request("stream_options", f"stream_options.include_usage: expected a boolean, got {usage!r}")
+    return stream, usage
+
+
+def _model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model", f"model: expected a string, got {model!r}")
+    return model
+
+
+def _same(value, allowed: tuple) -> bool:
+    # bool is an int in Python: n=True must not pass as n=1
+    return any(type(value) is type(a) and value == a for a in allowed)

@@ -1,0 +1,73 @@
+"""The gateway as a child process (``tritonvl serve --openai-port``, tests, benchmarks).
+
+Imports nothing of the web stack: the child is ``python -m tritonvl.client.cli gateway ...``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import urllib.request
+
+
+class GatewayProcess:
+    """``with GatewayProcess("localhost:8001", port) as gw: gw.url`` ... stopped (SIGTERM) on exit."""
+
+    def __init__(self, triton_url: str, port: int, host: str = "127.0.0.1", model: str | None = None,
+                 served_model_names: list[str] | None = None, args: list[str] | None = None,
+                 log_path: str | None = None) -> None:
+        self.triton_url, self.port, self.host = triton_url, port, host
+        self.cmd = [sys.executable, "-m", "tritonvl.client.cli", "gateway", "--triton-url", triton_url,
+                    "--port", str(port), "--host", host, *(["--model", model] if model else [])]
+        for name in served_model_names or []:
+            self.cmd += ["--served-model-name", name]
+        self.cmd += list(args or [])
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 60) -> GatewayProcess:
+        out = None
+        if self.log_path:
+            self._log = out = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"the gateway exited with {self.proc.returncode} (log: {self.log_path})")
+            try:
+                with urllib.request.urlopen(f"{self.url}/v1/models", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the gateway did not answer within {timeout} s (log: {self.log_path})")
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._log:
+            self._log.close()
+            self._log = None
+        return self.proc.returncode
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,69 @@
+"""OpenAI response objects (chat and text completions, whole or as SSE chunks)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+DONE = b"data: [DONE]\n\n"
+# Triton's finish reasons -> OpenAI's (a cancelled request has no reader left to tell)
+FINISH = {"stop": "stop", "length": "length", "cancelled": "abort", "error": "error"}
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@dataclass
+class Reply:
+    """Shapes the answers of one request; ``chat`` selects chat.completion vs text_completion."""
+
+    chat: bool
+    model: str
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def _head(self, chunk: bool) -> dict:
+        if self.chat:
+            kind, prefix = ("chat.completion.chunk" if chunk else "chat.completion"), "chatcmpl-"
+        else:
+            kind, prefix = "text_completion", "cmpl-"
+        return {"id": prefix + self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish: str | None, use: dict) -> dict:
+        reason = FINISH.get(finish or "stop", finish)
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        return {**self._head(False), "choices": [choice], "usage": use}
+
+    def chunk(self, text: str, finish: str | None = None, first: bool = False) -> dict:
+        reason = None if finish is None else FINISH.get(finish, finish)
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+        out = {**self._head(True), "choices": [choice]}
+        if self.include_usage:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, use: dict) -> dict:
+        """The extra last chunk of ``stream_options.include_usage``: no choices, the usage."""
+        return {**self._head(True), "choices": [], "usage": use}
+
+
+def error_event(body: dict) -> bytes:
+    """An error after the stream started (the status line is already sent): OpenAI's SDKs raise it."""
+    return sse(body)
