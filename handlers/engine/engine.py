@@ -1,4 +1,4 @@
-"""The engine thread: admit jobs, step (schedule -> run -> book), stream results, honour cancels."""
+"""The engine thread: admit jobs, step (schedule -> run -> sample -> postprocess), honour cancels."""
 
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from tritonvl.handlers.engine.config import EngineConfig
 from tritonvl.handlers.engine.model_runner import ModelRunner, SeqInputs
 from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler
 from tritonvl.handlers.engine.sequence import Sequence
-from tritonvl.handlers.errors import InvalidArgument, Unavailable
+from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
+from tritonvl.handlers.errors import InvalidArgument, RequestError, Unavailable
 from tritonvl.handlers.llm.job import Job
-from tritonvl.handlers.llm.sampler import SeqSampler
+from tritonvl.handlers.llm.sampler import SeqSampler, sample_batch
 from tritonvl.handlers.llm.textstream import OutputStream
-from tritonvl.handlers.metrics import NullSink, Snapshot
+from tritonvl.handlers.metrics import NullSink
 from tritonvl.handlers.modelinfo import ModelInfo
 
 log = logging.getLogger("tritonvl.engine")
@@ -33,9 +34,7 @@ class SeqState:
     inputs: SeqInputs
     stream: OutputStream
     sampler: SeqSampler
-    arrived: float = field(default_factory=time.monotonic)
-    first_token: float | None = None
-    last_token: float | None = None
+    times: SeqTimes = field(default_factory=SeqTimes)
 
 
 def image_spans(input_ids: np.ndarray, image_token_id: int, hashes: list[bytes]) -> list[tuple[int, int, bytes]]:
@@ -69,11 +68,7 @@ class LLMEngine:
         self.metrics = metrics or NullSink()
         self.metrics.info("engine_info", "The llm engine's configuration (labels); value 1", self.describe())
         self.deadline_s = deadline_s  # 0 = none
-        self.counters = {"prompt_tokens": 0, "computed_prompt_tokens": 0, "generation_tokens": 0,
-                         "image_tokens": 0, "requests_finished": 0, "requests_rejected": 0}
-        self._ttft: list[float] = []
-        self._tpot: list[float] = []
-        self._published = 0.0
+        self.stats = EngineStats(self.metrics, self.scheduler, self.blocks)
         self._drain_until = 0.0
         self.intake: queue.Queue[Job | None] = queue.Queue()
         self._stop = threading.Event()
@@ -113,29 +108,12 @@ class LLMEngine:
                 self._reap_cancelled()
                 if self.scheduler.has_work():
                     self.step()
-                self.publish(force=busy)
+                self.stats.publish(self.intake.qsize(), force=busy)
             except Exception as exc:  # a fault in a step: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(exc)
         self._admit(block=False)
         self._fail_all(Unavailable("the server is shutting down"))
-
-    def publish(self, force: bool = False) -> None:
-        """Hand the metrics sink a snapshot (every step while busy, twice a second when idle)."""
-        now = time.monotonic()
-        if not force and now - self._published < 0.5:
-            return
-        self._published = now
-        blocks = self.blocks
-        counters = {**self.counters, "prefix_cache_hit_tokens": blocks.prefix_hits_tokens,
-                    "prefix_cache_query_tokens": blocks.prefix_queries_tokens,
-                    "preemptions": self.scheduler.num_preemptions}
-        gauges = {"num_requests_running": self.scheduler.num_running,
-                  "num_requests_waiting": self.scheduler.num_waiting + self.intake.qsize(),
-                  "kv_cache_usage_ratio": blocks.usage}
-        observations = {"time_to_first_token_seconds": self._ttft, "time_per_output_token_seconds": self._tpot}
-        self._ttft, self._tpot = [], []
-        self.metrics.update(Snapshot(counters, gauges, observations))
 
     def _admit(self, block: bool) -> None:
         try:
@@ -165,14 +143,18 @@ class LLMEngine:
                              SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device))
             seq = Sequence(job.input_ids.tolist(), params.max_tokens, mm_hashes=spans, payload=state)
             self.scheduler.add(seq)
-            self.counters["prompt_tokens"] += n
-            self.counters["image_tokens"] += sum(s[1] for s in spans)
+            self.stats.count("prompt_tokens", n)
+            self.stats.count("image_tokens", sum(s[1] for s in spans))
         except QueueFullError:
-            self.counters["requests_rejected"] += 1
+            self.stats.count("requests_rejected")
             job.responder.fail(Unavailable("server overloaded: the waiting queue is full, retry later"))
-        except Exception as exc:
-            self.counters["requests_rejected"] += 1
-            job.responder.fail(exc if isinstance(exc, InvalidArgument) else InvalidArgument(str(exc)))
+        except RequestError as exc:  # the request's fault (InvalidArgument, ...): its own code
+            self.stats.count("requests_rejected")
+            job.responder.fail(exc)
+        except Exception as exc:  # ours (e.g. out of device memory in prepare): INTERNAL, with the reason
+            log.exception("admitting a request failed")
+            self.stats.count("requests_rejected")
+            job.responder.fail(exc)
 
     def _reap_cancelled(self) -> None:
         """Cancelled requests and requests past their deadline leave at once, freeing their blocks."""
@@ -181,11 +163,11 @@ class LLMEngine:
             st: SeqState = seq.payload
             if st.job.is_cancelled():
                 self.scheduler.abort(seq.seq_id)
-                self.counters["requests_finished"] += 1
+                self.stats.count("requests_finished")
                 st.job.responder.finish("cancelled")
-            elif self.deadline_s and now - st.arrived > self.deadline_s:
+            elif self.deadline_s and now - st.times.arrived > self.deadline_s:
                 self.scheduler.abort(seq.seq_id)
-                self.counters["requests_finished"] += 1
+                self.stats.count("requests_finished")
                 st.job.responder.fail(Unavailable(
                     f"request exceeded the {self.deadline_s:g}-second deadline (llm parameter request_deadline_s)"))
 
@@ -193,49 +175,39 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not len(batch):
             return
-        self.counters["computed_prompt_tokens"] += sum(e.num_new_tokens for e in batch if not e.is_decode)
+        self.stats.scheduled(batch)
         ids, logits = self.runner.run(batch)
         sampled = self.sample(ids, logits)
+        self.postprocess(self.scheduler.postprocess(batch, sampled), sampled)
+
+    def sample(self, ids: list[int], logits) -> dict[int, int]:
+        """The next token of each sequence that samples; one whose sampling failed is failed alone."""
+        tokens: dict[int, int] = {}
+        for sid, token in zip(ids, sample_batch([self.scheduler.get(sid).payload.sampler for sid in ids], logits)):
+            if not isinstance(token, Exception):
+                tokens[sid] = token
+                continue
+            log.error("sampling failed for sequence %d", sid, exc_info=token)
+            seq = self.scheduler.abort(sid)
+            if seq is not None:
+                seq.payload.job.responder.fail(token)
+        return tokens
+
+    def postprocess(self, seqs: list[Sequence], sampled: dict[int, int]) -> None:
+        """Detokenise each booked token and respond: a delta, or the last response when it ends."""
         now = time.monotonic()
-        for seq in self.scheduler.postprocess(batch, sampled):
+        for seq in seqs:
             st: SeqState = seq.payload
             token = sampled[seq.seq_id]
-            self.counters["generation_tokens"] += 1
-            if st.first_token is None:
-                st.first_token = now
-                self._ttft.append(now - st.arrived)
-            else:
-                self._tpot.append(now - st.last_token)
-            st.last_token = now
+            self.stats.token(st.times, now)
             text = st.stream.add(token)
             if st.stream.finished or seq.is_finished:
                 if not seq.is_finished:
                     self.scheduler.finish(seq.seq_id)
-                self.counters["requests_finished"] += 1
+                self.stats.count("requests_finished")
                 st.job.responder.finish(st.stream.finish_reason or "length", text, [token])
             else:
                 st.job.responder.delta(text, [token])
-
-    def sample(self, ids: list[int], logits) -> dict[int, int]:
-        """One argmax call for every plain-greedy sequence; the rest sample with their own params."""
-        samplers = [self.scheduler.get(sid).payload.sampler for sid in ids]
-        greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
-        out: dict[int, int] = {}
-        if greedy:
-            for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
-                samplers[i].record(token)
-                out[ids[i]] = token
-        for i, s in enumerate(samplers):
-            if ids[i] in out:
-                continue
-            try:
-                out[ids[i]] = s(logits[i])
-            except Exception as exc:  # this sequence's parameters broke sampling: fail it alone
-                log.exception("sampling failed for sequence %d", ids[i])
-                seq = self.scheduler.abort(ids[i])
-                if seq is not None:
-                    seq.payload.job.responder.fail(exc)
-        return out
 
     def _fail_all(self, exc: Exception) -> None:
         while True:  # jobs not admitted yet

@@ -1,4 +1,4 @@
-"""Pick the next token of one sequence from its logits, with that sequence's own parameters.
+"""Pick the next token of each sequence from its logits, with that sequence's own parameters.
 
 Penalties, then temperature / top-k / top-p / min-p, then a draw from the sequence's own
 ``torch.Generator`` (so a seeded request gives the same tokens whatever else is in the batch).
@@ -77,3 +77,22 @@ class SeqSampler:
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+
+def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None) -> list[int | Exception]:
+    """Row i of ``logits`` [n, vocab] with ``samplers[i]``: one argmax call for every plain-greedy row,
+    the others with their own parameters. A row whose sampling raises gets the exception instead of a
+    token (its parameters broke sampling: the caller fails that sequence alone)."""
+    out: list[int | Exception | None] = [None] * len(samplers)
+    greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
+    if greedy:
+        for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
+            samplers[i].record(token)
+            out[i] = token
+    for i, s in enumerate(samplers):
+        if out[i] is None:
+            try:
+                out[i] = s(logits[i])
+            except Exception as exc:  # noqa: BLE001 - reported per row
+                out[i] = exc
+    return out
