@@ -1,49 +1,117 @@
-"""Fail fast when a sibling Python-backend stub dies.
+"""One thread per stub that watches the server around it.
 
-Since Triton 24.06 a crashed stub is not restarted, the server keeps reporting ready, and the
-streams that stub was serving never end (seen with 2.51). Every model instance of this repository
-registers its stub's pid; each one checks the others once a second. When one has died without
-unregistering (a clean unload unregisters in finalize), the watchdog stops the server (SIGTERM, then
-SIGKILL after a grace period): readiness goes false at once, open streams end with a connection
-error, and the orchestrator restarts the server.
+- Sibling crash. Since Triton 24.06 a crashed stub is not restarted, the server keeps reporting
+  ready, and the streams that stub was serving never end (seen with 2.51). Every model instance
+  registers its stub's pid; each one checks the others once a second. When one has died without
+  unregistering (a clean unload unregisters in finalize), the watchdog stops the server (SIGTERM,
+  then SIGKILL after a grace period) so the orchestrator restarts it.
+- Server gone. A stub whose tritonserver was killed (SIGKILL, crash) is re-parented; it would keep
+  its model (and device memory) forever. It exits on its own within one interval.
+- Server stopping. On SIGTERM/SIGINT tritonserver 2.51 closes its HTTP port at once and only
+  unloads models after every in-flight request ended, so finalize() comes too late to drain. The
+  watchdog polls the server's own ``/v2/health/ready`` and calls ``on_shutdown`` once when it stops
+  answering 200 after having answered it (docs/INTERFACE.md, Shutdown).
+
+Registrations live in ``$TMPDIR/tritonvl-stubs-<server pid>-<server start time>``: the start time
+(``/proc/<pid>/stat`` field 22) tells a new server that reuses a pid from the dead one whose
+registrations are still there. Sibling files are ``<name>.<pid>.<start time>`` for the same reason.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("tritonvl.watchdog")
 
+PREFIX = "tritonvl-stubs-"
 
-def _alive(pid: int) -> bool:
+
+def start_time(pid: int) -> str | None:
+    """The process' start time in clock ticks since boot (None: no such process)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, started: str | None = None) -> bool:
+    """Running (not a zombie) and, when ``started`` is given, the same process that started then."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    try:  # a zombie (dead, not reaped by the server yet) is dead too
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
+        pass
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return True
+        return started is None  # no /proc: trust kill(0)
+    if fields[0] in ("Z", "X"):  # dead, not reaped by the server yet
+        return False
+    return started is None or fields[19] == started
+
+
+def registry_dir(server_pid: int, root: Path | None = None) -> Path:
+    return (root or Path(tempfile.gettempdir())) / f"{PREFIX}{server_pid}-{start_time(server_pid)}"
+
+
+def remove_stale(root: Path | None = None) -> None:
+    """Delete registries of servers that are gone (and of the old pid-only naming)."""
+    for d in (root or Path(tempfile.gettempdir())).glob(PREFIX + "*"):
+        pid, _, started = d.name[len(PREFIX):].partition("-")
+        if not (pid.isdigit() and started and _alive(int(pid), started)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def http_ready_url(server_pid: int) -> str | None:
+    """The server's ready URL from its command line (None when HTTP is off)."""
+    try:
+        args = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    opts: dict[str, str] = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            opts[key] = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    if opts.get("allow-http", "true").lower() in ("false", "0"):
+        return None
+    return f"http://127.0.0.1:{opts.get('http-port', '8000')}/v2/health/ready"
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return r.status == 200
+    except Exception:  # refused, reset, 400: not ready
+        return False
 
 
 class Watchdog:
     def __init__(self, name: str, server_pid: int | None = None, interval: float = 1.0,
-                 grace_seconds: float = 40.0) -> None:
-        self.server_pid = server_pid or os.getppid()
-        self.dir = Path(tempfile.gettempdir()) / f"tritonvl-stubs-{self.server_pid}"
+                 grace_seconds: float = 40.0, check_siblings: bool = True,
+                 on_shutdown: Callable[[], None] | None = None, exit_when_orphaned: bool = True) -> None:
+        self.parent = os.getppid()
+        self.server_pid = server_pid or self.parent
+        remove_stale()
+        self.dir = registry_dir(self.server_pid)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.file = self.dir / f"{name}.{os.getpid()}"
+        self.file = self.dir / f"{name}.{os.getpid()}.{start_time(os.getpid())}"
         self.file.write_text(str(os.getpid()))
         self.interval, self.grace = interval, grace_seconds
+        self.check_siblings, self.exit_when_orphaned = check_siblings, exit_when_orphaned
+        self.on_shutdown: list[Callable[[], None]] = [on_shutdown] if on_shutdown else []
+        self.ready_url = http_ready_url(self.server_pid)
+        self._seen_ready = False
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tritonvl-watchdog", daemon=True)
         self.thread.start()
@@ -51,22 +119,44 @@ class Watchdog:
     def dead_siblings(self) -> list[str]:
         dead = []
         for f in self.dir.iterdir():
-            try:
-                pid = int(f.name.rsplit(".", 1)[1])
-            except (IndexError, ValueError):
+            parts = f.name.rsplit(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
                 continue
-            if f.exists() and not _alive(pid):
+            if f.exists() and not _alive(int(parts[1]), parts[2]):
                 dead.append(f.name)
         return dead
 
     def _run(self) -> None:
+        stopping = False
         while not self._stop.wait(self.interval):
-            dead = self.dead_siblings()
-            if dead and not self._stop.is_set():
-                log.error("stub(s) %s died: stopping the server (pid %d) so it can be restarted",
-                          dead, self.server_pid)
-                self._stop_server()
-                return
+            if self.exit_when_orphaned and os.getppid() != self.parent:
+                log.error("tritonserver (pid %d) is gone: this stub exits", self.server_pid)
+                self.file.unlink(missing_ok=True)
+                os._exit(1)
+            if self.on_shutdown and not stopping and self.ready_url:
+                stopping = self._server_stopping()
+            if self.check_siblings and not stopping:
+                dead = self.dead_siblings()
+                if dead and not self._stop.is_set():
+                    log.error("stub(s) %s died: stopping the server (pid %d) so it can be restarted",
+                              dead, self.server_pid)
+                    self._stop_server()
+                    return
+
+    def _server_stopping(self) -> bool:
+        """True (after calling on_shutdown) once the server stops being ready after it was."""
+        if _ready(self.ready_url):
+            self._seen_ready = True
+            return False
+        if not self._seen_ready or _ready(self.ready_url):  # still starting, or a one-off miss
+            return False
+        log.warning("tritonserver is shutting down: draining")
+        for fn in self.on_shutdown:
+            try:
+                fn()
+            except Exception:
+                log.exception("shutdown callback failed")
+        return True
 
     def _stop_server(self) -> None:
         try:

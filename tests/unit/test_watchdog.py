@@ -1,9 +1,16 @@
-"""The stub watchdog: a sibling that dies unregistered stops the server; a clean unload does not."""
+"""The stub watchdog: a sibling that dies unregistered stops the server; a clean unload does not; a
+reused server pid does not inherit a dead server's registrations; an orphaned stub exits; the
+server's shutdown is noticed."""
 
+import http.server
 import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
 
-from tritonvl.handlers.tritonserver.watchdog import Watchdog
+from tritonvl.handlers.tritonserver.watchdog import Watchdog, start_time
 
 
 def wait(pred, timeout=10.0):
@@ -13,11 +20,17 @@ def wait(pred, timeout=10.0):
     return pred()
 
 
+def register(dog: Watchdog, name: str, pid: int) -> Path:
+    f = dog.dir / f"{name}.{pid}.{start_time(pid)}"
+    f.write_text(str(pid))
+    return f
+
+
 def test_dead_sibling_stops_the_server():
     server = subprocess.Popen(["sleep", "60"])
     sibling = subprocess.Popen(["sleep", "60"])
     dog = Watchdog("a", server_pid=server.pid, interval=0.05, grace_seconds=2)
-    (dog.dir / f"b.{sibling.pid}").write_text(str(sibling.pid))
+    register(dog, "b", sibling.pid)
     time.sleep(0.3)
     assert server.poll() is None  # everyone alive: nothing happens
     sibling.kill()
@@ -30,12 +43,78 @@ def test_clean_unload_is_not_a_crash():
     server = subprocess.Popen(["sleep", "60"])
     sibling = subprocess.Popen(["sleep", "60"])
     dog = Watchdog("a", server_pid=server.pid, interval=0.05, grace_seconds=2)
-    registration = dog.dir / f"b.{sibling.pid}"
-    registration.write_text(str(sibling.pid))
-    registration.unlink()  # what the sibling's finalize does first (Watchdog.stop)
+    register(dog, "b", sibling.pid).unlink()  # what the sibling's finalize does first (Watchdog.stop)
     sibling.kill()
     sibling.wait()
     time.sleep(0.5)
     assert server.poll() is None
+    dog.stop()
+    server.kill()
+
+
+def test_registrations_left_by_a_dead_server_with_the_same_pid_are_ignored():
+    """Issue 19: registries were keyed by the server pid alone, so a new server that got the pid of
+    a dead one (whose stubs never unregistered) was stopped by its own watchdogs."""
+    server = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp = Path(tempfile.gettempdir())
+    stale = [tmp / f"tritonvl-stubs-{server.pid}", tmp / f"tritonvl-stubs-{server.pid}-1"]  # old and new naming
+    for d in stale:
+        d.mkdir(exist_ok=True)
+        (d / f"llm.{dead.pid}").write_text(str(dead.pid))
+        (d / f"llm.{dead.pid}.1").write_text(str(dead.pid))
+    dog = Watchdog("a", server_pid=server.pid, interval=0.05, grace_seconds=2)
+    time.sleep(0.5)
+    assert server.poll() is None, "the new server was stopped for a dead server's stub"
+    assert not any(d.exists() for d in stale)  # dead servers' registries are cleaned up
+    dog.stop()
+    server.kill()
+
+
+ORPHAN = """
+import subprocess, sys, time
+code = ("import time; from tritonvl.handlers.tritonserver.watchdog import Watchdog; "
+        "Watchdog('stub', interval=0.1, check_siblings=False); print('up', flush=True); time.sleep(60)")
+stub = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE)
+print(stub.pid, flush=True)
+stub.stdout.readline()
+print('ready', flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stub_whose_server_was_killed_exits():
+    server = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True)
+    stub_pid = int(server.stdout.readline())
+    assert server.stdout.readline().strip() == "ready"
+    server.kill()  # SIGKILL: the stub is re-parented
+    server.wait()
+    assert wait(lambda: start_time(stub_pid) is None or not Path(f"/proc/{stub_pid}").exists()
+                or open(f"/proc/{stub_pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", timeout=5)
+
+
+def test_server_shutdown_is_noticed_once():
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--http-port={port}"])
+    calls = []
+    dog = Watchdog("a", server_pid=server.pid, interval=0.05, on_shutdown=lambda: calls.append(1))
+    assert wait(lambda: dog._seen_ready, timeout=5)
+    assert calls == []
+    httpd.shutdown()
+    httpd.server_close()  # the port refuses connections, as tritonserver's does on SIGTERM
+    assert wait(lambda: calls == [1], timeout=5)
+    time.sleep(0.3)
+    assert calls == [1]
     dog.stop()
     server.kill()
