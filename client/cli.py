@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:  # bad --set values stop here, before tritonserver starts
         overrides = parse_sets(args.set)
         return serve(args.model, args.http_port, args.grpc_port, args.metrics_port, args.device, args.extra,
-                     overrides=overrides)
+                     overrides=overrides, openai_port=args.openai_port)
     except ParamError as exc:
         print(f"tritonvl serve: {exc}", file=sys.stderr)
         return 2
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--openai-port", type=int, default=0, metavar="PORT",
+                   help="also run the OpenAI-compatible gateway on PORT (e.g. 9000; default: off; docs/OPENAI.md)")
     p.add_argument("--device", choices=["cpu", "cuda", "npu"], default="",
                    help="force a device for every model (default: what the instance groups say)")
     p.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",

@@ -32,11 +32,17 @@ class GatewayProcess:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
 
-    def start(self, timeout: float = 60) -> GatewayProcess:
+    def spawn(self) -> GatewayProcess:
+        """Start it and return at once (it answers 503 on /health until Triton is ready)."""
         out = None
         if self.log_path:
             self._log = out = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT if out else None)
+        return self
+
+    def start(self, timeout: float = 60) -> GatewayProcess:
+        """Start it and wait until it answers."""
+        self.spawn()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -76,8 +76,12 @@ def server_command(server: Server, repo: Path, http_port: int, grpc_port: int, m
 
 
 def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, device: str,
-          extra: list[str], repo: Path | None = None, overrides: Overrides | None = None) -> int:
+          extra: list[str], repo: Path | None = None, overrides: Overrides | None = None,
+          openai_port: int = 0) -> int:
     """Run tritonserver in the foreground; forward SIGINT/SIGTERM; return its exit code.
+
+    ``openai_port``: also run the OpenAI-compatible gateway on that port (0: no gateway), stopped
+    with the server.
 
     ``overrides`` ({model: {key: value}}, from ``--set``): served from a temporary repository copy;
     an unknown model or key or a bad value raises ParamError before tritonserver starts.
@@ -93,14 +97,14 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
         sets = " ".join(f"{m}.{k}={v}" for m, kv in overrides.items() for k, v in kv.items())
         print(f"tritonvl: serving a copy of the model repository with {sets}", flush=True)
     try:
-        return _serve(model, http_port, grpc_port, metrics_port, device, extra, repo)
+        return _serve(model, http_port, grpc_port, metrics_port, device, extra, repo, openai_port)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, device: str,
-           extra: list[str], repo: Path | None) -> int:
+           extra: list[str], repo: Path | None, openai_port: int = 0) -> int:
     model = model or os.environ.get("TRITONVL_MODEL")  # e.g. docker run -e TRITONVL_MODEL=...
     if model:
         model_dir = str(Path(model).resolve())
@@ -118,13 +122,23 @@ def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int,
     cmd = server_command(server, repo or default_model_repository(), http_port, grpc_port, metrics_port, extra)
     print("tritonvl: " + " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=env)
+    gateway = None
+    if openai_port:
+        from tritonvl.handlers.gateway.process import GatewayProcess
+
+        # served name: --model as given (vLLM's default), so clients can send the path they know
+        gateway = GatewayProcess(f"localhost:{grpc_port}", openai_port, host="0.0.0.0", model=model).spawn()
 
     def forward(signum, _frame):
         proc.send_signal(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
-    return proc.wait()
+    try:
+        return proc.wait()
+    finally:
+        if gateway is not None:
+            gateway.stop()
 
 
 def free_port() -> int:
