@@ -198,6 +198,15 @@ class VisionParams(DeviceParams):
     embedding_cache_bytes: int = param(
         Int(0), "268435456", "LRU cache of image embeddings by content; 0: off"
     )
+    runtime: str = param(
+        Choice("torch", "onnxruntime"), "torch", "runs the tower: torch, or onnxruntime on an ONNX export (docs/ONNX.md)"
+    )
+    onnx_path: str = param(
+        Text(), "", "the ONNX graph (runtime onnxruntime); empty: MODEL_DIR/onnx/vision_encoder.onnx, exported once"
+    )
+    onnx_providers: tuple[str, ...] = param(
+        ListOf(Text()), "", "onnxruntime execution providers; empty: chosen from the instance's device"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,14 +241,29 @@ class LLMParams(DeviceParams):
     request_deadline_s: float = param(
         Float(0), "600", "a request still generating after this ends with UNAVAILABLE; 0: no deadline"
     )
+    drain_deadline_s: float = param(
+        Float(0), "20", "on SIGTERM/SIGINT, requests in flight run this much longer, then end with "
+        "finish_reason cancelled; keep it under tritonserver's --exit-timeout-secs (30)",
+    )
     attention_backend: str = param(
         Choice("auto", "sdpa", "flash_attn", "triton", "npu"),
         "auto",
         "paged attention kernel (docs/DEVICES.md); auto picks by device, falls back to sdpa",
     )
+    grammar_compile_timeout_s: float = param(
+        Float(0, open_min=True), "30", "a structured-output grammar still compiling after this fails its request "
+        "(docs/STRUCTURED.md)"
+    )
+    grammar_cache_bytes: int = param(Int(0), "536870912", "compiled grammars kept, LRU by bytes")
 
 
-MODELS: dict[str, type] = {"preprocess": PreprocessParams, "vision_encoder": VisionParams, "llm": LLMParams}
+@dataclass(frozen=True, kw_only=True)
+class FrontParams(CommonParams):
+    """The public model `qwen2_5_vl` (BLS front): no parameters of its own."""
+
+
+MODELS: dict[str, type] = {"preprocess": PreprocessParams, "vision_encoder": VisionParams, "llm": LLMParams,
+                           "qwen2_5_vl": FrontParams}
 
 
 @dataclass(frozen=True)
