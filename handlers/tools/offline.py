@@ -16,12 +16,10 @@ import time
 from dataclasses import dataclass, field
 
 from tritonvl.handlers.devices import parse_dtype, prepare_device
-from tritonvl.handlers.llm.job import Job
-from tritonvl.handlers.llm.responder import Responder
+from tritonvl.handlers.llm.job import job_from_tensors
 from tritonvl.handlers.modelinfo import load_model_info
-from tritonvl.handlers.options import RequestOptions
 from tritonvl.handlers.preprocess.preprocessor import Preprocessor, RawRequest
-from tritonvl.handlers.vision.encoder import VisionEncoder
+from tritonvl.handlers.vision.encoder import VisionEncoder, load_tower
 
 
 @dataclass
@@ -45,7 +43,7 @@ class OfflinePipeline:
         device, default_dtype = prepare_device(device)
         self.dtype = parse_dtype(dtype, default_dtype)
         self.pre = Preprocessor(str(model_dir))
-        self.vision = VisionEncoder(str(model_dir), device, self.dtype)
+        self.vision = VisionEncoder(load_tower(str(model_dir), device, self.dtype))
         info = load_model_info(model_dir)
         kv = engine_kwargs.pop("kv_cache_bytes", 0)
         self.engine = LLMEngine(str(model_dir), info, self.pre.tokenizer, device, self.dtype, kv, **engine_kwargs)
@@ -85,11 +83,11 @@ class OfflinePipeline:
         if not inputs:
             return []
         for m, enc, res in zip(inputs, encoded, results):
-            options = RequestOptions.from_json(m.request)
             send, send_error = make_callbacks(res)
-            responder = Responder(options, len(m.input_ids), send, send_error, int(enc.embeds.shape[0]))
+            job = job_from_tensors(m.input_ids, enc.embeds, m.image_grid_thw, enc.hashes, m.request, send, send_error,
+                                   lambda: False)  # the llm model's own builder
             res.submitted = time.perf_counter()
-            self.engine.submit(Job(m.input_ids, enc.embeds, m.image_grid_thw, enc.hashes, options, responder))
+            self.engine.submit(job)
         if not all_done.wait(timeout):
             raise TimeoutError(f"{remaining[0]} of {len(inputs)} requests unfinished after {timeout} s")
         return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -52,18 +53,64 @@ class EmbeddingCache:
             self.bytes -= size
 
 
-class VisionEncoder:
-    def __init__(self, model_dir: str, device: str, dtype, cache_bytes: int = 256 * 1024 * 1024) -> None:
+class TowerRuntime(Protocol):
+    """The vision tower behind ``VisionEncoder``: one call over the patches of several images."""
+
+    merge_unit: int  # patches per output token
+    hidden: int  # width of one output token
+
+    def __call__(self, pixels: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        """pixels FP32 [patches, patch_dim], grid INT64 [images, 3] -> FP32 [patches / merge_unit, hidden]."""
+        ...
+
+
+class TorchTower:
+    """transformers' own tower module, in torch."""
+
+    def __init__(self, model_dir: str, device: str, dtype) -> None:
         import torch
 
         from tritonvl.handlers.weights import load_visual
 
-        self.torch = torch
-        self.device = device
-        self.dtype = dtype
+        self.torch, self.device, self.dtype = torch, device, dtype
         self.visual = load_visual(model_dir, device, dtype)
         self.merge_unit = self.visual.spatial_merge_size**2
         self.hidden = self.visual.merger.mlp[-1].out_features
+
+    def __call__(self, pixels: np.ndarray, grid: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            out = self.visual(torch.from_numpy(pixels).to(self.device, self.dtype),
+                              grid_thw=torch.from_numpy(grid).to(self.device)).pooler_output
+        return out.float().cpu().numpy()
+
+
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def load_tower(model_dir: str, device: str, dtype, runtime: str = "torch", onnx_path: str = "",
+               num_threads: int = 0, providers: list[str] | None = None) -> TowerRuntime:
+    """The ``runtime`` parameter: ``torch``, or ``onnxruntime`` on the graph at ``onnx_path``
+    (default DIR/onnx/vision_encoder.onnx, exported once from the checkpoint when missing)."""
+    if runtime == "torch":
+        return TorchTower(model_dir, device, dtype)
+    if runtime == "onnxruntime":
+        from tritonvl.handlers.vision.layout import TowerGeometry
+        from tritonvl.handlers.vision.onnx_export import ensure_exported
+        from tritonvl.handlers.vision.onnx_runtime import OnnxTower
+
+        path = ensure_exported(model_dir, onnx_path or None)
+        return OnnxTower(str(path), TowerGeometry.from_model_dir(model_dir), device, num_threads, providers)
+    raise ValueError(f"vision_encoder runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+
+
+class VisionEncoder:
+    """The embedding cache and the batching around a tower (``load_tower``)."""
+
+    def __init__(self, tower: TowerRuntime, cache_bytes: int = 256 * 1024 * 1024) -> None:
+        self.tower = tower
+        self.merge_unit = self.tower.merge_unit
+        self.hidden = self.tower.hidden
         self.cache = EmbeddingCache(cache_bytes)
 
     def snapshot(self):
@@ -77,7 +124,6 @@ class VisionEncoder:
         Images already in the cache are skipped; the rest run in ONE forward (the tower keeps
         images apart through cu_seqlens) and are split back by each image's own token count.
         """
-        torch = self.torch
         per_image: list[list] = []  # per request: [(hash, pixels, grid_row)]
         for pixels, grid in batch:
             items, start = [], 0
@@ -102,12 +148,10 @@ class VisionEncoder:
             keys = list(todo)
             pixels = np.concatenate([todo[k][0] for k in keys])
             grid = np.stack([todo[k][1] for k in keys])
-            with torch.inference_mode():
-                out = self.visual(torch.from_numpy(pixels).to(self.device, self.dtype),
-                                  grid_thw=torch.from_numpy(grid).to(self.device)).pooler_output
-            sizes = [int(np.prod(todo[k][1])) // self.merge_unit for k in keys]
-            for key, emb in zip(keys, torch.split(out.float().cpu(), sizes)):
-                arr = emb.numpy()
+            out = self.tower(pixels, grid)
+            sizes = np.cumsum([int(np.prod(todo[k][1])) // self.merge_unit for k in keys])[:-1]
+            for key, arr in zip(keys, np.split(out, sizes)):
+                arr = np.ascontiguousarray(arr)
                 results[key] = arr
                 self.cache.put(key, arr, arr.nbytes)
         return [EncodedImages(np.concatenate([results[k] for k, _, _ in items]) if items

@@ -8,7 +8,7 @@ import numpy as np
 
 from tritonvl.handlers.devices import parse_dtype, prepare_device
 from tritonvl.handlers.tritonserver import adapter as ta
-from tritonvl.handlers.vision.encoder import VisionEncoder
+from tritonvl.handlers.vision.encoder import VisionEncoder, load_tower
 
 
 class TritonPythonModel:
@@ -17,8 +17,9 @@ class TritonPythonModel:
         self.watchdog = ta.watchdog(cfg)
         p = cfg.params
         device, dtype = prepare_device(cfg.device(), p.num_threads)
-        self.encoder = VisionEncoder(cfg.model_dir(), device, parse_dtype(p.dtype, dtype),
-                                     cache_bytes=p.embedding_cache_bytes)
+        tower = load_tower(cfg.model_dir(), device, parse_dtype(p.dtype, dtype), p.runtime, p.onnx_path,
+                           p.num_threads, list(p.onnx_providers))
+        self.encoder = VisionEncoder(tower, cache_bytes=p.embedding_cache_bytes)
         self.metrics = ta.TritonMetrics("vision_encoder", only=("image_cache_hits", "image_cache_misses"))
 
     def execute(self, requests):
