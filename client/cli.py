@@ -57,6 +57,16 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    try:
+        from tritonvl.handlers.vision.onnx_export import main
+        return main(args.model, args.out, args.opset)
+    except ModuleNotFoundError as exc:  # torch, onnx, onnxscript, onnxruntime are imported inside
+        print(f"export-onnx needs the server and onnx extras: pip install 'tritonvl[server,onnx]' ({exc})",
+              file=sys.stderr)
+        return 2
+
+
 def _client_command(name: str):
     """Run a client command; its errors become one line on stderr and exit status 1."""
 
@@ -187,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2.5-VL to DIR")
     p.add_argument("dir")
     p.set_defaults(func=_make_tiny_model)
+
+    p = sub.add_parser("export-onnx", help="export the vision tower of a model to ONNX (docs/ONNX.md)",
+                       description="Write the vision tower as an ONNX graph (fp32, dynamic patch count), check it "
+                                   "with onnx.checker, run a few images through it and through transformers and "
+                                   "print the largest relative difference (exit 1 above 1e-4).")
+    p.add_argument("--model", help="Qwen2.5-VL model directory (default: the embedded tiny model)")
+    p.add_argument("--out", metavar="FILE", help="output file (default: DIR/onnx/vision_encoder.onnx)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
+    p.set_defaults(func=_export_onnx)
     return parser
 
 
