@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""What fits on one device: Qwen2.5-VL weights + KV cache per token, from each model's config.json.
+
+Each Triton instance of `vision_encoder` + `llm` holds the whole model on ONE device (no tensor or
+pipeline parallelism): a model fits a device only if its weights, a working reserve and a useful KV
+cache do. The shapes below are the published config.json values of the Instruct checkpoints.
+
+    python scripts/sizing.py                          # the table (bf16)
+    python scripts/sizing.py --config DIR/config.json --device-gib 80   # your own model / device
+    python scripts/sizing.py --write docs/DEPLOY.md   # regenerate the table in the doc
+    python scripts/sizing.py --check docs/DEPLOY.md   # exit 1 if the doc's table is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1024**3
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+BEGIN, END = "<!-- sizing:begin (scripts/sizing.py --write docs/DEPLOY.md) -->", "<!-- sizing:end -->"
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The config.json values that decide memory (text decoder + vision tower)."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tie_embeddings: bool
+    vision_out: int  # vision_config.out_hidden_size (= the decoder's hidden size)
+    vision_depth: int = 32
+    vision_hidden: int = 1280
+    vision_intermediate: int = 3420
+    patch: int = 14
+    temporal_patch: int = 2
+    merge: int = 2
+    in_chans: int = 3
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def text_params(self) -> int:
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        attn = (h * h + h) + 2 * (h * kv + kv) + h * h  # q, k, v with bias; o without
+        layer = attn + 3 * h * self.intermediate + 2 * h  # gated MLP, two RMSNorms
+        head = 0 if self.tie_embeddings else self.vocab * h
+        return self.vocab * h + self.layers * layer + h + head
+
+    def vision_params(self) -> int:
+        v, vi = self.vision_hidden, self.vision_intermediate
+        patch_embed = self.in_chans * self.temporal_patch * self.patch**2 * v  # Conv3d, no bias
+        block = 2 * v + (v * 3 * v + 3 * v) + (v * v + v) + 2 * (v * vi + vi) + (vi * v + v)
+        m = v * self.merge**2
+        merger = v + (m * m + m) + (m * self.vision_out + self.vision_out)
+        return patch_embed + self.vision_depth * block + merger
+
+    def params(self) -> int:
+        return self.text_params() + self.vision_params()
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes  # K and V, every layer
+
+
+# Published config.json values (Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct). The vision tower is the
+# same in all four (depth 32, hidden 1280, intermediate 3420, 16 heads); only its output width differs.
+MODELS = [
+    Shape("Qwen2.5-VL-3B", 2048, 11008, 36, 16, 2, 151936, True, 2048),
+    Shape("Qwen2.5-VL-7B", 3584, 18944, 28, 28, 4, 152064, False, 3584),
+    Shape("Qwen2.5-VL-32B", 5120, 27648, 64, 40, 8, 152064, False, 5120),
+    Shape("Qwen2.5-VL-72B", 8192, 29568, 80, 64, 8, 152064, False, 8192),
+]
+
+# Memory as the driver reports it (approximate), not the marketing figure.
+DEVICES = [
+    ("24 GB GPU (L4, A10)", 22.5),
+    ("40 GB GPU (A100 40GB)", 40.0),
+    ("80 GB GPU (A100/H100 80GB)", 79.6),
+    ("141 GB GPU (H200)", 139.8),
+    ("64 GB Ascend 910B", 64.0),
+]
+
+# Per device, not counted in weights or KV: two CUDA/CANN contexts (vision_encoder and llm are
+# separate stub processes), the allocator's slack, prefill activations at max_num_batched_tokens
+# 2048 and the vision tower's activations on a large image. An estimate, not a measurement.
+RESERVE_GIB = 4.0
+CONTEXT = 8192  # tokens per sequence used for "sequences in flight"
+
+
+def shape_from_config(path: str) -> Shape:
+    cfg = json.loads(Path(path).read_text())
+    text = cfg.get("text_config", cfg)  # transformers 5 nests the decoder; 4.x is flat
+    vis = cfg["vision_config"]
+    return Shape(Path(path).parent.name or "model", text["hidden_size"], text["intermediate_size"],
+                 text["num_hidden_layers"], text["num_attention_heads"], text["num_key_value_heads"],
+                 text["vocab_size"], bool(cfg.get("tie_word_embeddings", text.get("tie_word_embeddings", False))),
+                 vis["out_hidden_size"], vis["depth"], vis["hidden_size"], vis["intermediate_size"],
+                 vis.get("patch_size", 14), vis.get("temporal_patch_size", 2), vis.get("spatial_merge_size", 2),
+                 vis.get("in_chans", vis.get("in_channels", 3)))
+
+
+def fit(shape: Shape, device_gib: float, dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB,
+        context: int = CONTEXT) -> dict:
+    """Weights, KV room and a verdict for one instance (vision_encoder + llm) on one device."""
+    nbytes = DTYPE_BYTES[dtype]
+    weights = shape.params() * nbytes
+    per_token = shape.kv_bytes_per_token(nbytes)
+    kv_room = device_gib * GIB - weights - reserve_gib * GIB
+    tokens = max(int(kv_room // per_token), 0)
+    if weights > device_gib * GIB:
+        verdict = "no: weights exceed the device"
+    elif kv_room <= 0:
+        verdict = "no: weights + reserve exceed the device"
+    elif tokens < context:
+        verdict = f"no: KV for less than one {context // 1024}k sequence"
+    else:
+        verdict = "yes"
+    return {"weights_gib": weights / GIB, "kv_kib_per_token": per_token / 1024, "kv_gib": max(kv_room, 0) / GIB,
+            "kv_tokens": tokens, "sequences": tokens // context, "verdict": verdict}
+
+
+def table(dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB, context: int = CONTEXT) -> str:
+    lines = [f"dtype {dtype}; reserve {reserve_gib:g} GiB per device; sequences of {context} tokens.", "",
+             "| model | params | weights GiB | KV KiB/token | device | KV GiB | KV tokens | sequences | "
+             "fits |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---|"]
+    for shape in MODELS:
+        for device, gib in DEVICES:
+            f = fit(shape, gib, dtype, reserve_gib, context)
+            lines.append(f"| {shape.name} | {shape.params() / 1e9:.2f} B | {f['weights_gib']:.1f} | "
+                         f"{f['kv_kib_per_token']:.0f} | {device} | {f['kv_gib']:.1f} | {f['kv_tokens']:,} | "
+                         f"{f['sequences']} | {f['verdict']} |")
+    return "\n".join(lines)
+
+
+def splice(doc: str, block: str) -> str:
+    head, sep, rest = doc.partition(BEGIN)
+    _, sep2, tail = rest.partition(END)
+    if not sep or not sep2:
+        raise SystemExit(f"markers {BEGIN!r} ... {END!r} not found")
+    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
+    ap.add_argument("--reserve-gib", type=float, default=RESERVE_GIB)
+    ap.add_argument("--context", type=int, default=CONTEXT)
+    ap.add_argument("--config", help="a model's config.json: size it instead of the published four")
+    ap.add_argument("--device-gib", type=float, help="with --config: the device's memory in GiB")
+    ap.add_argument("--write", metavar="DOC", help="replace the table between the sizing markers in DOC")
+    ap.add_argument("--check", metavar="DOC", help="exit 1 if DOC's table differs from this script's")
+    args = ap.parse_args(argv)
+    if args.config:
+        shape = shape_from_config(args.config)
+        out = {"params": shape.params(), **fit(shape, args.device_gib or 80.0, args.dtype, args.reserve_gib,
+                                               args.context)}
+        print(json.dumps(out, indent=1))
+        return 0
+    block = table(args.dtype, args.reserve_gib, args.context)
+    if args.write or args.check:
+        path = Path(args.write or args.check)
+        doc = path.read_text()
+        new = splice(doc, block)
+        if args.check:
+            if new != doc:
+                print(f"{path}: sizing table is stale; run: python scripts/sizing.py --write {path}", file=sys.stderr)
+                return 1
+            return 0
+        path.write_text(new)
+        return 0
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""scripts/sizing.py: its parameter counts are transformers' own, and docs/DEPLOY.md shows its table."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_sizing():
+    spec = importlib.util.spec_from_file_location("tritonvl_sizing", ROOT / "scripts" / "sizing.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look the module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sizing = load_sizing()
+
+
+def hf_config(shape):
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+                         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                         num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
+                         tie_word_embeddings=shape.tie_embeddings),
+        vision_config=dict(depth=shape.vision_depth, hidden_size=shape.vision_hidden,
+                           intermediate_size=shape.vision_intermediate, num_heads=16,
+                           out_hidden_size=shape.vision_out),
+        tie_word_embeddings=shape.tie_embeddings)
+
+
+@pytest.mark.parametrize("shape", sizing.MODELS, ids=lambda s: s.name)
+def test_params_equal_transformers_model(shape):
+    """The formula counts exactly the parameters transformers builds from the same config (meta device)."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config(shape))
+    assert sizing.Shape.params(shape) == sum(p.numel() for p in model.parameters())
+    assert shape.vision_params() == sum(p.numel() for p in model.model.visual.parameters())
+
+
+def test_published_totals():
+    """Totals (decoder + tower) to 0.1 B: a mistyped config value shows here."""
+    assert [round(s.params() / 1e9, 1) for s in sizing.MODELS] == [3.8, 8.3, 33.4, 73.4]
+
+
+def test_config_json_round_trip(tmp_path):
+    """A saved config.json (transformers 5 layout) reads back to the same shape."""
+    shape = sizing.MODELS[0]
+    hf_config(shape).save_pretrained(tmp_path)
+    read = sizing.shape_from_config(str(tmp_path / "config.json"))
+    assert read.params() == shape.params()
+    assert read.kv_bytes_per_token(2) == shape.kv_bytes_per_token(2) == 2 * 36 * 2 * 128 * 2
+
+
+def test_verdicts():
+    by_name = {s.name: s for s in sizing.MODELS}
+    assert sizing.fit(by_name["Qwen2.5-VL-72B"], 139.8)["verdict"] == "no: weights + reserve exceed the device"
+    assert sizing.fit(by_name["Qwen2.5-VL-72B"], 79.6)["verdict"] == "no: weights exceed the device"
+    assert sizing.fit(by_name["Qwen2.5-VL-32B"], 64.0)["verdict"] == "no: weights + reserve exceed the device"
+    assert sizing.fit(by_name["Qwen2.5-VL-32B"], 79.6)["verdict"] == "yes"
+    assert sizing.fit(by_name["Qwen2.5-VL-7B"], 22.5)["verdict"] == "yes"
+
+
+def test_doc_table_is_current():
+    assert sizing.main(["--check", str(ROOT / "docs" / "DEPLOY.md")]) == 0
