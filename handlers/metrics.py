@@ -20,6 +20,10 @@ COUNTERS = {
     "requests_rejected": "Requests refused at admission (overload or invalid)",
     "image_cache_hits": "Images whose embeddings came from the encoder cache",
     "image_cache_misses": "Images encoded",
+    "grammar_cache_hits": "Structured-output requests whose grammar was compiled already (or compiling)",
+    "grammar_cache_misses": "Structured-output grammars compiled (one per distinct spec while cached)",
+    "grammar_compile_timeouts": "Grammar compiles that ran past grammar_compile_timeout_s (request failed)",
+    "grammar_compile_errors": "Grammars that failed to compile (request failed with INVALID_ARG)",
 }
 GAUGES = {
     "num_requests_running": "Sequences in the running batch",
@@ -31,6 +35,8 @@ HISTOGRAMS = {
                                     [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30]),
     "time_per_output_token_seconds": ("Time between consecutive output tokens",
                                       [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5]),
+    "grammar_compile_seconds": ("Time to compile one structured-output grammar (off the engine thread)",
+                                [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]),
 }
 
 

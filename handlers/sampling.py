@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, fields
 
 from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.llm.grammar.spec import GrammarSpec, parse_structured_outputs
 
 # Keys accepted in the `sampling_parameters` JSON (vLLM names) and the field each one sets.
 JSON_KEYS = {
@@ -31,6 +32,7 @@ JSON_KEYS = {
     "include_stop_str_in_output": "include_stop_str_in_output",
     "skip_special_tokens": "skip_special_tokens",
     "n": "n",
+    "structured_outputs": "structured_outputs",
 }
 
 
@@ -52,6 +54,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     n: int = 1
+    # the answer's constraint as GrammarSpec.to_dict() (handlers/llm/grammar); None: free text
+    structured_outputs: dict | None = None
 
     @property
     def greedy(self) -> bool:
@@ -167,6 +171,10 @@ def _normalize(values: dict, vocab_size: int, where: str) -> dict:
             if not isinstance(value, (list, tuple)):
                 raise InvalidArgument(f"{where}stop_token_ids: expected a list of integers, got {value!r}")
             value = [_coerce(where + label, v, int) for v in value]
+        elif name == "structured_outputs":
+            # a GrammarSpec comes from the guide tensors; anything else is vLLM's object
+            spec = value if isinstance(value, GrammarSpec) else parse_structured_outputs(value, where + label)
+            value = None if spec is None else spec.to_dict()
         check_field(name, value, vocab_size, where)
         out[name] = value
     return out

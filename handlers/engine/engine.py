@@ -17,6 +17,9 @@ from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler
 from tritonvl.handlers.engine.sequence import Sequence
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
 from tritonvl.handlers.errors import InvalidArgument, RequestError, Unavailable
+from tritonvl.handlers.llm.grammar.compiler import CompileWaitlist, GrammarCache
+from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
+from tritonvl.handlers.llm.grammar.spec import GrammarSpec
 from tritonvl.handlers.llm.job import Job
 from tritonvl.handlers.llm.sampler import SeqSampler, sample_batch
 from tritonvl.handlers.llm.textstream import OutputStream
@@ -52,7 +55,8 @@ class LLMEngine:
                  block_size: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, enable_prefix_caching: bool = True, max_waiting: int = 1024,
                  attention: str = "auto", metrics=None, deadline_s: float = 0.0,
-                 kv_cache_fraction: float = 0.5) -> None:
+                 kv_cache_fraction: float = 0.5, grammar_compile_timeout_s: float = 30.0,
+                 grammar_cache_bytes: int = 512 << 20) -> None:
         self.info, self.tokenizer, self.device = info, tokenizer, device
         self.runner = ModelRunner(model_dir, info, device, dtype, kv_cache_bytes, block_size, attention,
                                   kv_cache_fraction)
@@ -69,6 +73,10 @@ class LLMEngine:
         self.metrics.info("engine_info", "The llm engine's configuration (labels); value 1", self.describe())
         self.deadline_s = deadline_s  # 0 = none
         self.stats = EngineStats(self.metrics, self.scheduler, self.blocks)
+        # structured outputs, set up on the first constrained request (xgrammar loads in the background)
+        self._grammar_limits = (grammar_compile_timeout_s, grammar_cache_bytes)
+        self._grammar_wait: CompileWaitlist | None = None
+        self._masker: GrammarMasker | None = None
         self._drain_until = 0.0
         self.intake: queue.Queue[Job | None] = queue.Queue()
         self._stop = threading.Event()
@@ -104,20 +112,21 @@ class LLMEngine:
         while not self._stop.is_set() or (self.scheduler.has_work() and time.monotonic() < self._drain_until):
             try:
                 busy = self.scheduler.has_work()
-                self._admit(block=not busy)
+                self._admit(block=not busy, timeout=0.005 if self._grammar_wait else 0.05)
+                self._admit_compiled()
                 self._reap_cancelled()
                 if self.scheduler.has_work():
                     self.step()
-                self.stats.publish(self.intake.qsize(), force=busy)
+                self.stats.publish(self.intake.qsize() + len(self._grammar_wait or ()), force=busy)
             except Exception as exc:  # a fault in a step: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(exc)
         self._admit(block=False)
         self._fail_all(Unavailable("the server is shutting down"))
 
-    def _admit(self, block: bool) -> None:
+    def _admit(self, block: bool, timeout: float = 0.05) -> None:
         try:
-            job = self.intake.get(timeout=0.05) if block else self.intake.get_nowait()
+            job = self.intake.get(timeout=timeout) if block else self.intake.get_nowait()
         except queue.Empty:
             return
         while job is not None:
@@ -127,7 +136,8 @@ class LLMEngine:
             except queue.Empty:
                 return
 
-    def _add(self, job: Job) -> None:
+    def _add(self, job: Job, compiled=None) -> None:
+        """Admit a job; one with a structured output first waits (off this thread) for its grammar."""
         try:
             if job.is_cancelled():
                 job.responder.finish("cancelled")
@@ -136,11 +146,16 @@ class LLMEngine:
             if n >= self.config.max_model_len:
                 raise InvalidArgument(f"prompt: {n} tokens does not fit max_model_len={self.config.max_model_len}")
             params = job.options.sampling
+            if params.structured_outputs and compiled is None:
+                self._grammars().add(job, GrammarSpec.from_dict(params.structured_outputs))
+                return
             params.max_tokens = min(params.max_tokens, self.config.max_model_len - n)
             spans = image_spans(job.input_ids, self.info.image_token_id, job.image_hashes)
             stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
+            # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
+            grammar = None if compiled is None else SeqGrammar(compiled, stream.stop_ids or self.info.eos_token_ids)
             state = SeqState(job, self.runner.prepare(job.input_ids, job.image_embeds, job.image_grid_thw), stream,
-                             SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device))
+                             SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device, grammar))
             seq = Sequence(job.input_ids.tolist(), params.max_tokens, mm_hashes=spans, payload=state)
             self.scheduler.add(seq)
             self.stats.count("prompt_tokens", n)
@@ -153,6 +168,26 @@ class LLMEngine:
             job.responder.fail(exc)
         except Exception as exc:  # ours (e.g. out of device memory in prepare): INTERNAL, with the reason
             log.exception("admitting a request failed")
+            self.stats.count("requests_rejected")
+            job.responder.fail(exc)
+
+    def _grammars(self) -> CompileWaitlist:
+        if self._grammar_wait is None:
+            timeout_s, cache_bytes = self._grammar_limits
+            cache = GrammarCache(self.tokenizer, self.info.vocab_size, max_bytes=cache_bytes)
+            self._grammar_wait = CompileWaitlist(cache, timeout_s)
+            self._masker = GrammarMasker(self.info.vocab_size)
+            self.stats.grammar = cache.stats
+        return self._grammar_wait
+
+    def _admit_compiled(self) -> None:
+        """Jobs whose grammar compiled join the scheduler; a bad or too slow grammar fails its job."""
+        if not self._grammar_wait:
+            return
+        ready, failed = self._grammar_wait.poll()
+        for job, compiled in ready:
+            self._add(job, compiled)
+        for job, exc in failed:
             self.stats.count("requests_rejected")
             job.responder.fail(exc)
 
@@ -183,7 +218,8 @@ class LLMEngine:
     def sample(self, ids: list[int], logits) -> dict[int, int]:
         """The next token of each sequence that samples; one whose sampling failed is failed alone."""
         tokens: dict[int, int] = {}
-        for sid, token in zip(ids, sample_batch([self.scheduler.get(sid).payload.sampler for sid in ids], logits)):
+        samplers = [self.scheduler.get(sid).payload.sampler for sid in ids]
+        for sid, token in zip(ids, sample_batch(samplers, logits, self._masker)):
             if not isinstance(token, Exception):
                 tokens[sid] = token
                 continue
@@ -201,6 +237,9 @@ class LLMEngine:
             token = sampled[seq.seq_id]
             self.stats.token(st.times, now)
             text = st.stream.add(token)
+            grammar = st.sampler.grammar
+            if grammar is not None and grammar.terminated and not st.stream.finished:
+                text += st.stream.end("stop")  # the grammar ended it (before min_tokens, or with ignore_eos)
             if st.stream.finished or seq.is_finished:
                 if not seq.is_finished:
                     self.scheduler.finish(seq.seq_id)
@@ -210,6 +249,8 @@ class LLMEngine:
                 st.job.responder.delta(text, [token])
 
     def _fail_all(self, exc: Exception) -> None:
+        for job in self._grammar_wait.take_all() if self._grammar_wait else []:  # still compiling
+            job.responder.fail(exc)
         while True:  # jobs not admitted yet
             try:
                 job = self.intake.get_nowait()

@@ -32,6 +32,7 @@ class EngineStats:
         self._ttft: list[float] = []
         self._tpot: list[float] = []
         self._published = 0.0
+        self.grammar = None  # llm.grammar.compiler.GrammarStats once structured outputs are in use
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
@@ -62,5 +63,8 @@ class EngineStats:
         gauges = {"num_requests_running": sched.num_running, "num_requests_waiting": sched.num_waiting + queued,
                   "kv_cache_usage_ratio": blocks.usage}
         observations = {"time_to_first_token_seconds": self._ttft, "time_per_output_token_seconds": self._tpot}
+        if self.grammar is not None:
+            counters |= self.grammar.counters()
+            observations["grammar_compile_seconds"] = self.grammar.drain_times()
         self._ttft, self._tpot = [], []
         self.sink.update(Snapshot(counters, gauges, observations))

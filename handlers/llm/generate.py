@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tritonvl.handlers.errors import Unavailable
+from tritonvl.handlers.errors import InvalidArgument, Unavailable
 from tritonvl.handlers.llm.job import Job
 from tritonvl.handlers.llm.sampler import SeqSampler
 from tritonvl.handlers.llm.textstream import OutputStream
@@ -90,6 +90,8 @@ class GenerateBackend:
 
     def run(self, job: Job) -> None:
         params = job.options.sampling
+        if params.structured_outputs:
+            raise InvalidArgument("structured outputs need the llm parameter backend=engine (this is generate)")
         ids = torch.from_numpy(job.input_ids.astype("int64"))[None].to(self.device)
         stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
         sampler = SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device)

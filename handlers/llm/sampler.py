@@ -14,8 +14,10 @@ from tritonvl.handlers.sampling import SamplingParams
 class SeqSampler:
     """Sampling state of one sequence (its generator and the counts penalties need)."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int], device) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int], device,
+                 grammar=None) -> None:
         self.params = params
+        self.grammar = grammar  # llm.grammar.SeqGrammar of a structured-output request, else None
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
         self.output_ids: list[int] = []
@@ -53,7 +55,10 @@ class SeqSampler:
                 counts = torch.bincount(out, minlength=logits.numel()).to(logits.dtype)
                 logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
         if p.min_tokens and len(self.output_ids) < p.min_tokens and self.stop_ids.numel():
+            kept = logits[self.stop_ids]
             logits[self.stop_ids] = -float("inf")
+            if self.grammar is not None and torch.isneginf(logits).all():
+                logits[self.stop_ids] = kept  # the grammar can only end here: it wins over min_tokens
         token = int(torch.argmax(logits).item()) if p.greedy else self._draw(logits)
         self.output_ids.append(token)
         return token
@@ -79,12 +84,22 @@ class SeqSampler:
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
 
 
-def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None) -> list[int | Exception]:
+def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None, masker=None) -> list[int | Exception]:
     """Row i of ``logits`` [n, vocab] with ``samplers[i]``: one argmax call for every plain-greedy row,
     the others with their own parameters. A row whose sampling raises gets the exception instead of a
-    token (its parameters broke sampling: the caller fails that sequence alone)."""
+    token (its parameters broke sampling: the caller fails that sequence alone).
+
+    Rows with a grammar (structured outputs) are masked first, all in one ``masker.apply``
+    (llm.grammar.GrammarMasker), and their matchers advance with the token; other rows are untouched."""
     out: list[int | Exception | None] = [None] * len(samplers)
-    greedy = [i for i, s in enumerate(samplers) if s.plain_greedy]
+    constrained = [i for i, s in enumerate(samplers) if s.grammar is not None]
+    if constrained:
+        try:
+            masker.apply(logits, constrained, [samplers[i].grammar for i in constrained])
+        except Exception as exc:  # noqa: BLE001 - the constrained rows fail, the others go on
+            for i in constrained:
+                out[i] = exc
+    greedy = [i for i, s in enumerate(samplers) if s.plain_greedy and out[i] is None]
     if greedy:
         for i, token in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
             samplers[i].record(token)
@@ -95,4 +110,7 @@ def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None) -> lis
                 out[i] = s(logits[i])
             except Exception as exc:  # noqa: BLE001 - reported per row
                 out[i] = exc
+    for i in constrained:
+        if not isinstance(out[i], Exception) and not samplers[i].grammar.accept(out[i]):
+            out[i] = RuntimeError(f"structured output: token {out[i]} is outside the grammar")
     return out

@@ -91,6 +91,12 @@ class OutputStream:
             held = self.matcher.feed(held)
         return held + self.matcher.flush()
 
+    def end(self, reason: str = "stop") -> str:
+        """End here (a structured output's grammar is complete): the held-back text, then done."""
+        tail = self._tail()
+        self.finish_reason = reason
+        return tail
+
     def cancel(self, reason: str = "cancelled") -> str:
         self.finish_reason = reason
         return ""

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.llm.grammar.spec import GrammarSpec, check_syntax, parse_guide_tensors
 from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions
 from tritonvl.handlers.preprocess.images import ImageLimits, load_images
@@ -31,6 +32,8 @@ class RawRequest:
     sampling: dict = field(default_factory=dict)  # explicit tensors, SamplingParams field names
     stream: bool = False
     exclude_input_in_output: bool = False
+    guide_type: bytes | None = None  # TensorRT-LLM's guided_decoding_guide_type / _guide tensors
+    guide: bytes | None = None
     apply_chat_template: bool = True  # false: text_input is the whole prompt (images: the caller's placeholders)
 
 
@@ -82,8 +85,12 @@ class Preprocessor:
         if size > self.limits.max_prompt_bytes:  # refused before the tokenizer spends seconds on it
             raise InvalidArgument(f"prompt: {size} bytes of text is over the max_prompt_bytes limit "
                                   f"({self.limits.max_prompt_bytes}; max_model_len={self.max_model_len} tokens)")
+        guide = parse_guide_tensors(raw.guide_type, raw.guide)
+        if guide is not None:
+            raw.sampling["structured_outputs"] = guide
         sampling = build_sampling_params(raw.sampling, utf8(raw.sampling_parameters, "sampling_parameters"),
                                          self.sampling_defaults, self.info.vocab_size)
+        check_syntax(GrammarSpec.from_dict(sampling.structured_outputs))  # the llm step compiles it
         images = load_images(sources, self.limits)
         pixel_values, grid = self.pixels(images)
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]

@@ -167,6 +167,8 @@ def read_raw(request) -> RawRequest:
         stream=bool(scalar(request, "stream") or False),
         exclude_input_in_output=bool(scalar(request, "exclude_input_in_output") or False),
         apply_chat_template=scalar(request, "apply_chat_template") is not False,  # absent: true
+        guide_type=scalar(request, "guided_decoding_guide_type"),
+        guide=scalar(request, "guided_decoding_guide"),
     )
 
 

@@ -134,9 +134,10 @@ def test_slow_compile_times_out_and_the_queue_keeps_moving(tok):
     from tritonvl.handlers.llm.grammar.compiler import CompileWaitlist, GrammarCache
 
     one = GrammarCache(tok, VOCAB, workers=1)
+    one.wait_ready(120)
     wait = CompileWaitlist(one, timeout_s=0.3)
     try:
-        wait.add("slow", GrammarSpec("json", json.dumps({"type": "string", "maxLength": 300})))
+        wait.add("slow", GrammarSpec("json", json.dumps({"type": "string", "maxLength": 40})))
         time.sleep(0.1)  # the slow one is running on the only worker
         wait.add("quick", GrammarSpec("regex", "[0-9]"))
         ready, failed, deadline = [], [], time.monotonic() + 60
@@ -200,6 +201,22 @@ def test_masked_decoding_follows_a_regex_and_a_choice(tok, cache):
     choices = ['say "hi"', "back\\slash", "naïve"]
     text, ended = _decode_constrained(tok, cache, parse_structured_outputs({"choice": choices}), eos)
     assert ended and text in choices, text
+
+
+def test_mask_on_a_transposed_view(tok, cache):
+    """The runner's CPU logits can be a transposed view (W @ h.T).T: the mask must land on the right rows."""
+    from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
+
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    g = SeqGrammar(cache.get(GrammarSpec("regex", "[0-9]")).future.result(timeout=60), [eos])
+    raw = torch.randn(VOCAB, 4, generator=torch.Generator().manual_seed(1)).T  # [4, VOCAB], stride (1, 4)
+    logits = raw.clone().T.contiguous().T
+    assert logits.stride(-1) != 1
+    GrammarMasker(VOCAB).apply(logits, [2], [g])
+    allowed = torch.isfinite(logits[2]).nonzero().flatten().tolist()
+    assert sorted(tok.decode([t]) for t in allowed) == [str(d) for d in range(10)]
+    for row in (0, 1, 3):
+        assert torch.equal(logits[row], raw[row])
 
 
 def test_end_token_only_when_the_grammar_accepts(tok, cache):

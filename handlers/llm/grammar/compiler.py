@@ -41,7 +41,9 @@ class GrammarStats:
                 "grammar_compile_timeouts": self.timeouts, "grammar_compile_errors": self.errors}
 
     def drain_times(self) -> list[float]:
-        out, self.compile_times = self.compile_times, []
+        n = len(self.compile_times)  # workers append concurrently: take a prefix, keep the rest
+        out = self.compile_times[:n]
+        del self.compile_times[:n]
         return out
 
 
@@ -61,12 +63,12 @@ class GrammarCache:
 
     def __init__(self, tokenizer, vocab_size: int, max_bytes: int = 512 << 20, workers: int = 2,
                  max_abandoned: int = 4, compile_threads: int = 1) -> None:
-        import xgrammar as xgr
-
-        # vocab_size is the logits' width (the model's padded vocabulary), not len(tokenizer)
-        self.tokenizer_info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self.vocab_size = vocab_size
-        self._compiler = xgr.GrammarCompiler(self.tokenizer_info, max_threads=compile_threads, cache_enabled=False)
+        # xgrammar's import and the tokenizer's table take seconds: built in the background, so neither
+        # the model's load nor the engine thread waits for them (the first compile does)
+        self._setup: Future = Future()
+        threading.Thread(target=self._build, args=(tokenizer, compile_threads), name="tritonvl-grammar-setup",
+                         daemon=True).start()
         self.max_bytes, self.workers, self.max_abandoned = max_bytes, workers, max_abandoned
         self.stats = GrammarStats()
         self._entries: OrderedDict[GrammarSpec, Entry] = OrderedDict()
@@ -77,6 +79,21 @@ class GrammarCache:
         self._abandoned_running = 0
         for _ in range(workers):
             self._spawn()
+
+    def _build(self, tokenizer, compile_threads: int) -> None:
+        try:
+            import xgrammar as xgr
+
+            # vocab_size is the logits' width (the model's padded vocabulary), not len(tokenizer)
+            info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+            self._setup.set_result(xgr.GrammarCompiler(info, max_threads=compile_threads, cache_enabled=False))
+        except Exception as exc:  # every compile then fails with this reason
+            log.exception("structured outputs unavailable")
+            self._setup.set_exception(exc)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until xgrammar and the tokenizer's table are loaded (tests, benchmarks)."""
+        self._setup.result(timeout)
 
     def get(self, spec: GrammarSpec) -> Entry:
         """The entry for ``spec``: cached (a hit), being compiled, or queued now (a miss)."""
@@ -97,7 +114,6 @@ class GrammarCache:
             if entry.started is None or entry.abandoned or entry.future.done():
                 return
             entry.abandoned = True
-            self.stats.timeouts += 1
             self._abandoned_running += 1
             spawn = self._abandoned_running <= self.max_abandoned
         log.warning("grammar compile abandoned after %.1f s (%s, %d characters)",
@@ -123,9 +139,10 @@ class GrammarCache:
             entry = self._queue.get()
             if entry is None:
                 break
-            entry.started = time.monotonic()
             try:
-                compiled = self._compile(entry.spec)
+                compiler = self._setup.result()
+                entry.started = time.monotonic()
+                compiled = self._compile(compiler, entry.spec)
             except Exception as exc:
                 with self._lock:
                     self.stats.errors += 1
@@ -148,10 +165,10 @@ class GrammarCache:
         with self._lock:
             self._live -= 1
 
-    def _compile(self, spec: GrammarSpec):
+    def _compile(self, compiler, spec: GrammarSpec):
         grammar = to_grammar(spec)
         try:
-            return self._compiler.compile_grammar(grammar)
+            return compiler.compile_grammar(grammar)
         except Exception as exc:
             raise InvalidArgument(f"structured output: cannot compile the {spec.kind}: {xgrammar_message(exc)}") \
                 from None
@@ -180,11 +197,10 @@ class CompileWaitlist:
     def __len__(self) -> int:
         return len(self._items)
 
-    def items(self) -> list:
-        return [item for item, _, _ in self._items]
-
-    def remove(self, item) -> None:
-        self._items = [t for t in self._items if t[0] is not item]
+    def take_all(self) -> list:
+        """Every waiting item, removed (shutdown)."""
+        items, self._items = [item for item, _, _ in self._items], []
+        return items
 
     def poll(self) -> tuple[list[tuple[object, object]], list[tuple[object, Exception]]]:
         """(item, compiled) pairs ready now, and (item, error) pairs that failed or ran out of time."""
@@ -195,6 +211,7 @@ class CompileWaitlist:
                 exc = entry.future.exception()
                 (failed if exc else ready).append((item, exc or entry.future.result()))
             elif now - since > self.timeout_s:
+                self.cache.stats.timeouts += 1
                 self.cache.abandon(entry)
                 failed.append((item, InvalidArgument(
                     f"structured output: compiling the {entry.spec.kind} took longer than {self.timeout_s:g} s "
