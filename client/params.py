@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 
 from .errors import InvalidRequest
+from .sampling_rules import EMPTY_STOP, min_tokens_error, range_error, type_error
 
 # Fields sent as their own tensor (and JSON key on HTTP); the rest travel in `sampling_parameters`.
 TENSOR_TYPES = {
@@ -64,49 +64,34 @@ class SamplingParams:
         return cls(**values).validate()
 
     def validate(self) -> SamplingParams:
-        """Raise InvalidRequest naming the field and the rule; return self."""
+        """Raise InvalidRequest naming the field and the rule (the server's, ``sampling_rules``); return self."""
         self._check_types()
-
-        def check(name: str, ok, rule: str) -> None:
-            value = getattr(self, name)
-            if value is not None and not ok(value):
-                raise InvalidRequest(f"{name}={value!r}: {rule}")
-
-        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-            check(name, math.isfinite, "must be a finite number")
-        check("max_tokens", lambda v: v >= 1, "must be at least 1")
-        if self.max_tokens is not None:
-            check("min_tokens", lambda v: 0 <= v <= self.max_tokens,
-                  f"must be between 0 and max_tokens ({self.max_tokens})")
-        check("min_tokens", lambda v: v >= 0, "must be >= 0")
-        check("temperature", lambda v: v >= 0, "must be >= 0")
-        check("top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
-        check("top_k", lambda v: v >= -1, "must be -1 or 0 (off) or a positive integer")
-        check("min_p", lambda v: 0 <= v <= 1, "must be in [0, 1]")
-        check("repetition_penalty", lambda v: v > 0, "must be > 0")
-        check("presence_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
-        check("frequency_penalty", lambda v: -2 <= v <= 2, "must be in [-2, 2]")
-        check("seed", lambda v: 0 <= v < 2**64, "must be in [0, 2**64)")
+        for f in fields(self):
+            rule = range_error(f.name, getattr(self, f.name))
+            if rule:
+                raise InvalidRequest(f"{f.name}={getattr(self, f.name)!r}: {rule}")
+        if self.max_tokens is not None and self.min_tokens is not None:
+            rule = min_tokens_error(self.min_tokens, self.max_tokens)
+            if rule:
+                raise InvalidRequest(f"min_tokens={self.min_tokens!r}: {rule}")
         for t in self.stop_token_ids:
-            if t < 0 or t >= 2**31:
+            if t < 0 or t >= 2**31:  # the vocabulary is the server's to know: only the id's range here
                 raise InvalidRequest(f"stop_token_ids: {t} is not a token id")
         if any(not s for s in self.stop):
-            raise InvalidRequest("stop: empty strings are not allowed")
+            raise InvalidRequest(f"stop: {EMPTY_STOP}")
         return self
 
     def _check_types(self) -> None:
+        kinds = {"bool": bool, "int": int, "float": float}
         for f in fields(self):
             value = getattr(self, f.name)
-            if value is None or f.name in ("stop", "stop_token_ids"):
+            kind = kinds.get(str(f.type).split(" |")[0])
+            if value is None or kind is None:
                 continue
-            kind = str(f.type).split(" |")[0]
-            if kind == "bool" and not isinstance(value, bool):
-                raise InvalidRequest(f"{f.name}: expected a boolean, got {value!r}")
-            if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-                raise InvalidRequest(f"{f.name}: expected an integer, got {value!r}")
-            if kind == "float":
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise InvalidRequest(f"{f.name}: expected a number, got {value!r}")
+            problem = type_error(kind, value)
+            if problem:
+                raise InvalidRequest(f"{f.name}: {problem}")
+            if kind is float:
                 setattr(self, f.name, float(value))
         if not all(isinstance(s, str) for s in self.stop):
             raise InvalidRequest("stop: expected a list of strings")

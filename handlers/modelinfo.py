@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from tritonvl.handlers.sampling import defaults_from_generation_config
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,8 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     max_position_embeddings: int
+    # the model's own sampling defaults (what generate() would use), from generation_config.json
+    sampling_defaults: dict = field(default_factory=dict, hash=False)
 
     @property
     def patch_dim(self) -> int:
@@ -53,7 +57,7 @@ def _read_json(path: Path) -> dict:
 
 
 def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
-    """Read config.json and generation_config.json of ``model_dir``."""
+    """Read config.json and generation_config.json of ``model_dir`` (the one place that reads them)."""
     root = Path(model_dir)
     cfg = _read_json(root / "config.json")
     if not cfg:
@@ -83,4 +87,5 @@ def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
         head_dim=text.get("head_dim") or hidden // heads,
         vocab_size=text.get("vocab_size", cfg.get("vocab_size")),
         max_position_embeddings=text.get("max_position_embeddings", 32768),
+        sampling_defaults=defaults_from_generation_config(gen),
     )

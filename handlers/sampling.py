@@ -7,9 +7,9 @@ Sources, in increasing priority: the model's generation_config defaults, the vLL
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, fields
 
+from tritonvl.client.sampling_rules import EMPTY_STOP, min_tokens_error, range_error, type_error
 from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.llm.grammar.spec import GrammarSpec, parse_structured_outputs
 
@@ -65,8 +65,9 @@ class SamplingParams:
         """Raise InvalidArgument naming the field and the rule; return self."""
         for f in fields(self):
             check_field(f.name, getattr(self, f.name), vocab_size)
-        if self.min_tokens > self.max_tokens:
-            raise InvalidArgument(f"min_tokens={self.min_tokens}: must be between 0 and max_tokens ({self.max_tokens})")
+        rule = min_tokens_error(self.min_tokens, self.max_tokens)
+        if rule:
+            raise InvalidArgument(f"min_tokens={self.min_tokens}: {rule}")
         return self
 
 
@@ -76,62 +77,29 @@ class SamplingParams:
 MIN_TEMPERATURE = 1e-2
 REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 
-_FINITE = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
-
 
 def check_field(name: str, value, vocab_size: int, where: str = "") -> None:
-    """The range rule of one field (vLLM's), raising InvalidArgument naming ``where + name``."""
-
-    def bad(rule: str) -> InvalidArgument:
-        return InvalidArgument(f"{where}{name}={value!r}: {rule}")
-
-    if name in _FINITE and not math.isfinite(value):
-        raise bad("must be a finite number")
-    if name == "n" and value != 1:
-        raise bad("only n=1 is supported")
-    elif name == "max_tokens" and value < 1:
-        raise bad("must be at least 1")
-    elif name == "min_tokens" and value < 0:
-        raise bad("must be between 0 and max_tokens")
-    elif name == "temperature" and value < 0:
-        raise bad("must be >= 0")
-    elif name == "top_p" and not 0 < value <= 1:
-        raise bad("must be in (0, 1]")
-    elif name == "top_k" and value < -1:
-        raise bad("must be -1 or 0 (off) or a positive integer")
-    elif name == "min_p" and not 0 <= value <= 1:
-        raise bad("must be in [0, 1]")
-    elif name == "repetition_penalty" and value <= 0:
-        raise bad("must be > 0")
-    elif name in ("presence_penalty", "frequency_penalty") and not -2 <= value <= 2:
-        raise bad("must be in [-2, 2]")
-    elif name == "seed" and value is not None and not 0 <= value < 2**64:
-        raise bad("must be in [0, 2**64)")
-    elif name == "stop_token_ids":
+    """The rule of one field (``client/sampling_rules.py``, shared with the client), raising
+    InvalidArgument naming ``where + name``."""
+    rule = range_error(name, value)
+    if rule:
+        raise InvalidArgument(f"{where}{name}={value!r}: {rule}")
+    if name == "stop_token_ids":
         for t in value:
             if not 0 <= t < vocab_size:
                 raise InvalidArgument(f"{where}stop_token_ids: {t} is outside the vocabulary [0, {vocab_size})")
     elif name == "stop" and any(not s for s in value):
-        raise InvalidArgument(f"{where}stop_words: empty strings are not allowed")
+        raise InvalidArgument(f"{where}stop_words: {EMPTY_STOP}")
 
 
 def _coerce(name: str, value, kind):
-    """Type-check one value from JSON or a tensor; bool is not an int here."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise InvalidArgument(f"{name}: expected a boolean, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise InvalidArgument(f"{name}: expected an integer, got {value!r}")
-        return value
-    if kind is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidArgument(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    return value
+    """Type-check one value from JSON or a tensor; bool is not an int here, 2.0 is."""
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    problem = type_error(kind, value) if kind in (bool, int, float) else None
+    if problem:
+        raise InvalidArgument(f"{name}: {problem}")
+    return float(value) if kind is float else value
 
 
 def _text(name: str, value) -> str:

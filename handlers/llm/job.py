@@ -23,8 +23,8 @@ class Job:
 
 
 def job_from_tensors(input_ids: np.ndarray, image_embeds: np.ndarray, image_grid_thw: np.ndarray,
-                     image_hashes: np.ndarray, request_json, send, send_error, is_cancelled) -> Job:
-    """Build a Job from the llm step's inputs (batch dim already removed)."""
+                     image_hashes: np.ndarray | list[bytes], request_json, send, send_error, is_cancelled) -> Job:
+    """Build a Job from the llm step's inputs (batch dim already removed); the offline pipeline uses it too."""
     options = RequestOptions.from_json(request_json)
     responder = Responder(options, int(input_ids.shape[0]), send, send_error, int(image_embeds.shape[0]))
     return Job(input_ids.astype(np.int32), np.ascontiguousarray(image_embeds, dtype=np.float32),

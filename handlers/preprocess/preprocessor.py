@@ -6,9 +6,7 @@ transformers'), builds the prompt with the chat template, and validates every sa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -18,7 +16,7 @@ from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions
 from tritonvl.handlers.preprocess.images import ImageLimits, load_images
 from tritonvl.handlers.preprocess.prompt import PromptBuilder, messages_from_text, parse_messages, text_bytes
-from tritonvl.handlers.sampling import build_sampling_params, defaults_from_generation_config
+from tritonvl.handlers.sampling import build_sampling_params
 
 
 @dataclass
@@ -66,9 +64,7 @@ class Preprocessor:
         self.prompts = PromptBuilder(self.tokenizer, self.info.image_token_id)
         self.limits = limits or ImageLimits()
         self.max_model_len = max_model_len or self.info.max_position_embeddings
-        gen_path = Path(model_dir) / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        self.sampling_defaults = {"max_tokens": default_max_tokens, **defaults_from_generation_config(gen)}
+        self.sampling_defaults = {"max_tokens": default_max_tokens, **self.info.sampling_defaults}
 
     def process(self, raw: RawRequest) -> ModelInputs:
         messages_json = utf8(raw.messages, "messages")
