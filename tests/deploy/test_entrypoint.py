@@ -1,5 +1,6 @@
 """The containers' entrypoint (scripts/entrypoint.sh), run here without Docker: configured from the
-environment as in deploy/, it serves the test model, answers, and on SIGTERM leaves no process behind."""
+environment as in deploy/, it serves the test model (Triton and the OpenAI gateway), answers, and on
+SIGTERM leaves no process behind."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def session_members(sid: int) -> list[psutil.Process]:
 def test_entrypoint_serves_and_stops_cleanly(model_dir, tmp_path):
     from tritonvl.handlers.tools.launcher import free_port
 
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    env = {**os.environ, "TRITONVL_MODEL": str(model_dir), "TRITONVL_DEVICE": "cpu",
+    http, grpc, metrics, openai = free_port(), free_port(), free_port(), free_port()
+    env = {"TRITONVL_OPENAI_PORT": str(openai), **os.environ, "TRITONVL_MODEL": str(model_dir), "TRITONVL_DEVICE": "cpu",
            "TRITONVL_SET": "llm.max_num_seqs=5  vision_encoder.num_threads=1",
            "TRITONVL_HTTP_PORT": str(http), "TRITONVL_GRPC_PORT": str(grpc), "TRITONVL_METRICS_PORT": str(metrics)}
     log_path = tmp_path / "entrypoint.log"
@@ -59,6 +60,9 @@ def test_entrypoint_serves_and_stops_cleanly(model_dir, tmp_path):
                           json={"text_input": "Hello", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["num_output_tokens"] == 4
+        # The gateway the images start beside Triton (TRITONVL_OPENAI_PORT), on the Service's `openai` port.
+        r = requests.get(f"http://localhost:{openai}/v1/models", timeout=30, headers=CLOSE)
+        assert r.status_code == 200 and r.json()["data"], r.text
         # TRITONVL_SET reached the engine (a --set per word), on the metrics port the Service scrapes.
         text = requests.get(f"http://localhost:{metrics}/metrics", timeout=5, headers=CLOSE).text
         assert re.search(r'tritonvl_engine_info\{[^}]*max_num_seqs="5"', text), text[-2000:]
