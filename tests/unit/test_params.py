@@ -120,7 +120,7 @@ def test_set_strings_are_checked():
     for item, words in [
         ("llm.max_num_seqz=3", "max_num_seqz"),
         ("llm.instance_count=0", "instance_count"),
-        ("qwen2_5_vl.x=1", "unknown model 'qwen2_5_vl'"),
+        ("qwen2_5_vl_ensemble.x=1", "unknown model 'qwen2_5_vl_ensemble'"),
         ("llm=3", "MODEL.KEY=VALUE"),
         ("llm.instance_kind=KIND_TPU", "KIND_CPU, KIND_GPU"),
     ]:
@@ -176,3 +176,12 @@ def test_repository_with_writes_a_checked_copy(tmp_path):
         P.ParamError, match="preprocess: unknown parameter 'max_image_byte'.*'max_image_bytes'"
     ):
         repository_with(tmp_path / "again", {}, repo=dest)
+
+
+def test_attention_backend_choices_are_the_engines_registry():
+    from dataclasses import fields
+
+    from tritonvl.handlers.engine.attention import BACKENDS
+
+    rule = next(f.metadata["rule"] for f in fields(P.LLMParams) if f.name == "attention_backend")
+    assert set(rule.choices) == {"auto", *BACKENDS}
