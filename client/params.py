@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from .errors import InvalidRequest
 from .sampling_rules import EMPTY_STOP, min_tokens_error, range_error, type_error
+from .structured import structured_error
 
 # Fields sent as their own tensor (and JSON key on HTTP); the rest travel in `sampling_parameters`.
 TENSOR_TYPES = {
@@ -21,7 +22,7 @@ TENSOR_TYPES = {
     "seed": "UINT64",
     "ignore_eos": "BOOL",
 }
-JSON_ONLY = ("min_p", "include_stop_str_in_output", "skip_special_tokens")
+JSON_ONLY = ("min_p", "include_stop_str_in_output", "skip_special_tokens", "structured_outputs")
 
 
 @dataclass
@@ -47,6 +48,9 @@ class SamplingParams:
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
+    # constrain the answer (vLLM's object): {"json": schema}, {"regex": ...}, {"choice": [...]},
+    # {"grammar": EBNF} or {"json_object": True}; client.structured.from_response_format maps OpenAI's
+    structured_outputs: dict | None = None
 
     @classmethod
     def from_kwargs(cls, base: SamplingParams | None = None, **kwargs) -> SamplingParams:
@@ -79,6 +83,8 @@ class SamplingParams:
                 raise InvalidRequest(f"stop_token_ids: {t} is not a token id")
         if any(not s for s in self.stop):
             raise InvalidRequest(f"stop: {EMPTY_STOP}")
+        if self.structured_outputs is not None and structured_error(self.structured_outputs):
+            raise InvalidRequest(f"structured_outputs: {structured_error(self.structured_outputs)}")
         return self
 
     def _check_types(self) -> None:

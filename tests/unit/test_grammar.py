@@ -234,3 +234,28 @@ def test_end_token_only_when_the_grammar_accepts(tok, cache):
     masker.apply(logits, [0], [g])
     assert g.completed and torch.isfinite(logits[0]).nonzero().flatten().tolist() == [eos]
     assert logits[0, len(tok):].eq(-float("inf")).all()  # padded vocabulary never allowed
+
+
+# ---- the client's side: response_format and the structured_outputs option ----
+def test_response_format_maps_onto_structured_outputs():
+    from tritonvl.client.structured import from_response_format
+
+    assert from_response_format({"type": "text"}) is None
+    assert from_response_format({"type": "json_object"}) == {"json_object": True}
+    rf = {"type": "json_schema", "json_schema": {"name": "caption", "schema": SCHEMA, "strict": True}}
+    assert parse_structured_outputs(from_response_format(rf)) == parse_structured_outputs({"json": SCHEMA})
+    with pytest.raises(ValueError, match="json_schema.schema: required"):
+        from_response_format({"type": "json_schema", "json_schema": {"name": "x"}})
+    with pytest.raises(ValueError, match="expected 'text', 'json_object' or 'json_schema'"):
+        from_response_format({"type": "xml"})
+
+
+def test_client_sends_structured_outputs_in_sampling_parameters():
+    from tritonvl.client.errors import InvalidRequest
+    from tritonvl.client.params import SamplingParams
+
+    p = SamplingParams.from_kwargs(max_tokens=50, structured_outputs={"json": SCHEMA})
+    sent = json.loads(p.tensors()["sampling_parameters"][0])
+    assert parse_structured_outputs(sent["structured_outputs"]) == parse_structured_outputs({"json": SCHEMA})
+    with pytest.raises(InvalidRequest, match="exactly one of"):
+        SamplingParams.from_kwargs(structured_outputs={"regex": "a", "choice": ["b"]})

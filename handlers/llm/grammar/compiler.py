@@ -202,6 +202,13 @@ class CompileWaitlist:
         items, self._items = [item for item, _, _ in self._items], []
         return items
 
+    def _late(self, entry: Entry, since: float, now: float) -> bool:
+        """Past the limit since the later of the request's arrival and its compile's start (xgrammar's
+        one-off set-up and a queue behind other compiles do not count, up to 10x the limit)."""
+        if entry.started is None:
+            return now - since > 10 * self.timeout_s
+        return now - max(since, entry.started) > self.timeout_s
+
     def poll(self) -> tuple[list[tuple[object, object]], list[tuple[object, Exception]]]:
         """(item, compiled) pairs ready now, and (item, error) pairs that failed or ran out of time."""
         ready, failed, keep = [], [], []
@@ -210,7 +217,7 @@ class CompileWaitlist:
             if entry.future.done():
                 exc = entry.future.exception()
                 (failed if exc else ready).append((item, exc or entry.future.result()))
-            elif now - since > self.timeout_s:
+            elif self._late(entry, since, now):
                 self.cache.stats.timeouts += 1
                 self.cache.abandon(entry)
                 failed.append((item, InvalidArgument(

@@ -14,12 +14,12 @@ import json
 import re
 from dataclasses import dataclass
 
+from tritonvl.client.structured import STRUCTURED_KEYS, structured_error
 from tritonvl.handlers.errors import InvalidArgument
 
 # Internal kinds. "json" is a JSON schema (canonical JSON text); "json_object" any JSON object;
 # "json_value" any JSON value (TensorRT-LLM's guide type "json"); "grammar" is EBNF (choices become one).
 KINDS = ("json", "json_object", "json_value", "regex", "grammar")
-STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
 # TensorRT-LLM guide types -> our kinds.
 GUIDE_TYPES = {"json": "json_value", "json_schema": "json", "regex": "regex", "ebnf_grammar": "grammar"}
 MAX_SPEC_CHARS = 256 * 1024  # a schema past this is refused before parsing
@@ -88,16 +88,12 @@ def parse_structured_outputs(value, where: str = "structured_outputs") -> Gramma
             value = json.loads(_string(value, where))
         except ValueError as exc:
             raise InvalidArgument(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{where}: expected an object with one of {list(STRUCTURED_KEYS)}")
-    unknown = sorted(set(value) - set(STRUCTURED_KEYS))
-    if unknown:
-        raise InvalidArgument(f"{where}: unknown key(s) {unknown}; known: {list(STRUCTURED_KEYS)}")
+    problem = structured_error(value)
+    if problem:
+        raise InvalidArgument(f"{where}: {problem}")
     given = [k for k in STRUCTURED_KEYS if value.get(k) not in (None, False)]
     if not given:
         return None
-    if len(given) > 1:
-        raise InvalidArgument(f"{where}: give exactly one of {list(STRUCTURED_KEYS)}, got {given}")
     key, item = given[0], value[given[0]]
     at = f"{where}.{key}"
     if key == "json":
