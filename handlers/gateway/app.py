@@ -102,6 +102,7 @@ def _too_large(limit: int) -> APIError:
 def create_app(config: GatewayConfig) -> FastAPI:
     backend = TritonBackend(config.triton_url, config.triton_model, config.request_timeout_s)
     metrics = GatewayMetrics()
+    metrics.watch_calls(lambda: backend.open_calls)
     gw = routes.Gateway(config, backend, metrics, Limiter(config.max_concurrent, metrics))
 
     @asynccontextmanager

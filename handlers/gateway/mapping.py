@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from tritonvl.client.errors import InvalidRequest
 from tritonvl.client.params import SamplingParams
 from tritonvl.client.request import Request
+from tritonvl.client.structured import from_response_format
 from tritonvl.handlers.gateway.errors import bad_request, unsupported
 
 # OpenAI / vLLM name -> SamplingParams field
@@ -38,9 +39,10 @@ DEFAULT_ONLY = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "
                 "use_beam_search": (False,), "add_generation_prompt": (True,)}
 _COMMON = {"model", "stream", "stream_options", *SAMPLING, *IGNORED, "n", "logprobs", "logit_bias"} - {
     "max_completion_tokens"}
-CHAT_KEYS = _COMMON | {"messages", "max_completion_tokens", "response_format", "top_logprobs", "tools",
-                       "tool_choice", "add_generation_prompt"}
-COMPLETION_KEYS = _COMMON | {"prompt", "echo", "suffix", "best_of", "use_beam_search"}
+CHAT_KEYS = _COMMON | {"messages", "max_completion_tokens", "response_format", "structured_outputs",
+                       "top_logprobs", "tools", "tool_choice", "add_generation_prompt"}
+COMPLETION_KEYS = _COMMON | {"prompt", "echo", "suffix", "best_of", "use_beam_search", "response_format",
+                             "structured_outputs"}
 
 
 @dataclass
@@ -69,8 +71,7 @@ def parse_chat(body: dict) -> Parsed:
         raise bad_request("messages", "messages: expected a non-empty list of {role, content} objects")
     messages = [_message(m, i) for i, m in enumerate(messages)]
     stream, include_usage = _stream(body)
-    extra = structured_output(body)
-    req = TritonRequest(sampling(body), messages=messages, stream=stream, extra=extra)
+    req = TritonRequest(sampling(body), messages=messages, stream=stream)
     return Parsed(req, _model(body), stream, include_usage)
 
 
@@ -89,12 +90,17 @@ def parse_completion(body: dict) -> Parsed:
     return Parsed(req, _model(body), stream, include_usage)
 
 
-def structured_output(body: dict) -> dict[str, tuple[object, str]]:
-    """Public inputs for ``response_format``: the place structured outputs plug in (none yet)."""
-    fmt = body.get("response_format")
-    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") == "text" and set(fmt) == {"type"}):
-        return {}
-    raise unsupported("response_format", "only {'type': 'text'} is supported (no structured outputs yet)")
+def structured_output(body: dict) -> dict | None:
+    """OpenAI's ``response_format`` (json_object, json_schema) or vLLM's ``structured_outputs`` extra
+    field, as one ``structured_outputs`` object for the server (docs/STRUCTURED.md); None: free text."""
+    try:
+        from_format = from_response_format(body.get("response_format"))
+    except ValueError as exc:
+        raise bad_request("response_format", str(exc)) from None
+    extra = body.get("structured_outputs")
+    if from_format is not None and extra is not None:
+        raise bad_request("structured_outputs", "structured_outputs: give it or response_format, not both")
+    return from_format if from_format is not None else extra
 
 
 def check_keys(body: dict, allowed: set[str]) -> None:
@@ -114,11 +120,14 @@ def sampling(body: dict) -> SamplingParams:
         if value is None or (name == "max_tokens" and body.get("max_completion_tokens") is not None):
             continue
         values[target] = _typed(name, value)
+    constraint = structured_output(body)
+    if constraint is not None:
+        values["structured_outputs"] = constraint
     try:
         return SamplingParams.from_kwargs(**values)
     except InvalidRequest as exc:  # "temperature=-1.0: must be >= 0": the client's rule, named
         name = str(exc).split(":", 1)[0].split("=", 1)[0]
-        raise bad_request(name if name in SAMPLING else None, str(exc)) from None
+        raise bad_request(name if name in SAMPLING or name == "structured_outputs" else None, str(exc)) from None
 
 
 def _typed(name: str, value):

@@ -30,6 +30,11 @@ class GatewayMetrics:
         self.completion_tokens = Counter("tritonvl_gateway_completion_tokens",
                                          "Generated tokens of answered requests", registry=r)
 
+    def watch_calls(self, open_calls) -> None:
+        """``open_calls()``: Triton calls in flight; exported as a gauge read at scrape time."""
+        Gauge("tritonvl_gateway_triton_calls_open", "gRPC calls to Triton not yet ended or cancelled",
+              registry=self.registry).set_function(open_calls)
+
     def tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens.inc(prompt)
         self.completion_tokens.inc(completion)

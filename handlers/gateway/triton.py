@@ -27,6 +27,7 @@ class TritonBackend:
     def __init__(self, url: str, model: str, timeout: float) -> None:
         self.url, self.model, self.timeout = url, model, timeout
         self._transport: AsyncGrpcTransport | None = None
+        self.open_calls = 0  # gRPC calls not yet ended or cancelled (a metric)
 
     async def start(self) -> None:
         # the aio channel binds to the running event loop: create it inside the server's loop
@@ -43,9 +44,17 @@ class TritonBackend:
             return False
         return True
 
-    def stream(self, request: Request) -> AsyncIterator[Chunk]:
-        """The responses of one request; raises TritonVLError on a failure."""
-        return self._transport.responses(request, self.model, self.timeout, CancelToken())
+    async def stream(self, request: Request) -> AsyncIterator[Chunk]:
+        """The responses of one request; raises TritonVLError on a failure. Closing this iterator
+        early (``aclose()``, or cancelling the task iterating it) cancels the gRPC call."""
+        inner = self._transport.responses(request, self.model, self.timeout, CancelToken())
+        self.open_calls += 1
+        try:
+            async for chunk in inner:
+                yield chunk
+        finally:
+            await inner.aclose()
+            self.open_calls -= 1
 
     async def collect(self, request: Request) -> Outcome:
         text, last = [], Chunk()
