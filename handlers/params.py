@@ -258,8 +258,12 @@ class LLMParams(DeviceParams):
 
 
 @dataclass(frozen=True, kw_only=True)
-class FrontParams(CommonParams):
-    """The public model `qwen2_5_vl` (BLS front): no parameters of its own."""
+class FrontParams:
+    """The public model `qwen2_5_vl` (BLS front over the three models above)."""
+
+    exit_on_stub_failure: bool = param(
+        Bool(), "true", "stop the whole server when a sibling model's stub process dies (the watchdog)"
+    )
 
 
 MODELS: dict[str, type] = {"preprocess": PreprocessParams, "vision_encoder": VisionParams, "llm": LLMParams,

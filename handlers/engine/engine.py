@@ -78,6 +78,7 @@ class LLMEngine:
         self._grammar_wait: CompileWaitlist | None = None
         self._masker: GrammarMasker | None = None
         self._drain_until = 0.0
+        self._drain_at = 0.0  # begin_drain(): when what is in flight is cut off
         self.intake: queue.Queue[Job | None] = queue.Queue()
         self._stop = threading.Event()
         self.healthy = True
@@ -96,6 +97,12 @@ class LLMEngine:
     # ---- called from Triton's threads ----
     def submit(self, job: Job) -> None:
         self.intake.put(job)
+
+    def begin_drain(self, seconds: float) -> None:
+        """The server is stopping: refuse new jobs; those in flight run up to ``seconds`` more, then
+        end with finish_reason ``cancelled`` (a final response, before Triton's exit timeout)."""
+        if not self._drain_at:
+            self._drain_at = time.monotonic() + seconds
 
     def stop(self, drain_seconds: float = 20.0) -> None:
         """Finish what is in flight (up to ``drain_seconds``), then end the rest with an error.
@@ -142,6 +149,8 @@ class LLMEngine:
             if job.is_cancelled():
                 job.responder.finish("cancelled")
                 return
+            if self._drain_at:
+                raise Unavailable("the server is shutting down")
             n = int(job.input_ids.shape[0])
             if n >= self.config.max_model_len:
                 raise InvalidArgument(f"prompt: {n} tokens does not fit max_model_len={self.config.max_model_len}")
@@ -192,11 +201,13 @@ class LLMEngine:
             job.responder.fail(exc)
 
     def _reap_cancelled(self) -> None:
-        """Cancelled requests and requests past their deadline leave at once, freeing their blocks."""
+        """Cancelled requests, requests past their deadline and, past the drain deadline, every
+        request leave at once, freeing their blocks."""
         now = time.monotonic()
+        drained = bool(self._drain_at) and now >= self._drain_at
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             st: SeqState = seq.payload
-            if st.job.is_cancelled():
+            if drained or st.job.is_cancelled():
                 self.scheduler.abort(seq.seq_id)
                 self.stats.count("requests_finished")
                 st.job.responder.finish("cancelled")

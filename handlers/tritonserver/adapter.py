@@ -14,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from tritonvl.handlers.devices import pick_device
-from tritonvl.handlers.errors import RequestError
+from tritonvl.handlers.errors import InvalidArgument, RequestError
 from tritonvl.handlers.params import read as read_params
 from tritonvl.handlers.preprocess.preprocessor import RawRequest
 
@@ -110,13 +110,13 @@ class TritonMetrics:
                 self._hists[name].observe(v)
 
 
-def watchdog(cfg: ModelArgs):
-    """Start the stub watchdog (parameter `exit_on_stub_failure`, default true); None when off."""
-    if not cfg.params.exit_on_stub_failure:
-        return None
+def watchdog(cfg: ModelArgs, on_shutdown=None):
+    """Start the stub watchdog: exits when tritonserver is gone, calls ``on_shutdown`` when it starts
+    stopping, and (parameter `exit_on_stub_failure`, default true) stops it when a sibling stub dies."""
     from tritonvl.handlers.tritonserver.watchdog import Watchdog
 
-    return Watchdog(cfg.instance_name or cfg.config.get("name", "model"))
+    return Watchdog(cfg.instance_name or cfg.config.get("name", "model"),
+                    check_siblings=cfg.params.exit_on_stub_failure, on_shutdown=on_shutdown)
 
 
 def error(exc: Exception) -> pb_utils.InferenceResponse:
@@ -134,6 +134,13 @@ def triton_error(exc: Exception):
 def tensor(request, name: str) -> np.ndarray | None:
     t = pb_utils.get_input_tensor_by_name(request, name)
     return None if t is None else t.as_numpy()
+
+
+def required(request, name: str) -> np.ndarray:
+    arr = tensor(request, name)
+    if arr is None:
+        raise InvalidArgument(f"input {name!r} is required")
+    return arr
 
 
 def scalar(request, name: str):
@@ -222,3 +229,70 @@ class StreamSender:
                     StreamSender._warned = True
                     log.warning("cancellation check failed: %r", exc)
         return False
+
+
+# ---- BLS: the public front calls preprocess, vision_encoder and llm (handlers/tritonserver/front.py) ----
+
+def _bls_error(err) -> RequestError:
+    """A child's error as a RequestError with the child's code (INTERNAL when it has none of ours)."""
+    code = "INTERNAL"
+    for name in ("INVALID_ARG", "UNAVAILABLE", "CANCELLED"):
+        if getattr(pb_utils.TritonError, name, None) == err.code():
+            code = name
+    return RequestError(err.message(), code)
+
+
+def bls_call(model: str, inputs: list, outputs: list[str]) -> dict:
+    """One request to a non-decoupled model: its output tensors by name."""
+    resp = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs).exec()
+    if resp.has_error():
+        raise _bls_error(resp.error())
+    return {t.name(): t for t in resp.output_tensors()}
+
+
+def bls_stream(model: str, inputs: list, outputs: list[str], key: str = ""):
+    """The responses of a decoupled model as dicts of output tensors (empty responses skipped)."""
+    request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs,
+                                        request_id=key)
+    for resp in request.exec(decoupled=True):
+        if resp.has_error():
+            raise _bls_error(resp.error())
+        tensors = resp.output_tensors()
+        if tensors:
+            yield {t.name(): t for t in tensors}
+
+
+def bls_stop(model: str, key: str) -> None:
+    """Ask a decoupled model to end its request ``key`` (input ``stop``, TensorRT-LLM's pattern)."""
+    stop = pb_utils.Tensor("stop", np.array([[True]]))
+    for resp in pb_utils.InferenceRequest(model_name=model, requested_output_names=[], inputs=[stop],
+                                          request_id=key).exec(decoupled=True):
+        if resp.has_error():
+            log.warning("stop of %s failed: %s", key, resp.error().message())
+
+
+def send_final(request) -> None:
+    """End a decoupled request with a flag-only final response (the answer to a stop)."""
+    request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+class Forward:
+    """The front's view of one of its own requests: its inputs, its responses, its cancellation."""
+
+    def __init__(self, request) -> None:
+        self.request = request
+        self.sender = request.get_response_sender()
+
+    def inputs(self) -> list:
+        return self.request.inputs()
+
+    def send(self, tensors: dict, final: bool) -> None:
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=list(tensors.values())), flags=flags)
+
+    def send_error(self, exc: Exception) -> None:
+        self.sender.send(error(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return bool(self.sender.is_cancelled())
+

@@ -10,7 +10,8 @@
 - Server stopping. On SIGTERM/SIGINT tritonserver 2.51 closes its HTTP port at once and only
   unloads models after every in-flight request ended, so finalize() comes too late to drain. The
   watchdog polls the server's own ``/v2/health/ready`` and calls ``on_shutdown`` once when it stops
-  answering 200 after having answered it (docs/INTERFACE.md, Shutdown).
+  answering 200 after having answered it, or after the model got a request (``serving()``);
+  docs/CANCELLATION.md.
 
 Registrations live in ``$TMPDIR/tritonvl-stubs-<server pid>-<server start time>``: the start time
 (``/proc/<pid>/stat`` field 22) tells a new server that reuses a pid from the dead one whose
@@ -116,9 +117,14 @@ class Watchdog:
         self.thread = threading.Thread(target=self._run, name="tritonvl-watchdog", daemon=True)
         self.thread.start()
 
+    def serving(self) -> None:
+        """The model got a request, so the server is up (its ready probe may not have run yet: a
+        SIGTERM right after start must still be seen)."""
+        self._seen_ready = True
+
     def dead_siblings(self) -> list[str]:
         dead = []
-        for f in self.dir.iterdir():
+        for f in (self.dir.iterdir() if self.dir.is_dir() else ()):
             parts = f.name.rsplit(".", 2)
             if len(parts) != 3 or not parts[1].isdigit():
                 continue
@@ -133,15 +139,18 @@ class Watchdog:
                 log.error("tritonserver (pid %d) is gone: this stub exits", self.server_pid)
                 self.file.unlink(missing_ok=True)
                 os._exit(1)
-            if self.on_shutdown and not stopping and self.ready_url:
-                stopping = self._server_stopping()
-            if self.check_siblings and not stopping:
-                dead = self.dead_siblings()
-                if dead and not self._stop.is_set():
-                    log.error("stub(s) %s died: stopping the server (pid %d) so it can be restarted",
-                              dead, self.server_pid)
-                    self._stop_server()
-                    return
+            try:
+                if self.on_shutdown and not stopping and self.ready_url:
+                    stopping = self._server_stopping()
+                if self.check_siblings and not stopping:
+                    dead = self.dead_siblings()
+                    if dead and not self._stop.is_set():
+                        log.error("stub(s) %s died: stopping the server (pid %d) so it can be restarted",
+                                  dead, self.server_pid)
+                        self._stop_server()
+                        self.check_siblings = False
+            except Exception:  # this thread must live on: it is what ends an orphaned stub
+                log.exception("watchdog check failed")
 
     def _server_stopping(self) -> bool:
         """True (after calling on_shutdown) once the server stops being ready after it was."""

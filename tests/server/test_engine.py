@@ -137,13 +137,10 @@ def llm_inputs(grpcclient, ref, text: str, **sampling):
     return out
 
 
-def test_cancel_frees_kv_and_goes_idle(server, ref):
-    """A cancelled stream stops within a step and frees its KV blocks.
-
-    Sent to the `llm` step directly: Triton 2.51's ensemble scheduler does not pass a client's
-    cancellation on to an in-flight decoupled step (checked: is_cancelled() stays False there),
-    so through `qwen2_5_vl` the generation runs to its end (docs/INTERFACE.md, Cancellation).
-    """
+def test_cancel_stops_generation_within_a_step_and_frees_kv(server, ref):
+    """A cancelled stream of the `llm` step itself (its own request: is_cancelled() works there) stops
+    within a step or two: the generation-token counter hardly moves after the cancel (3,000 tokens were
+    asked), and its KV blocks are freed. Through the public model see tests/server/test_cancel.py."""
     import tritonclient.grpc as grpcclient
 
     assert wait_for(lambda: metrics(server)["tritonvl_num_requests_running"] == 0)
@@ -157,9 +154,13 @@ def test_cancel_frees_kv_and_goes_idle(server, ref):
         assert error is None, error
     assert metrics(server)["tritonvl_kv_cache_usage_ratio"] > 0
     client.stop_stream(cancel_requests=True)
+    at_cancel = metrics(server)["tritonvl_generation_tokens_total"]
     client.close()
-    assert wait_for(lambda: metrics(server)["tritonvl_kv_cache_usage_ratio"] == 0, timeout=10)
     assert wait_for(lambda: metrics(server)["tritonvl_num_requests_running"] == 0, timeout=10)
+    time.sleep(1.0)  # had it not stopped, a step every few ms would add hundreds of tokens here
+    m = metrics(server)
+    assert m["tritonvl_generation_tokens_total"] - at_cancel <= 5
+    assert m["tritonvl_kv_cache_usage_ratio"] == 0
     assert infer_http(server.http_url, text_input="after cancel", max_tokens=2)["num_output_tokens"] == 2
 
 

@@ -118,3 +118,21 @@ def test_server_shutdown_is_noticed_once():
     assert calls == [1]
     dog.stop()
     server.kill()
+
+
+def test_shutdown_right_after_start_is_noticed_once_a_request_came():
+    """SIGTERM before the first ready probe: the model's first request says the server was up."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: tritonserver's HTTP port after SIGTERM
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--http-port={port}"])
+    calls = []
+    dog = Watchdog("a", server_pid=server.pid, interval=0.05, on_shutdown=lambda: calls.append(1))
+    time.sleep(0.3)
+    assert calls == []  # not up yet: starting, not stopping
+    dog.serving()
+    assert wait(lambda: calls == [1], timeout=5)
+    dog.stop()
+    server.kill()

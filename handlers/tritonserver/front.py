@@ -1,0 +1,132 @@
+"""The public model's logic: preprocess -> vision_encoder -> llm through BLS, with cancellation.
+
+Triton's ensemble never passes a client's cancel to its running decoupled `llm` step, and on 24.10
+a BLS caller cannot cancel its child either. So the front keeps the ensemble's interface and steps
+(preprocess and vision_encoder keep their dynamic batching and instance groups), streams `llm`'s
+responses to its own client, and when its client cancels (gRPC stream cancel, closed HTTP SSE
+connection), sends `llm` an explicit stop for that request's key: the engine drops the sequence
+at its next step and frees its KV blocks (docs/CANCELLATION.md).
+
+Each request runs in its own thread (a BLS call blocks); one watcher thread polls the requests
+streaming from `llm` for cancellation. Tensors go through as Triton tensors, never copied here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from tritonvl.handlers.errors import Unavailable
+
+log = logging.getLogger("tritonvl.front")
+
+PREPROCESS_OUTPUTS = ["input_ids", "pixel_values", "image_grid_thw", "request"]
+VISION_OUTPUTS = ["image_embeds", "image_hashes"]
+LLM_OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "num_image_tokens",
+               "output_ids", "logprobs"]
+
+
+class Client(Protocol):
+    """One request of the front's own (adapter.Forward)."""
+
+    def inputs(self) -> list: ...
+    def send(self, tensors: dict, final: bool) -> None: ...
+    def send_error(self, exc: Exception) -> None: ...
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class Calls:
+    """How the front reaches the other models (adapter.bls_call / bls_stream / bls_stop)."""
+
+    call: Callable[[str, list, list[str]], dict]
+    stream: Callable[[str, list, list[str], str], Iterator[dict]]
+    stop: Callable[[str, str], None]
+
+
+class Front:
+    def __init__(self, calls: Calls, poll_seconds: float = 0.05, outputs: list[str] | None = None) -> None:
+        self.calls = calls
+        self.outputs = outputs or LLM_OUTPUTS
+        self.poll = poll_seconds
+        self.streaming: dict[str, Client] = {}  # key -> client, while llm streams for it
+        self.stopped: set[str] = set()
+        self.closing = False
+        self._lock = threading.Lock()
+        self._watcher = threading.Thread(target=self._watch, name="tritonvl-front-cancel", daemon=True)
+        self._watcher.start()
+
+    def submit(self, client: Client) -> None:
+        threading.Thread(target=self.serve, args=(client,), name="tritonvl-front", daemon=True).start()
+
+    def begin_drain(self) -> None:
+        """The server is stopping: refuse new requests (llm drains the ones in flight)."""
+        self.closing = True
+
+    def serve(self, client: Client) -> None:
+        key = uuid.uuid4().hex
+        try:
+            if self.closing:
+                raise Unavailable("the server is shutting down")
+            pre = self.calls.call("preprocess", client.inputs(), PREPROCESS_OUTPUTS)
+            vis = self.calls.call("vision_encoder", [pre["pixel_values"], pre["image_grid_thw"]], VISION_OUTPUTS)
+            with self._lock:
+                self.streaming[key] = client
+            inputs = [pre["input_ids"], vis["image_embeds"], pre["image_grid_thw"], vis["image_hashes"], pre["request"]]
+            final = gone = False
+            for out in self.calls.stream("llm", inputs, self.outputs, key):  # read to its end, always
+                final = "finish_reason" in out  # only the last response carries it (docs/INTERFACE.md)
+                if gone:
+                    continue
+                try:
+                    if final:
+                        self._finish(key, client.send, out, True)
+                    else:
+                        client.send(out, False)
+                except Exception:  # the client went away: stop the generation
+                    log.debug("sending to %s failed", key, exc_info=True)
+                    gone = True
+                    self._stop(key)
+            if not final and not gone:
+                raise Unavailable("the llm step ended without a final response")
+        except Exception as exc:
+            try:
+                self._finish(key, client.send_error, exc)
+            except Exception:  # the client is gone
+                log.debug("could not send the error of %s", key, exc_info=True)
+        finally:
+            with self._lock:
+                self.streaming.pop(key, None)
+                self.stopped.discard(key)
+
+    def _finish(self, key: str, send_final: Callable, *args) -> None:
+        """Send the final response under the lock, after the watcher lost sight of the request:
+        Triton frees a request's response factory with its final response, and asking a freed
+        one whether it is cancelled crashes tritonserver (seen: SIGSEGV in
+        TRITONBACKEND_ResponseFactoryIsCancelled)."""
+        with self._lock:
+            self.streaming.pop(key, None)
+            send_final(*args)
+
+    def _stop(self, key: str) -> None:
+        with self._lock:
+            if key in self.stopped:
+                return
+            self.stopped.add(key)
+        try:
+            self.calls.stop("llm", key)
+        except Exception:
+            log.exception("stopping request %s failed", key)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll)
+            with self._lock:  # no final response goes out meanwhile (see _finish)
+                cancelled = [k for k, c in self.streaming.items() if k not in self.stopped and c.is_cancelled()]
+            for key in cancelled:
+                self._stop(key)

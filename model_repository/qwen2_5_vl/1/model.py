@@ -1,0 +1,25 @@
+"""qwen2_5_vl (decoupled, the public model): the interface of qwen2_5_vl_ensemble (docs/INTERFACE.md).
+
+preprocess -> vision_encoder -> llm through BLS; llm's responses go straight to the client; a
+client's cancel becomes an explicit stop of that llm request (handlers/tritonserver/front.py).
+"""
+
+from tritonvl.handlers.tritonserver import adapter as ta
+from tritonvl.handlers.tritonserver.front import Calls, Front
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = ta.ModelArgs(args, "qwen2_5_vl")
+        outputs = [o["name"] for o in cfg.config["output"]]  # llm's, forwarded as they come
+        self.front = Front(Calls(ta.bls_call, ta.bls_stream, ta.bls_stop), outputs=outputs)
+        self.watchdog = ta.watchdog(cfg, on_shutdown=self.front.begin_drain)
+
+    def execute(self, requests):
+        self.watchdog.serving()
+        for request in requests:
+            self.front.submit(ta.Forward(request))
+        return None
+
+    def finalize(self):
+        self.watchdog.stop()
