@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -77,8 +78,12 @@ def _graph_module(visual):
     return VisionGraph().eval()
 
 
-def export(model_dir: str, out: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET) -> Path:
-    """Write the tower of ``model_dir`` as ONNX (fp32) and check it with onnx.checker."""
+def export(model_dir: str, out: str | os.PathLike | None = None, opset: int = DEFAULT_OPSET,
+           external_data: bool | None = None) -> Path:
+    """Write the tower of ``model_dir`` as ONNX (fp32) and check it with onnx.checker.
+
+    ``external_data``: weights in ``<out>.data`` beside the graph; None: when they pass 1.5 GiB.
+    """
     import onnx
     import torch
     from torch.export import Dim
@@ -103,16 +108,23 @@ def export(model_dir: str, out: str | os.PathLike | None = None, opset: int = DE
                "position_ids": (patches,), "full_slots": (patches,), "window_slots": (patches,), **table}
     # in forward's argument order: the exporter pairs them with the graph inputs by position
     shapes = {n: dict(enumerate(by_name[n])) for n in INPUT_NAMES}
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    # protobuf caps a file at 2 GB: bigger towers (3B and up: ~2.6 GB in fp32) keep their weights
+    # in DIR/onnx/vision_encoder.onnx.data beside the graph
+    external = external_data
+    if external is None:
+        external = sum(t.numel() * t.element_size() for t in visual.state_dict().values()) > 1.5 * 2**30
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
         program = torch.onnx.export(graph, args, input_names=list(INPUT_NAMES), output_names=["image_embeds"],
                                     dynamic_shapes=shapes, opset_version=opset, dynamo=True,
-                                    external_data=False, verbose=False)
-    program.save(str(tmp))
-    _name_patch_axis(tmp, f"{geo.merge_unit}*merged")
-    onnx.checker.check_model(str(tmp), full_check=True)
-    os.replace(tmp, out)  # readers never see a half-written file
+                                    external_data=external, verbose=False)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".export-") as tmp:
+        staged = Path(tmp) / out.name
+        program.save(str(staged), external_data=external)
+        _name_patch_axis(staged, f"{geo.merge_unit}*merged")
+        onnx.checker.check_model(str(staged), full_check=True)
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f == staged):  # the graph last:
+            os.replace(f, out.parent / f.name)  # readers never see it before its weights
     return out
 
 
@@ -120,7 +132,7 @@ def _name_patch_axis(path: Path, derived: str) -> None:
     """The exporter calls the patch axis "4*merged"; name it "patches" (trtexec/ATC users see it)."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param == derived:

@@ -116,6 +116,18 @@ def test_encoder_with_either_runtime_gives_the_same_embeddings_and_keys(towers, 
         assert _rel(y.embeds, x.embeds) <= TOLERANCE
 
 
+def test_weights_in_an_external_file_load_and_match(model_dir, towers, images, tmp_path):
+    """Towers past protobuf's 2 GB (3B and up) keep their weights beside the graph."""
+    from tritonvl.handlers.vision.encoder import load_tower
+    from tritonvl.handlers.vision.onnx_export import export
+
+    path = export(str(model_dir), tmp_path / "v.onnx", external_data=True)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["v.onnx", "v.onnx.data"]
+    assert path.stat().st_size < (tmp_path / "v.onnx.data").stat().st_size
+    tower = load_tower(str(model_dir), "cpu", None, "onnxruntime", str(path))
+    assert _rel(tower(*images[1]), towers[0](*images[1])) <= TOLERANCE
+
+
 def test_onnx_path_missing_is_exported_once(model_dir, onnx_file, tmp_path):
     """A missing graph is exported under a lock; an existing one is used as is (no second export)."""
     import os
