@@ -97,11 +97,13 @@ def _inputs(module, fields: dict):
 
 def _result(res) -> dict:
     out = {}
-    for name in ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "output_ids"):
+    for name in ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "output_ids", "logprobs"):
         arr = res.as_numpy(name)
         if arr is None:
             continue
-        if name in ("text_output", "finish_reason"):
+        if name == "logprobs":  # one JSON object per token
+            out[name] = [e.decode("utf-8") for e in arr.reshape(-1)]
+        elif name in ("text_output", "finish_reason"):
             out[name] = arr.reshape(-1)[0].decode("utf-8")
         elif name == "output_ids":
             out[name] = arr.reshape(-1).tolist()
@@ -168,10 +170,36 @@ def metrics(server, model: str = "llm") -> dict[str, float]:
 
     text = requests.get(server.metrics_url, timeout=10).text
     out = {}
-    for m in re.finditer(r'^(tritonvl_\w+)\{model="([^"]+)"\} (\S+)$', text, re.M):
+    for m in re.finditer(r'^(tritonvl_\w+)\{model="([^"]+)",version="[^"]*"\} (\S+)$', text, re.M):
         if m.group(2) == model:
             out[m.group(1)] = float(m.group(3))
     return out
+
+
+class GaugePeak:
+    """Polls one tritonvl gauge while a block runs and keeps its highest value (``with ... as peak``)."""
+
+    def __init__(self, server, name: str, interval: float = 0.02) -> None:
+        import threading
+
+        self.server, self.name, self.interval = server, name, interval
+        self.peak, self.samples = 0.0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, metrics(self.server).get(self.name, 0.0))
+            self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> GaugePeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(10)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.1):
@@ -197,7 +225,7 @@ def to_published_layout(src, dst) -> None:
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.name not in ("config.json", "model.safetensors"):
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):  # not e.g. an exported onnx/
             shutil.copy(f, dst / f.name)
     cfg = json.loads((src / "config.json").read_text())
     text = cfg.pop("text_config")
