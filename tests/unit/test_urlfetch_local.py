@@ -1,0 +1,60 @@
+"""An allow-listed image URL is fetched and decoded through the real preprocess path, from a local
+HTTP server the test runs. The server refuses loopback addresses (SSRF rule), so this one test
+lets loopback count as public; end to end the refusals are in tests/server/test_generate_backend_and_urls.py."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import numpy as np
+import pytest
+from helpers import make_image
+
+from tritonvl.handlers.preprocess import urlfetch
+from tritonvl.handlers.preprocess.images import ImageLimits
+from tritonvl.handlers.preprocess.preprocessor import Preprocessor, RawRequest
+
+PHOTO = make_image(96, 72, seed=5, fmt="JPEG")
+
+
+@pytest.fixture
+def image_host():
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            body = PHOTO if self.path == "/photo.jpg" else b""
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd.server_address[1], hits
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_allow_listed_url_gives_the_same_pixels_as_the_bytes(model_dir, image_host, monkeypatch):
+    port, hits = image_host
+    monkeypatch.setattr(urlfetch, "public_address", lambda addr: True)  # loopback stands in for a public host
+    pre = Preprocessor(str(model_dir), ImageLimits(url_allowlist=("localhost",)))
+    by_url = pre.process(RawRequest(text_input=b"What is it?", images=[f"http://localhost:{port}/photo.jpg".encode()]))
+    by_bytes = pre.process(RawRequest(text_input=b"What is it?", images=[PHOTO]))
+    assert hits == ["/photo.jpg"]
+    np.testing.assert_array_equal(by_url.pixel_values, by_bytes.pixel_values)
+    assert by_url.input_ids.tolist() == by_bytes.input_ids.tolist()
+    from tritonvl.handlers.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="HTTP 404"):
+        pre.process(RawRequest(text_input=b"x", images=[f"http://localhost:{port}/missing.jpg".encode()]))
+    with pytest.raises(InvalidArgument, match="not on the image URL allow-list"):
+        pre.process(RawRequest(text_input=b"x", images=[f"http://127.0.0.1:{port}/photo.jpg".encode()]))
