@@ -28,6 +28,32 @@ EMPTY_STOP = "empty strings are not allowed"
 
 _KINDS = {bool: "a boolean", int: "an integer", float: "a number"}
 
+# Keys of the `sampling_parameters` JSON whose value may also be written as a string, as vLLM's Triton
+# backend converts them (its samples/client.py sends "temperature": "0.1", "max_tokens": "100").
+# Unlike its bool("false") (true), "false" is false here; other words are refused.
+FROM_STRING: dict[str, type] = {
+    "temperature": float, "top_p": float, "presence_penalty": float, "frequency_penalty": float,
+    "max_tokens": int, "min_tokens": int, "top_k": int, "n": int,
+    "ignore_eos": bool, "skip_special_tokens": bool,
+}
+_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def from_string(name: str, value):
+    """A JSON string value of a FROM_STRING key as that key's type ("0.1" -> 0.1, "100" -> 100,
+    "false" -> False); any other value comes back unchanged (the type check then judges it)."""
+    kind = FROM_STRING.get(name)
+    if kind is None or not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if kind is bool:
+            return _WORDS[text.lower()]
+        number = float(text)
+        return int(number) if kind is int and number.is_integer() else number
+    except (KeyError, ValueError):
+        return value
+
 
 def range_error(name: str, value) -> str | None:
     """The rule ``value`` breaks as field ``name``, or None (also for None: the field is unset)."""

@@ -14,13 +14,20 @@ class RequestOptions:
     stream: bool = False
     exclude_input_in_output: bool = False
     prompt_text: str = ""
+    # the llm step may cut max_tokens to the room its own max_model_len leaves (the request set none,
+    # or preprocess parameter clamp_max_tokens); else more than fits is INVALID_ARG with the numbers
+    clamp_max_tokens: bool = True
+    # -1: no logprobs output; k >= 0: each token's logprob and its k most likely alternatives
+    logprobs: int = -1
 
     def to_json(self) -> str:
         return json.dumps({"sampling": asdict(self.sampling), "stream": self.stream,
                            "exclude_input_in_output": self.exclude_input_in_output,
-                           "prompt_text": self.prompt_text})
+                           "prompt_text": self.prompt_text, "clamp_max_tokens": self.clamp_max_tokens,
+                           "logprobs": self.logprobs})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RequestOptions:
         d = json.loads(text)
-        return cls(SamplingParams(**d["sampling"]), d["stream"], d["exclude_input_in_output"], d["prompt_text"])
+        return cls(SamplingParams(**d["sampling"]), d["stream"], d["exclude_input_in_output"], d["prompt_text"],
+                   d.get("clamp_max_tokens", True), d.get("logprobs", -1))

@@ -153,6 +153,16 @@ class PreprocessParams(CommonParams):
         Int(2), "", "longest prompt + output in tokens; empty: the model's max_position_embeddings"
     )
     default_max_tokens: int = param(Int(1), "256", "max_tokens of a request that sets none")
+    clamp_max_tokens: bool = param(
+        Bool(), "false", "a max_tokens past max_model_len minus the prompt is cut to fit; false: INVALID_ARG with the numbers"
+    )
+    min_pixels: int | None = param(
+        Int(1), "", "smallest image area after Qwen's resize; requests may lower it; empty: the model's processor"
+    )
+    max_pixels: int | None = param(
+        Int(1), "", "largest image area after Qwen's resize (bounds image tokens); requests may lower it, not raise "
+        "it; empty: the model's processor"
+    )
     max_image_bytes: int = param(Int(1), "20971520", "encoded bytes per image")
     max_image_pixels: int = param(
         Int(1), "40000000", "pixels per image, read from the header before decoding"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 
-from tritonvl.client.sampling_rules import EMPTY_STOP, min_tokens_error, range_error, type_error
+from tritonvl.client.sampling_rules import EMPTY_STOP, from_string, min_tokens_error, range_error, type_error
 from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.llm.grammar.spec import GrammarSpec, parse_structured_outputs
 
@@ -160,7 +160,15 @@ def _parse_json(json_text: str) -> dict:
     unknown = sorted(set(parsed) - set(JSON_KEYS))
     if unknown:
         raise InvalidArgument(f"sampling_parameters: unknown key(s) {unknown}; known: {sorted(JSON_KEYS)}")
-    return {JSON_KEYS[key]: value for key, value in parsed.items() if value is not None}
+    # numbers and booleans written as strings, where vLLM's backend takes them (sampling_rules.FROM_STRING)
+    return {JSON_KEYS[key]: from_string(JSON_KEYS[key], value) for key, value in parsed.items() if value is not None}
+
+
+def sets_max_tokens(explicit: dict, json_text: str | None) -> bool:
+    """Whether the request itself set max_tokens (its tensor or the JSON), not a default."""
+    if explicit.get("max_tokens") is not None:
+        return True
+    return bool(json_text) and _parse_json(json_text).get("max_tokens") is not None
 
 
 def build_sampling_params(

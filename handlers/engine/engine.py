@@ -21,6 +21,7 @@ from tritonvl.handlers.llm.grammar.compiler import CompileWaitlist, GrammarCache
 from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
 from tritonvl.handlers.llm.grammar.spec import GrammarSpec
 from tritonvl.handlers.llm.job import Job
+from tritonvl.handlers.llm.logprobs import entries as logprob_entries
 from tritonvl.handlers.llm.sampler import SeqSampler, sample_batch
 from tritonvl.handlers.llm.textstream import OutputStream
 from tritonvl.handlers.metrics import NullSink
@@ -62,7 +63,8 @@ class LLMEngine:
                                   kv_cache_fraction)
         block_size = self.runner.block_size
         capacity = self.runner.num_blocks * block_size
-        max_len = min(max_model_len or info.max_position_embeddings, capacity)
+        self.declared_max_len = max_model_len or info.max_position_embeddings  # before the KV cache's cap
+        max_len = min(self.declared_max_len, capacity)
         self.config = EngineConfig(num_blocks=self.runner.num_blocks, max_model_len=max_len, block_size=block_size,
                                    max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
@@ -158,13 +160,20 @@ class LLMEngine:
             if params.structured_outputs and compiled is None:
                 self._grammars().add(job, GrammarSpec.from_dict(params.structured_outputs))
                 return
+            # more than the llm's max_model_len allows is refused (unless the request may be cut); a KV cache
+            # too small for max_model_len cuts answers at its capacity (engine_info shows the effective one)
+            room = self.declared_max_len - n
+            if params.max_tokens > room and not job.options.clamp_max_tokens:
+                raise InvalidArgument(f"max_tokens={params.max_tokens} does not fit: the prompt has {n} tokens and "
+                                      f"max_model_len is {self.declared_max_len}, so at most {room}")
             params.max_tokens = min(params.max_tokens, self.config.max_model_len - n)
             spans = image_spans(job.input_ids, self.info.image_token_id, job.image_hashes)
             stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
             # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
             grammar = None if compiled is None else SeqGrammar(compiled, stream.stop_ids or self.info.eos_token_ids)
             state = SeqState(job, self.runner.prepare(job.input_ids, job.image_embeds, job.image_grid_thw), stream,
-                             SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device, grammar))
+                             SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device, grammar,
+                                        job.options.logprobs))
             seq = Sequence(job.input_ids.tolist(), params.max_tokens, mm_hashes=spans, payload=state)
             self.scheduler.add(seq)
             self.stats.count("prompt_tokens", n)
@@ -248,6 +257,8 @@ class LLMEngine:
             token = sampled[seq.seq_id]
             self.stats.token(st.times, now)
             text = st.stream.add(token)
+            booked, st.sampler.booked_logprobs = st.sampler.booked_logprobs, []
+            logprobs = logprob_entries(self.tokenizer, booked) if booked else ()
             grammar = st.sampler.grammar
             if grammar is not None and grammar.terminated and not st.stream.finished:
                 text += st.stream.end("stop")  # the grammar ended it (before min_tokens, or with ignore_eos)
@@ -255,9 +266,9 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.finish(seq.seq_id)
                 self.stats.count("requests_finished")
-                st.job.responder.finish(st.stream.finish_reason or "length", text, [token])
+                st.job.responder.finish(st.stream.finish_reason or "length", text, [token], logprobs)
             else:
-                st.job.responder.delta(text, [token])
+                st.job.responder.delta(text, [token], logprobs)
 
     def _fail_all(self, exc: Exception) -> None:
         for job in self._grammar_wait.take_all() if self._grammar_wait else []:  # still compiling

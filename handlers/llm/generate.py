@@ -92,6 +92,8 @@ class GenerateBackend:
         params = job.options.sampling
         if params.structured_outputs:
             raise InvalidArgument("structured outputs need the llm parameter backend=engine (this is generate)")
+        if job.options.logprobs >= 0:
+            raise InvalidArgument("logprobs need the llm parameter backend=engine (this is generate)")
         ids = torch.from_numpy(job.input_ids.astype("int64"))[None].to(self.device)
         stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
         sampler = SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device)

@@ -12,7 +12,8 @@ from tritonvl.handlers.options import RequestOptions
 Send = Callable[[dict, bool], None]
 
 
-def outputs(text: str, ids: list[int], n_in: int, n_out: int, finish_reason: str | None, n_img: int = 0) -> dict:
+def outputs(text: str, ids: list[int], n_in: int, n_out: int, finish_reason: str | None, n_img: int = 0,
+            logprobs: list[str] | None = None) -> dict:
     out = {
         "text_output": np.array([text.encode("utf-8")], dtype=np.object_),
         "output_ids": np.asarray(ids, dtype=np.int32),
@@ -22,6 +23,8 @@ def outputs(text: str, ids: list[int], n_in: int, n_out: int, finish_reason: str
     }
     if finish_reason is not None:
         out["finish_reason"] = np.array([finish_reason.encode()], dtype=np.object_)
+    if logprobs is not None:  # one JSON object per token of output_ids (llm/logprobs.py)
+        out["logprobs"] = np.array([e.encode() for e in logprobs], dtype=np.object_)
     return out
 
 
@@ -37,17 +40,20 @@ class Responder:
         self.send_error = send_error
         self._text: list[str] = []
         self._ids: list[int] = []
+        self.logprobs = options.logprobs >= 0
+        self._logprobs: list[str] = []
         self.done = False
 
-    def delta(self, text: str, ids: list[int]) -> None:
-        """New tokens (and the text they released, possibly '')."""
+    def delta(self, text: str, ids: list[int], logprobs: list[str] = ()) -> None:
+        """New tokens (and the text they released, possibly ''; their logprob entries when asked)."""
         self.n_out += len(ids)
         self._text.append(text)
         self._ids.extend(ids)
+        self._logprobs.extend(logprobs)
         if self.stream and "".join(self._text):
             self._flush(None, final=False)
 
-    def finish(self, reason: str, text: str = "", ids: list[int] | None = None) -> None:
+    def finish(self, reason: str, text: str = "", ids: list[int] | None = None, logprobs: list[str] = ()) -> None:
         """The last response, carrying the FINAL flag. Called exactly once."""
         if self.done:
             return
@@ -55,6 +61,7 @@ class Responder:
             self.n_out += len(ids or [])
             self._text.append(text)
             self._ids.extend(ids or [])
+        self._logprobs.extend(logprobs)
         self.done = True
         self._flush(reason, final=True)
 
@@ -68,5 +75,6 @@ class Responder:
         text = "".join(self._text)
         if final and not self.stream:
             text = self.prefix + text
-        self.send(outputs(text, self._ids, self.n_in, self.n_out, reason, self.n_img), final)
-        self._text, self._ids = [], []
+        self.send(outputs(text, self._ids, self.n_in, self.n_out, reason, self.n_img,
+                          self._logprobs if self.logprobs else None), final)
+        self._text, self._ids, self._logprobs = [], [], []

@@ -15,9 +15,12 @@ class SeqSampler:
     """Sampling state of one sequence (its generator and the counts penalties need)."""
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int], device,
-                 grammar=None) -> None:
+                 grammar=None, logprobs: int = -1) -> None:
         self.params = params
         self.grammar = grammar  # llm.grammar.SeqGrammar of a structured-output request, else None
+        # -1: off; k >= 0: book each chosen token's logprob and the k most likely (sample_batch)
+        self.logprobs = logprobs
+        self.booked_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
         self.prompt_ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
         self.output_ids: list[int] = []
@@ -92,6 +95,9 @@ def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None, masker
     Rows with a grammar (structured outputs) are masked first, all in one ``masker.apply``
     (llm.grammar.GrammarMasker), and their matchers advance with the token; other rows are untouched."""
     out: list[int | Exception | None] = [None] * len(samplers)
+    wants = [i for i, s in enumerate(samplers) if s.logprobs >= 0]
+    # vLLM's default: log-probabilities of the raw logits, before grammar masks, penalties, temperature
+    raw = torch.log_softmax(logits[wants].float(), dim=-1) if wants else None  # [len(wants), vocab]
     constrained = [i for i, s in enumerate(samplers) if s.grammar is not None]
     if constrained:
         try:
@@ -113,4 +119,22 @@ def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None, masker
     for i in constrained:
         if not isinstance(out[i], Exception) and not samplers[i].grammar.accept(out[i]):
             out[i] = RuntimeError(f"structured output: token {out[i]} is outside the grammar")
+    if wants:
+        _book_logprobs([samplers[i] for i in wants], [out[i] for i in wants], raw)
     return out
+
+
+def _book_logprobs(samplers: list[SeqSampler], tokens: list, raw: torch.Tensor) -> None:
+    """Append (token, its logprob, [(alternative, logprob)] by rank) to each row's sampler: one gather and
+    one topk for every row that asked (``raw``: [rows, vocab] log-probabilities)."""
+    ok = [j for j, t in enumerate(tokens) if not isinstance(t, Exception)]
+    if not ok:
+        return
+    rows = raw[ok]
+    chosen = rows.gather(1, torch.tensor([[tokens[j]] for j in ok], device=rows.device)).squeeze(1).tolist()
+    k = max(samplers[j].logprobs for j in ok)
+    top_v, top_i = rows.topk(k, dim=-1) if k else (rows[:, :0], rows[:, :0].long())
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for n, j in enumerate(ok):
+        want = samplers[j].logprobs
+        samplers[j].booked_logprobs.append((tokens[j], chosen[n], list(zip(top_i[n][:want], top_v[n][:want]))))

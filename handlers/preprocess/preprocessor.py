@@ -15,8 +15,11 @@ from tritonvl.handlers.llm.grammar.spec import GrammarSpec, check_syntax, parse_
 from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions
 from tritonvl.handlers.preprocess.images import ImageLimits, load_images
+from tritonvl.handlers.preprocess.pixels import PixelBudget, budget_for, deployment_budget, parse_kwargs
 from tritonvl.handlers.preprocess.prompt import PromptBuilder, messages_from_text, parse_messages, text_bytes
-from tritonvl.handlers.sampling import build_sampling_params
+from tritonvl.handlers.sampling import build_sampling_params, sets_max_tokens
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default limit
 
 
 @dataclass
@@ -33,6 +36,9 @@ class RawRequest:
     guide_type: bytes | None = None  # TensorRT-LLM's guided_decoding_guide_type / _guide tensors
     guide: bytes | None = None
     apply_chat_template: bool = True  # false: text_input is the whole prompt (images: the caller's placeholders)
+    mm_processor_kwargs: bytes | None = None  # JSON {min_pixels, max_pixels} for every image (vLLM's name)
+    return_logprobs: bool = False
+    top_logprobs: int | None = None
 
 
 @dataclass
@@ -54,7 +60,8 @@ def utf8(value: bytes | None, name: str) -> str | None:
 
 class Preprocessor:
     def __init__(self, model_dir: str, limits: ImageLimits | None = None, max_model_len: int | None = None,
-                 default_max_tokens: int = 256) -> None:
+                 default_max_tokens: int = 256, clamp_max_tokens: bool = False,
+                 min_pixels: int | None = None, max_pixels: int | None = None) -> None:
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -65,18 +72,25 @@ class Preprocessor:
         self.limits = limits or ImageLimits()
         self.max_model_len = max_model_len or self.info.max_position_embeddings
         self.sampling_defaults = {"max_tokens": default_max_tokens, **self.info.sampling_defaults}
+        self.clamp_max_tokens = clamp_max_tokens
+        self.budget = deployment_budget(self.image_processor.size, min_pixels, max_pixels)
 
     def process(self, raw: RawRequest) -> ModelInputs:
         messages_json = utf8(raw.messages, "messages")
         text = utf8(raw.text_input, "text_input")
         if not raw.apply_chat_template and messages_json:
             raise InvalidArgument("apply_chat_template=false takes a raw text_input, not messages")
+        parts: list[dict] = []  # per image: its message part's pixel keys
         if messages_json:
-            messages, sources = parse_messages(messages_json, raw.images)
+            messages, sources = parse_messages(messages_json, raw.images, parts)
         elif text is None:
             raise InvalidArgument("text_input: required (or give messages)")
         else:
             messages, sources = messages_from_text(text, len(raw.images)), list(raw.images)
+            parts = [{"where": f"image[{i}]"} for i in range(len(sources))]
+        request_pixels = parse_kwargs(utf8(raw.mm_processor_kwargs, "mm_processor_kwargs"))
+        budgets = [budget_for(self.budget, request_pixels, p, p["where"]) for p in parts]
+        logprobs = self.logprobs(raw)
         size = text_bytes(messages)
         if size > self.limits.max_prompt_bytes:  # refused before the tokenizer spends seconds on it
             raise InvalidArgument(f"prompt: {size} bytes of text is over the max_prompt_bytes limit "
@@ -84,11 +98,11 @@ class Preprocessor:
         guide = parse_guide_tensors(raw.guide_type, raw.guide)
         if guide is not None:
             raw.sampling["structured_outputs"] = guide
-        sampling = build_sampling_params(raw.sampling, utf8(raw.sampling_parameters, "sampling_parameters"),
-                                         self.sampling_defaults, self.info.vocab_size)
+        sampling_json = utf8(raw.sampling_parameters, "sampling_parameters")
+        sampling = build_sampling_params(raw.sampling, sampling_json, self.sampling_defaults, self.info.vocab_size)
         check_syntax(GrammarSpec.from_dict(sampling.structured_outputs))  # the llm step compiles it
         images = load_images(sources, self.limits)
-        pixel_values, grid = self.pixels(images)
+        pixel_values, grid = self.pixels(images, budgets)
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
         ids = self.prompts.build(messages, tokens) if raw.apply_chat_template else self.prompts.expand(text, tokens)
         if not ids:
@@ -96,17 +110,44 @@ class Preprocessor:
         if len(ids) >= self.max_model_len:
             raise InvalidArgument(
                 f"prompt: {len(ids)} tokens does not fit max_model_len={self.max_model_len} (with room to generate)")
-        sampling.max_tokens = min(sampling.max_tokens, self.max_model_len - len(ids))
+        # a max_tokens the request set is never cut silently (vLLM's rule), unless the deployment says so
+        clamp = self.clamp_max_tokens or not sets_max_tokens(raw.sampling, sampling_json)
+        room = self.max_model_len - len(ids)
+        if sampling.max_tokens > room and not clamp:
+            raise InvalidArgument(
+                f"max_tokens={sampling.max_tokens} does not fit: the prompt has {len(ids)} tokens and "
+                f"max_model_len is {self.max_model_len}, so at most {room} (preprocess parameter "
+                "clamp_max_tokens=true cuts it instead)")
+        sampling.max_tokens = min(sampling.max_tokens, room)
         sampling.min_tokens = min(sampling.min_tokens, sampling.max_tokens)
-        options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "")
+        options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "", clamp, logprobs)
         return ModelInputs(np.asarray(ids, dtype=np.int32), pixel_values, grid, options.to_json())
 
-    def pixels(self, images: list) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def logprobs(raw: RawRequest) -> int:
+        """-1 (off) or how many top alternatives each token's logprob entry lists."""
+        top = raw.top_logprobs
+        if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs={top}: must be between 0 and {MAX_TOP_LOGPROBS}")
+        if not raw.return_logprobs:
+            if top:
+                raise InvalidArgument(f"top_logprobs={top} needs return_logprobs=true")
+            return -1
+        return top or 0
+
+    def pixels(self, images: list, budgets: list[PixelBudget] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Qwen's image processor (its smart_resize) with each image's pixel budget; images that share
+        a budget go through in one call, the rest one by one (rows concatenated in image order)."""
         if not images:
             return np.zeros((0, self.info.patch_dim), np.float32), np.zeros((0, 3), np.int64)
-        try:
-            out = self.image_processor(images=images, return_tensors="np")
-        except ValueError as exc:
-            raise InvalidArgument(f"image: refused by Qwen's size rules ({exc})") from None
-        return (np.ascontiguousarray(out["pixel_values"], dtype=np.float32),
-                np.asarray(out["image_grid_thw"], dtype=np.int64))
+        budgets = budgets or [self.budget] * len(images)
+        groups = [(images, budgets[0])] if len(set(budgets)) == 1 else [([im], b) for im, b in zip(images, budgets)]
+        values, grids = [], []
+        for group, budget in groups:
+            try:
+                out = self.image_processor(images=group, size=budget.size(), return_tensors="np")
+            except ValueError as exc:
+                raise InvalidArgument(f"image: refused by Qwen's size rules ({exc})") from None
+            values.append(np.asarray(out["pixel_values"], dtype=np.float32))
+            grids.append(np.asarray(out["image_grid_thw"], dtype=np.int64))
+        return np.ascontiguousarray(np.concatenate(values)), np.concatenate(grids)

@@ -18,13 +18,15 @@ def messages_from_text(text: str, num_images: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def parse_messages(raw: str, tensor_images: list) -> tuple[list[dict], list]:
+def parse_messages(raw: str, tensor_images: list, pixels: list | None = None) -> tuple[list[dict], list]:
     """Validate OpenAI-style messages JSON.
 
     Returns messages normalized for the chat template (image parts become ``{"type": "image"}``)
     and the image sources in prompt order: ``image_url`` parts carry their URL string, as do
     Qwen-style ``{"type": "image", "image": "<data URI>"}`` parts; bare ``{"type": "image"}``
     parts take the next element of the ``image`` tensor. The sources are checked later, as images.
+    ``pixels``, when given, receives one dict per image: the part's own min_pixels / max_pixels
+    keys and where they were (Qwen's per-image budget, checked by preprocess.pixels).
     """
     try:
         msgs = json.loads(raw)
@@ -48,7 +50,7 @@ def parse_messages(raw: str, tensor_images: list) -> tuple[list[dict], list]:
             continue
         if not isinstance(content, list):
             raise InvalidArgument(f"{where}.content: expected a string or a list of parts")
-        parts = [_part(part, f"{where}.content[{j}]", pending, images) for j, part in enumerate(content)]
+        parts = [_part(part, f"{where}.content[{j}]", pending, images, pixels) for j, part in enumerate(content)]
         if role != "user" and any(p["type"] == "image" for p in parts):
             raise InvalidArgument(f"{where}: images are only allowed in user messages")
         out.append({"role": role, "content": parts})
@@ -60,11 +62,13 @@ def parse_messages(raw: str, tensor_images: list) -> tuple[list[dict], list]:
     return out, images
 
 
-def _part(part, where: str, pending: list, images: list) -> dict:
+def _part(part, where: str, pending: list, images: list, pixels: list | None) -> dict:
     """One content part, normalized; an image part appends its source to ``images``."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         return {"type": "text", "text": _text(part.get("text"), f"{where}.text")}
+    if kind in ("image_url", "image") and pixels is not None:
+        pixels.append({"where": where, **{k: part[k] for k in ("min_pixels", "max_pixels") if k in part}})
     if kind == "image_url":
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url

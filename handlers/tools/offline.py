@@ -11,6 +11,7 @@ minus Triton's transport.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class Result:
     finish_reason: str = ""
     num_input_tokens: int = 0
     error: str = ""
+    logprobs: list[dict] = field(default_factory=list)  # when the request asked (return_logprobs)
     submitted: float = 0.0  # time.perf_counter() stamps
     first_token: float = 0.0
     finished: float = 0.0
@@ -70,6 +72,7 @@ class OfflinePipeline:
                     res.first_token = time.perf_counter()
                 res.text += out["text_output"][0].decode("utf-8")
                 res.token_ids.extend(int(t) for t in out["output_ids"])
+                res.logprobs.extend(json.loads(e) for e in out.get("logprobs", ()))
                 if final:
                     res.finish_reason = out["finish_reason"][0].decode()
                     finished(res)

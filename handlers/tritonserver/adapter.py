@@ -49,6 +49,7 @@ class ModelArgs:
         self.kind = args.get("model_instance_kind", "CPU")
         self.device_id = args.get("model_instance_device_id", "0")
         self.instance_name = args.get("model_instance_name", "")
+        self.version = str(args.get("model_version", "1"))
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(self.config)
 
     def model_dir(self) -> str:
@@ -67,9 +68,10 @@ class ModelArgs:
 
 
 class TritonMetrics:
-    """Publishes metrics.Snapshot values on Triton's metrics endpoint (prefix ``tritonvl_``)."""
+    """Publishes metrics.Snapshot values on Triton's metrics endpoint (prefix ``tritonvl_``), labelled
+    ``model`` and ``version`` as Triton labels its own ``nv_*`` metrics."""
 
-    def __init__(self, model: str, only: tuple[str, ...] | None = None) -> None:
+    def __init__(self, model: str, only: tuple[str, ...] | None = None, version: str = "1") -> None:
         from tritonvl.handlers.metrics import COUNTERS, GAUGES, HISTOGRAMS
 
         if only is not None:  # the metrics this model reports
@@ -77,7 +79,7 @@ class TritonMetrics:
             GAUGES = {n: d for n, d in GAUGES.items() if n in only}
             HISTOGRAMS = {n: d for n, d in HISTOGRAMS.items() if n in only}
 
-        labels = self._labels = {"model": model}
+        labels = self._labels = {"model": model, "version": version}
         kinds = pb_utils.MetricFamily
         # The families must outlive their metrics: keep them.
         self._families = {n: kinds(f"tritonvl_{n}_total", d, kinds.COUNTER) for n, d in COUNTERS.items()}
@@ -176,6 +178,9 @@ def read_raw(request) -> RawRequest:
         apply_chat_template=scalar(request, "apply_chat_template") is not False,  # absent: true
         guide_type=scalar(request, "guided_decoding_guide_type"),
         guide=scalar(request, "guided_decoding_guide"),
+        mm_processor_kwargs=scalar(request, "mm_processor_kwargs"),
+        return_logprobs=bool(scalar(request, "return_logprobs") or False),
+        top_logprobs=scalar(request, "top_logprobs"),
     )
 
 

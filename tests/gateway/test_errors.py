@@ -156,7 +156,7 @@ def _llm(served, name: str) -> float:
     import re
 
     text = requests.get(served.metrics_url, timeout=10).text
-    return float(re.search(rf'^tritonvl_{name}\{{model="llm"\}} (\S+)$', text, re.M).group(1))
+    return float(re.search(rf'^tritonvl_{name}\{{model="llm",version="1"\}} (\S+)$', text, re.M).group(1))
 
 
 def _public_model_is_ensemble(served) -> bool:

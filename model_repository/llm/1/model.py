@@ -19,7 +19,7 @@ class TritonPythonModel:
         self.backend = None
         self.watchdog = ta.watchdog(cfg, on_shutdown=self.drain)
         self.stops = StopRegistry()
-        self.backend = make_backend(cfg, ta.TritonMetrics("llm"))
+        self.backend = make_backend(cfg, ta.TritonMetrics("llm", version=cfg.version))
 
     def drain(self):
         begin = getattr(self.backend, "begin_drain", None)  # the engine; generate() just ends at exit

@@ -19,7 +19,8 @@ class TritonPythonModel:
         self.watchdog = ta.watchdog(cfg)
         p = cfg.params
         self.pre = Preprocessor(cfg.model_dir(), limits_from_params(p), max_model_len=p.max_model_len,
-                                default_max_tokens=p.default_max_tokens)
+                                default_max_tokens=p.default_max_tokens, clamp_max_tokens=p.clamp_max_tokens,
+                                min_pixels=p.min_pixels, max_pixels=p.max_pixels)
 
     def execute(self, requests):
         responses = []

@@ -20,7 +20,8 @@ class TritonPythonModel:
         tower = load_tower(cfg.model_dir(), device, parse_dtype(p.dtype, dtype), p.runtime, p.onnx_path,
                            p.num_threads, list(p.onnx_providers))
         self.encoder = VisionEncoder(tower, cache_bytes=p.embedding_cache_bytes)
-        self.metrics = ta.TritonMetrics("vision_encoder", only=("image_cache_hits", "image_cache_misses"))
+        self.metrics = ta.TritonMetrics("vision_encoder", only=("image_cache_hits", "image_cache_misses"),
+                                       version=cfg.version)
 
     def execute(self, requests):
         try:
