@@ -1,4 +1,4 @@
-"""What the server needs to know about a Qwen2.5-VL model directory, read from its own files."""
+"""What the server needs to know about a Qwen VL model directory, read from its own files."""
 
 from __future__ import annotations
 
@@ -9,13 +9,21 @@ from pathlib import Path
 
 from tritonvl.handlers.sampling import defaults_from_generation_config
 
+# config.json ``model_type`` -> the family the server runs (weights.py maps each to its classes).
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# refused at load: their experts need fused MoE kernels this engine does not have
+REFUSED = {"qwen3_vl_moe": "Qwen3-VL MoE (its experts need fused MoE kernels the engine does not have); "
+                           "serve a dense Qwen3-VL, Qwen2.5-VL or Qwen2-VL checkpoint"}
+
 
 @dataclass(frozen=True)
 class ModelInfo:
     """Sizes and token ids of one model directory (Hugging Face layout)."""
 
     path: str
+    family: str  # one of FAMILIES
     image_token_id: int
+    video_token_id: int
     vision_start_token_id: int
     vision_end_token_id: int
     eos_token_ids: tuple[int, ...]
@@ -31,6 +39,10 @@ class ModelInfo:
     head_dim: int
     vocab_size: int
     max_position_embeddings: int
+    # Qwen2.5-VL: temporal mRoPE positions per second of video (second_per_grid_ts scales it)
+    tokens_per_second: float = 2.0
+    # Qwen3-VL: tower layers whose merged features are added to the first decoder layers' image rows
+    deepstack_layers: int = 0
     # the model's own sampling defaults (what generate() would use), from generation_config.json
     sampling_defaults: dict = field(default_factory=dict, hash=False)
 
@@ -43,6 +55,12 @@ class ModelInfo:
     def merge_unit(self) -> int:
         """Patches per LLM image token."""
         return self.spatial_merge_size**2
+
+    @property
+    def embed_width(self) -> int:
+        """Width of one row the vision step sends the llm: the token's embedding, then (Qwen3-VL) its
+        deepstack features, side by side."""
+        return self.text_hidden * (1 + self.deepstack_layers)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """KV cache bytes one token takes: K and V x layers x kv heads x head_dim x element size."""
@@ -62,6 +80,7 @@ def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
     cfg = _read_json(root / "config.json")
     if not cfg:
         raise FileNotFoundError(f"{root}/config.json not found: not a Hugging Face model directory")
+    family = family_of(cfg, root)
     text = cfg.get("text_config") or cfg  # transformers 4.x checkpoints keep text fields at top level
     vision = cfg.get("vision_config", {})
     gen = _read_json(root / "generation_config.json")
@@ -71,7 +90,9 @@ def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
     hidden = text["hidden_size"]
     return ModelInfo(
         path=str(root),
+        family=family,
         image_token_id=cfg.get("image_token_id", 151655),
+        video_token_id=cfg.get("video_token_id", 151656),
         vision_start_token_id=cfg.get("vision_start_token_id", 151652),
         vision_end_token_id=cfg.get("vision_end_token_id", 151653),
         eos_token_ids=eos_ids,
@@ -87,5 +108,18 @@ def load_model_info(model_dir: str | os.PathLike) -> ModelInfo:
         head_dim=text.get("head_dim") or hidden // heads,
         vocab_size=text.get("vocab_size", cfg.get("vocab_size")),
         max_position_embeddings=text.get("max_position_embeddings", 32768),
+        tokens_per_second=float(vision.get("tokens_per_second", 2)),
+        deepstack_layers=len(vision.get("deepstack_visual_indexes") or ()),
         sampling_defaults=defaults_from_generation_config(gen),
     )
+
+
+def family_of(cfg: dict, root: Path) -> str:
+    """The family from config.json's ``model_type``; a family the engine cannot run stops the load."""
+    kind = cfg.get("model_type", "")
+    if kind in FAMILIES:
+        return kind
+    if kind in REFUSED:
+        raise ValueError(f"{root}: model_type {kind!r} is not supported: {REFUSED[kind]}")
+    raise ValueError(f"{root}/config.json: model_type {kind!r} is not a Qwen VL family this server runs "
+                     f"(supported: {', '.join(FAMILIES)})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from tritonvl.handlers.sampling import SamplingParams
 
@@ -19,15 +19,17 @@ class RequestOptions:
     clamp_max_tokens: bool = True
     # -1: no logprobs output; k >= 0: each token's logprob and its k most likely alternatives
     logprobs: int = -1
+    # Qwen2.5-VL: seconds per temporal patch of each video, in prompt order (its mRoPE time positions)
+    second_per_grid_ts: list[float] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps({"sampling": asdict(self.sampling), "stream": self.stream,
                            "exclude_input_in_output": self.exclude_input_in_output,
                            "prompt_text": self.prompt_text, "clamp_max_tokens": self.clamp_max_tokens,
-                           "logprobs": self.logprobs})
+                           "logprobs": self.logprobs, "second_per_grid_ts": self.second_per_grid_ts})
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RequestOptions:
         d = json.loads(text)
         return cls(SamplingParams(**d["sampling"]), d["stream"], d["exclude_input_in_output"], d["prompt_text"],
-                   d.get("clamp_max_tokens", True), d.get("logprobs", -1))
+                   d.get("clamp_max_tokens", True), d.get("logprobs", -1), d.get("second_per_grid_ts", []))

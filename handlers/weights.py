@@ -1,4 +1,4 @@
-"""Load parts of a Qwen2.5-VL checkpoint (the vision tower, or the whole model for the decoder)."""
+"""Load parts of a Qwen VL checkpoint (the vision tower, or the whole model for the decoder)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,23 @@ from pathlib import Path
 # transformers 4.x checkpoints (the published Qwen2.5-VL ones) name the tower `visual.*`;
 # transformers 5 saves it as `model.visual.*`.
 VISUAL_PREFIXES = ("model.visual.", "visual.")
+
+# family (config.json model_type) -> (module, vision tower class, whole-model class) in transformers
+CLASSES = {
+    "qwen2_vl": ("qwen2_vl", "Qwen2VisionTransformerPretrainedModel", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLVisionModel", "Qwen3VLForConditionalGeneration"),
+}
+
+
+def model_class(model_dir: str, part: int):
+    """transformers' class for ``model_dir``'s family: part 1 the vision tower, 2 the whole model."""
+    import importlib
+
+    from tritonvl.handlers.modelinfo import load_model_info
+
+    module, *names = CLASSES[load_model_info(model_dir).family]
+    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), names[part - 1])
 
 
 def safetensor_files(model_dir: str) -> list[Path]:
@@ -26,12 +43,11 @@ def load_visual(model_dir: str, device: str, dtype):
     """Only the vision tower, with only its own weights read from disk."""
     from safetensors import safe_open
     from transformers import AutoConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
     config = AutoConfig.from_pretrained(model_dir)
     vision_config = config.vision_config
     vision_config._attn_implementation = "sdpa"
-    visual = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=dtype)
+    visual = model_class(model_dir, 1)._from_config(vision_config, dtype=dtype)
     state = {}
     for path in safetensor_files(model_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -48,8 +64,6 @@ def load_visual(model_dir: str, device: str, dtype):
 
 
 def load_full_model(model_dir: str, device: str, dtype):
-    """The whole Qwen2.5-VL model (transformers' own loader: handles every checkpoint layout)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+    """The whole model (transformers' own loader: handles every checkpoint layout)."""
+    model = model_class(model_dir, 2).from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()

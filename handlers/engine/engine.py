@@ -41,9 +41,10 @@ class SeqState:
     times: SeqTimes = field(default_factory=SeqTimes)
 
 
-def image_spans(input_ids: np.ndarray, image_token_id: int, hashes: list[bytes]) -> list[tuple[int, int, bytes]]:
-    """(start, length, content hash) of each run of image placeholders, in prompt order."""
-    is_img = np.concatenate([[False], input_ids == image_token_id, [False]])
+def image_spans(input_ids: np.ndarray, image_token_id: int | tuple[int, ...],
+                hashes: list[bytes]) -> list[tuple[int, int, bytes]]:
+    """(start, length, content hash) of each run of image (or video) placeholders, in prompt order."""
+    is_img = np.concatenate([[False], np.isin(input_ids, image_token_id), [False]])
     edges = np.flatnonzero(np.diff(is_img.astype(np.int8)))
     starts, ends = edges[0::2], edges[1::2]
     if len(starts) != len(hashes):
@@ -167,11 +168,12 @@ class LLMEngine:
                 raise InvalidArgument(f"max_tokens={params.max_tokens} does not fit: the prompt has {n} tokens and "
                                       f"max_model_len is {self.declared_max_len}, so at most {room}")
             params.max_tokens = min(params.max_tokens, self.config.max_model_len - n)
-            spans = image_spans(job.input_ids, self.info.image_token_id, job.image_hashes)
+            spans = image_spans(job.input_ids, (self.info.image_token_id, self.info.video_token_id), job.image_hashes)
             stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
             # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
             grammar = None if compiled is None else SeqGrammar(compiled, stream.stop_ids or self.info.eos_token_ids)
-            state = SeqState(job, self.runner.prepare(job.input_ids, job.image_embeds, job.image_grid_thw), stream,
+            state = SeqState(job, self.runner.prepare(job.input_ids, job.image_embeds, job.image_grid_thw,
+                                                       job.options.second_per_grid_ts), stream,
                              SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device, grammar,
                                         job.options.logprobs))
             seq = Sequence(job.input_ids.tolist(), params.max_tokens, mm_hashes=spans, payload=state)

@@ -1,8 +1,9 @@
 """Runs one engine step: a packed row of prefill chunks and decode tokens through HF's decoder.
 
-Per step: token embeddings with image embeddings scattered at their placeholder positions, 3-row
-mRoPE positions (the model's rope index for prompt positions; later position n gets n + rope_delta
-on all rows), K/V written to the paged cache, logits only for the rows that sample.
+Per step: token embeddings with image/video embeddings scattered at their placeholder positions,
+3-row mRoPE positions (the model's rope index for prompt positions; later position n gets
+n + rope_delta on all rows), Qwen3-VL's deepstack features for the visual rows of the step, K/V
+written to the paged cache, logits only for the rows that sample.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import torch
 
 from tritonvl.handlers.devices import free_device_bytes
 from tritonvl.handlers.engine.scheduler import ScheduledBatch
+from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.weights import load_full_model
 
 from . import attention as attn
+from .visual import grid_kinds, mm_token_types
 
 
 @dataclass
@@ -26,8 +29,9 @@ class SeqInputs:
 
     prompt_positions: torch.Tensor  # [3, L] long (CPU)
     rope_delta: int
-    image_positions: torch.Tensor  # [n_image_tokens] long: prompt positions of placeholders (sorted)
-    image_embeds: torch.Tensor | None  # [n_image_tokens, hidden] on the device
+    image_positions: torch.Tensor  # [n_visual_tokens] long: prompt positions of image/video placeholders (sorted)
+    image_embeds: torch.Tensor | None  # [n_visual_tokens, hidden] on the device
+    deepstack: torch.Tensor | None = None  # Qwen3-VL: [n_visual_tokens, layers, hidden] on the device
 
 
 class ModelRunner:
@@ -59,16 +63,33 @@ class ModelRunner:
                                     info.head_dim, dtype=dtype, device=device)
 
     # ---- per sequence, once ----
-    def prepare(self, input_ids: np.ndarray, image_embeds: np.ndarray, image_grid_thw: np.ndarray) -> SeqInputs:
+    def prepare(self, input_ids: np.ndarray, image_embeds: np.ndarray, image_grid_thw: np.ndarray,
+                second_per_grid_ts: list[float] | tuple = ()) -> SeqInputs:
+        """``image_grid_thw``: one row per image or video in prompt order; ``image_embeds``: their rows
+        ([tokens, hidden * (1 + deepstack layers)]); ``second_per_grid_ts``: one per video (Qwen2.5-VL)."""
+        info = self.info
         ids = torch.from_numpy(input_ids.astype(np.int64))[None]
-        is_image = ids == self.info.image_token_id
-        grid = torch.from_numpy(image_grid_thw) if image_grid_thw.shape[0] else None
+        types = mm_token_types(input_ids, info)
+        kinds = grid_kinds(types, image_grid_thw, info.merge_unit)
+        grid = torch.from_numpy(image_grid_thw.astype(np.int64))
+        rope = {"image_grid_thw": grid[kinds == 1] if (kinds == 1).any() else None,
+                "video_grid_thw": grid[kinds == 2] if (kinds == 2).any() else None}
+        if info.family == "qwen2_5_vl" and rope["video_grid_thw"] is not None:
+            if len(second_per_grid_ts) != len(rope["video_grid_thw"]):
+                raise InvalidArgument(f"{len(rope['video_grid_thw'])} videos with {len(second_per_grid_ts)} "
+                                      "second_per_grid_ts values")
+            rope["second_per_grid_ts"] = torch.tensor(list(second_per_grid_ts), dtype=torch.float32)
         with torch.inference_mode():
-            positions, delta = self.model.model.get_rope_index(ids, is_image.int(), image_grid_thw=grid)
-        embeds = None
+            positions, delta = self.model.model.get_rope_index(ids, torch.from_numpy(types)[None], **rope)
+        embeds = deepstack = None
         if image_embeds.shape[0]:
-            embeds = torch.from_numpy(image_embeds).to(self.device, self.dtype)
-        return SeqInputs(positions[:, 0].cpu(), int(delta.reshape(-1)[0]), is_image[0].nonzero()[:, 0], embeds)
+            rows = torch.from_numpy(image_embeds).to(self.device, self.dtype)
+            hidden = info.text_hidden
+            embeds = rows[:, :hidden]
+            if info.deepstack_layers:
+                deepstack = rows[:, hidden:].reshape(rows.shape[0], info.deepstack_layers, hidden)
+        visual = torch.from_numpy(np.flatnonzero(types)).long()
+        return SeqInputs(positions[:, 0].cpu(), int(delta.reshape(-1)[0]), visual, embeds, deepstack)
 
     # ---- per step ----
     @torch.inference_mode()
@@ -77,7 +98,7 @@ class ModelRunner:
         total = sum(entry.num_new_tokens for entry in batch)
         positions = torch.empty(3, total, dtype=torch.long)
         tokens, parts, gen_rows, gen_pos = [], [], [], []
-        image_rows, image_src = [], []
+        image_rows, image_src, deep_src = [], [], []
         sample_rows, sample_ids = [], []
         row = 0
         for entry in batch:
@@ -104,6 +125,8 @@ class ModelRunner:
                 if hi > lo:
                     image_rows.append(ip[lo:hi] - start + row)
                     image_src.append(inputs.image_embeds[lo:hi])
+                    if inputs.deepstack is not None:
+                        deep_src.append(inputs.deepstack[lo:hi])
             if entry.sample:
                 sample_rows.append(row + n - 1)
                 sample_ids.append(seq.seq_id)
@@ -113,11 +136,19 @@ class ModelRunner:
         dev = self.device
         meta = attn.build_meta(self.backend, self.kv_cache, self.block_size, parts, dev)
         x = self.lm.embed_tokens(torch.tensor(tokens, device=dev))
+        deep = {}
         if image_rows:
-            x[torch.cat(image_rows).to(dev)] = torch.cat(image_src).to(x.dtype)
+            rows = torch.cat(image_rows).to(dev)
+            x[rows] = torch.cat(image_src).to(x.dtype)
+            if deep_src:  # Qwen3-VL: added after decoder layer j to the step's visual rows (ascending order)
+                mask = torch.zeros(1, total, dtype=torch.bool, device=dev)
+                mask[0, rows] = True
+                feats = torch.cat(deep_src)  # [visual rows of the step, layers, hidden]
+                deep = {"visual_pos_masks": mask,
+                        "deepstack_visual_embeds": [feats[:, j] for j in range(feats.shape[1])]}
         pos = positions[:, None, :].to(dev)  # [3, 1, T]
         hidden = self.lm(inputs_embeds=x[None], position_ids=pos, attention_mask={"full_attention": None},
-                         use_cache=False, tvl_meta=meta).last_hidden_state
+                         use_cache=False, tvl_meta=meta, **deep).last_hidden_state
         if not sample_rows:
             return [], None
         return sample_ids, self._logits(hidden[0, torch.tensor(sample_rows, device=dev)])

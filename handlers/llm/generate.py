@@ -98,6 +98,8 @@ class GenerateBackend:
         stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
         sampler = SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device)
         kwargs = {}
+        if job.image_grid_thw.shape[0] and (self.info.deepstack_layers or (ids == self.info.video_token_id).any()):
+            raise InvalidArgument("videos and Qwen3-VL images need the llm parameter backend=engine (this is generate)")
         if job.image_grid_thw.shape[0]:
             embeds = torch.from_numpy(job.image_embeds).to(self.device, self.dtype)
             kwargs = {

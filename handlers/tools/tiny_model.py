@@ -1,4 +1,5 @@
-"""Build a tiny random-weight Qwen2.5-VL in the standard Hugging Face layout.
+"""Build a tiny random-weight Qwen VL model (Qwen2.5-VL by default; Qwen2-VL, Qwen3-VL by preset)
+in the standard Hugging Face layout.
 
 The weights are random but seeded, and drawn with a wide initializer range so that greedy decoding
 gives varied tokens that depend on the image and the position (a narrow range repeats one token,
@@ -50,6 +51,21 @@ PRESETS: dict[str, dict] = {
                    "fullatt_block_indexes": [3]},
         "initializer_range": 0.05,
         "seed": 3,
+    },
+    # one tiny preset per other family (``family`` picks transformers' config and model classes)
+    "qwen2_vl": {
+        "family": "qwen2_vl",
+        "vision": {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2},
+    },
+    "qwen3_vl": {
+        "family": "qwen3_vl",
+        # head_dim 16: mrope_section sums to 8; interleaved mRoPE as the real Qwen3-VL
+        "text": {"head_dim": 16, "mrope_interleaved": True},
+        "vision": {"depth": 4, "hidden_size": 48, "intermediate_size": 96, "num_heads": 3,
+                   "deepstack_visual_indexes": [1, 2], "num_position_embeddings": 64},
+        "patch_size": 16,
+        "max_pixels": 64 * 32 * 32,
+        "min_pixels": 4 * 32 * 32,
     },
     "3b": {
         "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
@@ -103,40 +119,65 @@ def write_tokenizer(dst: Path) -> None:
     (dst / "chat_template.json").write_text(json.dumps({"chat_template": chat_template()}), encoding="utf-8")
 
 
-def build_tiny_model(out_dir: str | os.PathLike, overrides: dict | None = None) -> Path:
-    """Write a tiny Qwen2.5-VL to ``out_dir`` (config, safetensors, tokenizer, processor config)."""
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+# family -> (transformers config class, model class)
+FAMILY_CLASSES = {
+    "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+}
 
-    sizes = _merge(DEFAULT_SIZES, overrides)
+
+def _config(sizes: dict):
+    """transformers' config for ``sizes`` (its ``family``; the vision keys differ per family)."""
+    import transformers
+
+    family = sizes.get("family", "qwen2_5_vl")
     text, vision = dict(sizes["text"]), dict(sizes["vision"])
-    mrope = text.pop("mrope_section")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = Qwen2_5_VLConfig(
+    rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"), "rope_theta": 1000000.0}
+    if text.pop("mrope_interleaved", False):
+        rope["mrope_interleaved"] = True
+    vision = {**vision, "patch_size": sizes.get("patch_size", 14), "spatial_merge_size": 2,
+              "temporal_patch_size": 2, "initializer_range": sizes["initializer_range"]}
+    if family == "qwen2_vl":  # the tower's width is embed_dim; hidden_size is its output (the text width)
+        for key in ("hidden_size", "intermediate_size", "fullatt_block_indexes", "window_size"):
+            vision.pop(key, None)
+        vision["hidden_size"] = text["hidden_size"]
+    else:
+        vision["out_hidden_size"] = text["hidden_size"]
+    if family == "qwen3_vl":
+        for key in ("fullatt_block_indexes", "window_size"):
+            vision.pop(key, None)
+    config_class = getattr(transformers, FAMILY_CLASSES[family][0])
+    return config_class(
         text_config={
             **text,
             "vocab_size": text.pop("vocab_size", 151936),
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 1000000.0},
+            "rope_parameters": rope,
             "initializer_range": sizes["initializer_range"],
             "eos_token_id": EOS_IDS[0],
             "bos_token_id": EOS_IDS[1],
         },
-        vision_config={
-            **vision,
-            "out_hidden_size": text["hidden_size"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "initializer_range": sizes["initializer_range"],
-        },
+        vision_config=vision,
         tie_word_embeddings=sizes["tie_word_embeddings"],
     )
+
+
+def build_tiny_model(out_dir: str | os.PathLike, overrides: dict | None = None) -> Path:
+    """Write a tiny Qwen VL model to ``out_dir`` (config, safetensors, tokenizer, processor config);
+    ``overrides`` may name a ``family`` (a preset of PRESETS does for the other families)."""
+    import torch
+    import transformers
+
+    sizes = _merge(DEFAULT_SIZES, overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _config(sizes)
+    model_class = getattr(transformers, FAMILY_CLASSES[sizes.get("family", "qwen2_5_vl")][1])
     torch.manual_seed(sizes["seed"])
     # big random models (scripts/gpu_check.py) initialise on the GPU and are saved in bf16
     with torch.device(sizes.get("init_device", "cpu")):
-        model = Qwen2_5_VLForConditionalGeneration(config).eval()
+        model = model_class(config).eval()
     if sizes.get("save_dtype"):
         model = model.to(getattr(torch, sizes["save_dtype"]))
     model.generation_config.eos_token_id = list(EOS_IDS)
@@ -158,7 +199,7 @@ def build_tiny_model(out_dir: str | os.PathLike, overrides: dict | None = None) 
         "min_pixels": sizes["min_pixels"],
         "max_pixels": sizes["max_pixels"],
         "size": {"shortest_edge": sizes["min_pixels"], "longest_edge": sizes["max_pixels"]},
-        "patch_size": 14,
+        "patch_size": sizes.get("patch_size", 14),
         "temporal_patch_size": 2,
         "merge_size": 2,
     }

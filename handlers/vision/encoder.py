@@ -70,19 +70,22 @@ class TorchTower:
     def __init__(self, model_dir: str, device: str, dtype) -> None:
         import torch
 
+        from tritonvl.handlers.modelinfo import load_model_info
         from tritonvl.handlers.weights import load_visual
 
         self.torch, self.device, self.dtype = torch, device, dtype
         self.visual = load_visual(model_dir, device, dtype)
         self.merge_unit = self.visual.spatial_merge_size**2
-        self.hidden = self.visual.merger.mlp[-1].out_features
+        self.hidden = load_model_info(model_dir).embed_width
 
     def __call__(self, pixels: np.ndarray, grid: np.ndarray) -> np.ndarray:
         torch = self.torch
         with torch.inference_mode():
             out = self.visual(torch.from_numpy(pixels).to(self.device, self.dtype),
-                              grid_thw=torch.from_numpy(grid).to(self.device)).pooler_output
-        return out.float().cpu().numpy()
+                              grid_thw=torch.from_numpy(grid).to(self.device))
+            # Qwen3-VL: each token's deepstack features ride beside its embedding ([n, hidden * (1 + k)])
+            rows = torch.cat([out.pooler_output, *(getattr(out, "deepstack_features", None) or ())], dim=-1)
+        return rows.float().cpu().numpy()
 
 
 RUNTIMES = ("torch", "onnxruntime")
@@ -95,7 +98,13 @@ def load_tower(model_dir: str, device: str, dtype, runtime: str = "torch", onnx_
     if runtime == "torch":
         return TorchTower(model_dir, device, dtype)
     if runtime == "onnxruntime":
+        from tritonvl.handlers.modelinfo import load_model_info
         from tritonvl.handlers.vision.layout import TowerGeometry
+
+        family = load_model_info(model_dir).family
+        if family != "qwen2_5_vl":  # the exported graph is Qwen2.5-VL's windowed tower
+            raise ValueError(f"vision_encoder runtime onnxruntime serves Qwen2.5-VL towers only; {model_dir} is "
+                             f"{family}: use runtime torch")
         from tritonvl.handlers.vision.onnx_export import ensure_exported
         from tritonvl.handlers.vision.onnx_runtime import OnnxTower
 

@@ -1,0 +1,43 @@
+"""Where a prompt's images and videos sit: per-token modality and the kind of each grid row.
+
+The vision step's rows (``image_grid_thw``) hold every image and video of a request in prompt order;
+the placeholder tokens in ``input_ids`` say which is which (``<|image_pad|>`` or ``<|video_pad|>``).
+torch-free: the runner turns the result into the model's rope-index arguments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.modelinfo import ModelInfo
+
+TEXT, IMAGE, VIDEO = 0, 1, 2  # transformers' mm_token_type_ids values
+
+
+def mm_token_types(input_ids: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """int32 [L]: 1 at image placeholders, 2 at video placeholders, 0 elsewhere."""
+    types = np.zeros(input_ids.shape[0], np.int32)
+    types[input_ids == info.image_token_id] = IMAGE
+    types[input_ids == info.video_token_id] = VIDEO
+    return types
+
+
+def grid_kinds(types: np.ndarray, grid: np.ndarray, merge_unit: int) -> np.ndarray:
+    """int [rows]: IMAGE or VIDEO per grid row, read at the first placeholder each row's tokens take.
+
+    Each row takes t*h*w / merge_unit placeholders, in order; they must all be of one kind and the
+    counts must add up to the prompt's placeholders (else the request is refused)."""
+    positions = np.flatnonzero(types)
+    counts = [int(np.prod(row)) // merge_unit for row in grid]
+    if sum(counts) != positions.shape[0]:
+        raise InvalidArgument(f"the prompt holds {positions.shape[0]} image/video placeholder tokens for "
+                              f"{len(counts)} images and videos of {sum(counts)} tokens")
+    kinds, start = np.zeros(len(counts), np.int64), 0
+    for i, n in enumerate(counts):
+        run = types[positions[start:start + n]]
+        if n and (run != run[0]).any():
+            raise InvalidArgument(f"image/video {i}: its {n} placeholder tokens mix image and video tokens")
+        kinds[i] = run[0] if n else IMAGE
+        start += n
+    return kinds

@@ -1,0 +1,67 @@
+"""generate() of any Qwen VL family with images and videos: the parity oracle of the family tests.
+
+Videos come in as already-patchified rows (pixel_values_videos, video_grid_thw, second_per_grid_ts):
+transformers' video processor needs torchvision, which does not import here (FACTS.md), so the rows
+are produced by the server's own numpy patchify, whose equality with transformers' patchify math is
+a test of its own (tests/unit/test_video.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+from PIL import Image
+
+
+class FamilyReference:
+    def __init__(self, model_dir) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.ip = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.cfg = json.loads(open(f"{model_dir}/config.json").read())
+        self.merge = self.cfg["vision_config"]["spatial_merge_size"] ** 2
+
+    def inputs(self, text: str | None = None, images: list[bytes] = (), videos: list[tuple] = (),
+               messages: list | None = None) -> dict:
+        """``videos``: (pixel_values_videos [patches, dim], video_grid_thw [3], second_per_grid_t)."""
+        torch = self.torch
+        pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+        if messages is None:
+            content = [{"type": "video"}] * len(videos) + [{"type": "image"}] * len(pil)
+            messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
+        prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        kwargs = {}
+        if pil:
+            px = self.ip(images=pil, return_tensors="pt")
+            prompt = self._expand(prompt, "<|image_pad|>", [int(g.prod()) // self.merge for g in px["image_grid_thw"]])
+            kwargs.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
+        if videos:
+            grids = torch.tensor([list(v[1]) for v in videos])
+            prompt = self._expand(prompt, "<|video_pad|>", [int(g.prod()) // self.merge for g in grids])
+            kwargs.update(pixel_values_videos=torch.cat([torch.as_tensor(v[0]) for v in videos]),
+                          video_grid_thw=grids)
+            if self.cfg["model_type"] == "qwen2_5_vl":
+                kwargs["second_per_grid_ts"] = torch.tensor([float(v[2]) for v in videos])
+        ids = self.tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        if pil or videos:
+            kwargs["mm_token_type_ids"] = ((ids == self.cfg["image_token_id"]).int()
+                                           + 2 * (ids == self.cfg["video_token_id"]).int())
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **kwargs}
+
+    @staticmethod
+    def _expand(prompt: str, pad: str, counts: list[int]) -> str:
+        parts = prompt.split(pad)
+        assert len(parts) == len(counts) + 1, (pad, len(parts), counts)
+        return parts[0] + "".join(pad * n + p for n, p in zip(counts, parts[1:]))
+
+    def generate(self, text=None, images=(), videos=(), messages=None, max_tokens: int = 16) -> list[int]:
+        inputs = self.inputs(text, images, videos, messages)
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
