@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .client import DEFAULT_MODEL, _configure
@@ -30,8 +30,11 @@ class AsyncClient:
 
     def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = DEFAULT_MODEL,
                  timeout: float | None = 300.0, *, stop_rules: StopRules | None = None,
-                 image_options: ImageOptions | None = None, verbose: bool = False) -> None:
-        _configure(self, url, protocol, model, timeout, stop_rules, image_options, verbose, asynchronous=True)
+                 image_options: ImageOptions | None = None, verbose: bool = False,
+                 headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None) -> None:
+        """``headers``, ``tls``, ``ca_file``: see Client."""
+        _configure(self, url, protocol, model, timeout, stop_rules, image_options, verbose, asynchronous=True,
+                   headers=headers, tls=tls, ca_file=ca_file)
 
     async def generate(self, prompt: str, images: Sequence[ImageSource] | ImageSource | None = None, *,
                        params: SamplingParams | None = None, **sampling) -> Result:

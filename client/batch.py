@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .aio import AsyncClient
-from .commands import connection, sampling
+from .commands import client_options, connection, sampling
 from .errors import ModelNotReady, ServerUnavailable, TritonVLError
 from .images import find_images
 from .progress import Progress
@@ -56,7 +56,7 @@ async def caption_all(args: argparse.Namespace, todo: list[tuple[str, Path]], ou
     ok = failed = 0
     params = sampling(args)
     _end_with_newline(out)
-    async with AsyncClient(url, protocol, model=args.model, timeout=args.timeout) as client:
+    async with AsyncClient(url, protocol, model=args.model, timeout=args.timeout, **client_options(args)) as client:
         await client.check_ready()
         with out.open("a", encoding="utf-8") as sink:
 

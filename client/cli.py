@@ -98,6 +98,11 @@ def _connection_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--protocol", choices=["grpc", "http"], help="default: grpc (or the URL's scheme)")
     g.add_argument("--model", default="qwen2_5_vl", help="model name (default: %(default)s)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default: %(default)s)")
+    g.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                   help="sent with every request, e.g. 'Authorization: Bearer TOKEN' (repeatable)")
+    g.add_argument("--tls", action="store_true", help="TLS (implied by an https:// or grpcs:// URL)")
+    g.add_argument("--ca-file", help="PEM file of the CA that signed the server's certificate "
+                                     "(default: the system's roots)")
 
 
 def _sampling_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:

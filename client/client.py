@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from .images import ImageOptions, ImageSource
@@ -20,15 +20,24 @@ DEFAULT_MODEL = "qwen2_5_vl"
 PROTOCOLS = ("grpc", "http")
 
 
+TLS_SCHEMES = ("https", "grpcs")
+
+
 def normalize_url(url: str, protocol: str) -> str:
-    """HOST:PORT from 'HOST:PORT', 'http://HOST:PORT/' or 'grpc://HOST:PORT'; checks the protocol."""
+    """HOST:PORT from 'HOST:PORT', 'http(s)://HOST:PORT/' or 'grpc(s)://HOST:PORT'; checks the protocol."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol {protocol!r}: expected one of {PROTOCOLS}")
     return url.split("://", 1)[-1].rstrip("/")
 
 
+def wants_tls(url: str, tls: bool) -> bool:
+    """TLS when asked, or when the URL's scheme is https:// or grpcs://."""
+    return tls or ("://" in url and url.split("://", 1)[0].lower() in TLS_SCHEMES)
+
+
 def _configure(client, url: str, protocol: str, model: str, timeout: float | None, stop_rules: StopRules | None,
-               image_options: ImageOptions | None, verbose: bool, asynchronous: bool) -> None:
+               image_options: ImageOptions | None, verbose: bool, asynchronous: bool,
+               headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None) -> None:
     """The settings and the transport shared by Client and AsyncClient."""
     client.url = normalize_url(url, protocol)
     client.protocol = protocol
@@ -44,7 +53,8 @@ def _configure(client, url: str, protocol: str, model: str, timeout: float | Non
         from . import http_transport as module
 
         kind = "AsyncHttpTransport" if asynchronous else "HttpTransport"
-    client._transport = getattr(module, kind)(client.url, verbose)
+    client._transport = getattr(module, kind)(client.url, verbose, headers=dict(headers or {}),
+                                              tls=wants_tls(url, tls), ca_file=ca_file)
     client._tokens = set()
 
 
@@ -57,12 +67,19 @@ class Client:
     One request at a time per Client (its connection is reused from request to request); use one
     Client per thread, or AsyncClient, for concurrency. ``timeout`` bounds each whole request, in
     seconds. ``stop_rules`` is the model-specific safety net (see ``StopRules``).
+
+    Behind an authenticating TLS proxy (docs/SECURITY.md): ``tls=True`` (implied by an ``https://``
+    or ``grpcs://`` URL) verifies the server against ``ca_file`` (PEM) or the system's roots;
+    ``headers`` go with every request (e.g. ``{"Authorization": "Bearer ..."}``; gRPC metadata keys
+    are lower-cased).
     """
 
     def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = DEFAULT_MODEL,
                  timeout: float | None = 300.0, *, stop_rules: StopRules | None = None,
-                 image_options: ImageOptions | None = None, verbose: bool = False) -> None:
-        _configure(self, url, protocol, model, timeout, stop_rules, image_options, verbose, asynchronous=False)
+                 image_options: ImageOptions | None = None, verbose: bool = False,
+                 headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None) -> None:
+        _configure(self, url, protocol, model, timeout, stop_rules, image_options, verbose, asynchronous=False,
+                   headers=headers, tls=tls, ca_file=ca_file)
         self._lock = threading.Lock()
 
     def generate(self, prompt: str, images: Sequence[ImageSource] | ImageSource | None = None, *,

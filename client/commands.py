@@ -26,6 +26,17 @@ def connection(args: argparse.Namespace) -> tuple[str, str]:
     return (url or f"localhost:{DEFAULT_PORTS[protocol]}"), protocol
 
 
+def client_options(args: argparse.Namespace) -> dict:
+    """Client keyword arguments of --header (NAME: VALUE), --tls and --ca-file."""
+    headers = {}
+    for item in getattr(args, "header", None) or []:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"--header {item!r}: expected 'NAME: VALUE'")
+        headers[name.strip()] = value.strip()
+    return {"headers": headers, "tls": bool(getattr(args, "tls", False)), "ca_file": getattr(args, "ca_file", None)}
+
+
 def sampling(args: argparse.Namespace) -> dict:
     """SamplingParams keyword arguments from the common options (unset ones left out), checked."""
     names = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
@@ -36,7 +47,7 @@ def sampling(args: argparse.Namespace) -> dict:
 
 def open_client(args: argparse.Namespace) -> Client:
     url, protocol = connection(args)
-    client = Client(url, protocol, model=args.model, timeout=args.timeout)
+    client = Client(url, protocol, model=args.model, timeout=args.timeout, **client_options(args))
     client.check_ready()
     return client
 

@@ -7,6 +7,7 @@ One channel per client, reused by every request. Images travel as raw bytes.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time
@@ -86,33 +87,47 @@ def _short(message: str) -> str:
     return message.splitlines()[0][:200] if message else "unavailable"
 
 
+def _tls(tls: bool, ca_file: str | None) -> dict:
+    """tritonclient's channel arguments: TLS with the CA file (PEM path) or, without one, the system's roots."""
+    if ca_file and not os.path.isfile(ca_file):
+        raise ValueError(f"ca_file {ca_file!r}: no such file")
+    return {"ssl": True, "root_certificates": ca_file} if tls else {}
+
+
+def _metadata(headers: dict | None) -> dict | None:
+    """gRPC metadata keys must be lower-case (HTTP/2)."""
+    return {k.lower(): v for k, v in headers.items()} if headers else None
+
+
 class GrpcTransport:
     """Blocking gRPC transport: one request in flight at a time."""
 
-    def __init__(self, url: str, verbose: bool = False) -> None:
+    def __init__(self, url: str, verbose: bool = False, headers: dict | None = None, tls: bool = False,
+                 ca_file: str | None = None) -> None:
         import tritonclient.grpc as grpcclient
 
         self.url = url
+        self.headers = _metadata(headers)
         self._module = grpcclient
-        self._client = grpcclient.InferenceServerClient(url, verbose=verbose)
+        self._client = grpcclient.InferenceServerClient(url, verbose=verbose, **_tls(tls, ca_file))
         self._busy = threading.Lock()
 
     def check_ready(self, model: str, timeout: float = 10.0) -> None:
         try:
-            live = self._client.is_server_live(client_timeout=timeout)
+            live = self._client.is_server_live(headers=self.headers, client_timeout=timeout)
         except InferenceServerException as exc:
             raise ServerUnavailable(f"cannot reach a Triton server at {self.url} over gRPC ({_short(exc.message())})") from None
         if not live:
             raise ServerUnavailable(f"the Triton server at {self.url} is not live")
         try:
-            ready = self._client.is_model_ready(model, client_timeout=timeout)
+            ready = self._client.is_model_ready(model, headers=self.headers, client_timeout=timeout)
         except InferenceServerException as exc:
             raise ModelNotReady(f"model {model!r} on {self.url}: {exc.message()}") from None
         if not ready:
             raise ModelNotReady(f"model {model!r} is not ready on {self.url} (the server is up)")
 
     def metadata(self, model: str) -> dict:
-        return self._client.get_model_metadata(model, as_json=True)
+        return self._client.get_model_metadata(model, headers=self.headers, as_json=True)
 
     def responses(self, request: Request, model: str, timeout: float | None,
                   token: CancelToken) -> Iterator[Chunk]:
@@ -123,7 +138,8 @@ class GrpcTransport:
         finished = False
         try:
             token.on_cancel(lambda: q.put(_CANCEL))
-            self._client.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=timeout)
+            self._client.start_stream(callback=lambda result, error: q.put((result, error)), stream_timeout=timeout,
+                                      headers=self.headers)
             try:
                 self._client.async_stream_infer(model, request.grpc_inputs(self._module),
                                                 enable_empty_final_response=True)
@@ -158,23 +174,25 @@ class GrpcTransport:
 class AsyncGrpcTransport:
     """asyncio gRPC transport (tritonclient.grpc.aio): any number of concurrent requests."""
 
-    def __init__(self, url: str, verbose: bool = False) -> None:
+    def __init__(self, url: str, verbose: bool = False, headers: dict | None = None, tls: bool = False,
+                 ca_file: str | None = None) -> None:
         import tritonclient.grpc.aio as aioclient
 
         self.url = url
+        self.headers = _metadata(headers)
         self._module = aioclient
-        self._client = aioclient.InferenceServerClient(url, verbose=verbose)
+        self._client = aioclient.InferenceServerClient(url, verbose=verbose, **_tls(tls, ca_file))
 
     async def check_ready(self, model: str, timeout: float = 10.0) -> None:
         try:
-            live = await self._client.is_server_live(client_timeout=timeout)
+            live = await self._client.is_server_live(headers=self.headers, client_timeout=timeout)
         except InferenceServerException as exc:
             raise ServerUnavailable(
                 f"cannot reach a Triton server at {self.url} over gRPC ({_short(exc.message())})") from None
         if not live:
             raise ServerUnavailable(f"the Triton server at {self.url} is not live")
         try:
-            ready = await self._client.is_model_ready(model, client_timeout=timeout)
+            ready = await self._client.is_model_ready(model, headers=self.headers, client_timeout=timeout)
         except InferenceServerException as exc:
             raise ModelNotReady(f"model {model!r} on {self.url}: {exc.message()}") from None
         if not ready:
@@ -191,7 +209,7 @@ class AsyncGrpcTransport:
             yield item
             await done.wait()  # keep our side open until the last response
 
-        call = self._client.stream_infer(requests(), stream_timeout=timeout)
+        call = self._client.stream_infer(requests(), stream_timeout=timeout, headers=self.headers)
         token.on_cancel(call.cancel)
         finished = False
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,6 +20,22 @@ from .request import Request
 from .stream import Cancelled, CancelToken, Chunk
 
 _HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+def tls_context(ca_file: str | None) -> ssl.SSLContext:
+    """Verify the server's certificate against ``ca_file`` (PEM) or the system's roots, and its name."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def wrong_protocol(url: str, exc: Exception, tls: bool) -> ServerUnavailable:
+    """The server's bytes were not an HTTP/1.1 answer: most likely the gRPC port, or TLS on one side only."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return ServerUnavailable(f"{url}: the server's certificate is not trusted ({exc.verify_message}); "
+                                 "give the CA that signed it (ca_file / --ca-file)")
+    hint = ("the gRPC port? use protocol='grpc', or the HTTP port (8000 by default)" if not tls else
+            "a plain-HTTP port? drop https:// (tls) or point at the TLS proxy")
+    return ServerUnavailable(f"{url} did not answer as an HTTP{'S' if tls else ''} server ({type(exc).__name__}): "
+                             f"is it {hint}")
 
 
 def split_host(url: str) -> tuple[str, int]:
@@ -69,9 +86,13 @@ def sse_event(line: bytes) -> dict | None:
 class HttpTransport:
     """Blocking HTTP transport on one reused keep-alive connection; one request at a time."""
 
-    def __init__(self, url: str, verbose: bool = False) -> None:
+    def __init__(self, url: str, verbose: bool = False, headers: dict | None = None, tls: bool = False,
+                 ca_file: str | None = None) -> None:
         self.url = url
         self.host, self.port = split_host(url)
+        self.headers = {**_HEADERS, **(headers or {})}
+        self.tls = tls
+        self._context = tls_context(ca_file) if tls else None
         self._conn: http.client.HTTPConnection | None = None
         self._busy = threading.Lock()
 
@@ -151,7 +172,7 @@ class HttpTransport:
             fresh = self._conn is None
             conn = self._connection(timeout)
             try:
-                conn.request("POST", path, body=body, headers=_HEADERS)
+                conn.request("POST", path, body=body, headers=self.headers)
                 return conn.getresponse()
             except (ConnectionRefusedError, socket.gaierror) as exc:
                 self._reset()
@@ -164,6 +185,9 @@ class HttpTransport:
                 self._reset()
                 if fresh or attempt:  # a reused keep-alive connection may have been closed: retry once
                     raise ServerUnavailable(f"the server at {self.url} closed the connection ({exc})") from None
+            except (http.client.HTTPException, ssl.SSLError) as exc:  # bytes that are not HTTP/1.1 (gRPC's port)
+                self._reset()
+                raise wrong_protocol(self.url, exc, self.tls) from None
             except OSError as exc:
                 self._reset()
                 raise ServerUnavailable(f"cannot reach a Triton server at {self.url} over HTTP "
@@ -171,20 +195,27 @@ class HttpTransport:
         raise AssertionError("unreachable")
 
     def _get(self, path: str, timeout: float) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn = self._new_connection(timeout)
         try:
-            conn.request("GET", path)
+            conn.request("GET", path, headers={k: v for k, v in self.headers.items() if k != "Content-Type"})
             response = conn.getresponse()
             return response.status, response.read()
+        except (http.client.HTTPException, ssl.SSLError) as exc:
+            raise wrong_protocol(self.url, exc, self.tls) from None
         except OSError as exc:
             raise ServerUnavailable(f"cannot reach a Triton server at {self.url} over HTTP "
                                     f"({getattr(exc, 'strerror', None) or exc})") from None
         finally:
             conn.close()
 
+    def _new_connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        if self.tls:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+
     def _connection(self, timeout: float | None) -> http.client.HTTPConnection:
         if self._conn is None:
-            self._conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            self._conn = self._new_connection(timeout)
         elif self._conn.sock is not None:
             self._conn.sock.settimeout(timeout)
         else:
@@ -210,17 +241,21 @@ def _shutdown(conn: http.client.HTTPConnection | None) -> None:
 class AsyncHttpTransport:
     """asyncio HTTP transport on one aiohttp session (its connection pool is reused)."""
 
-    def __init__(self, url: str, verbose: bool = False) -> None:
+    def __init__(self, url: str, verbose: bool = False, headers: dict | None = None, tls: bool = False,
+                 ca_file: str | None = None) -> None:
         self.url = url
         host, port = split_host(url)
-        self.base = f"http://{host}:{port}"
+        self.base = f"{'https' if tls else 'http'}://{host}:{port}"
+        self.headers = {**_HEADERS, **(headers or {})}
+        self._context = tls_context(ca_file) if tls else None
         self._session = None
 
     def _get_session(self):
         import aiohttp
 
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(self.base)
+            connector = aiohttp.TCPConnector(ssl=self._context) if self._context is not None else None
+            self._session = aiohttp.ClientSession(self.base, headers=self.headers, connector=connector)
         return self._session
 
     async def check_ready(self, model: str, timeout: float = 10.0) -> None:
@@ -247,7 +282,7 @@ class AsyncHttpTransport:
         path = f"/v2/models/{quote(model)}/generate" + ("_stream" if request.stream else "")
         session = self._get_session()
         try:
-            async with session.post(path, data=request.http_body(), headers=_HEADERS,
+            async with session.post(path, data=request.http_body(),
                                     timeout=aiohttp.ClientTimeout(total=timeout)) as response:
                 token.on_cancel(response.close)
                 if not request.stream or response.status != 200:
