@@ -101,7 +101,7 @@ def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None, masker
     constrained = [i for i, s in enumerate(samplers) if s.grammar is not None]
     if constrained:
         try:
-            masker.apply(logits, constrained, [samplers[i].grammar for i in constrained])
+            logits = masker.apply(logits, constrained, [samplers[i].grammar for i in constrained])
         except Exception as exc:  # noqa: BLE001 - the constrained rows fail, the others go on
             for i in constrained:
                 out[i] = exc

@@ -173,7 +173,7 @@ def _decode_constrained(tok, cache, spec: GrammarSpec, eos: int, steps: int = 80
     for _ in range(steps):
         logits = torch.randn(3, VOCAB, generator=gen)
         raw = logits.clone()
-        masker.apply(logits, [1], [g])
+        logits = masker.apply(logits, [1], [g])
         assert torch.equal(logits[0], raw[0]) and torch.equal(logits[2], raw[2])  # other rows untouched
         token = int(logits[1].argmax())
         assert g.accept(token)
@@ -212,7 +212,7 @@ def test_mask_on_a_transposed_view(tok, cache):
     raw = torch.randn(VOCAB, 4, generator=torch.Generator().manual_seed(1)).T  # [4, VOCAB], stride (1, 4)
     logits = raw.clone().T.contiguous().T
     assert logits.stride(-1) != 1
-    GrammarMasker(VOCAB).apply(logits, [2], [g])
+    logits = GrammarMasker(VOCAB).apply(logits, [2], [g])
     allowed = torch.isfinite(logits[2]).nonzero().flatten().tolist()
     assert sorted(tok.decode([t]) for t in allowed) == [str(d) for d in range(10)]
     for row in (0, 1, 3):

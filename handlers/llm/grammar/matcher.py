@@ -50,28 +50,21 @@ class GrammarMasker:
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
     @torch.inference_mode()  # the runner's logits are inference tensors: in-place writes need the mode
-    def apply(self, logits: torch.Tensor, rows: list[int], grammars: list[SeqGrammar]) -> None:
-        """Mask ``logits`` ([batch, vocab], any float dtype, any device) in place at ``rows``."""
+    def apply(self, logits: torch.Tensor, rows: list[int], grammars: list[SeqGrammar]) -> torch.Tensor:
+        """Mask ``logits`` ([batch, vocab], any float dtype, any device) at ``rows``; return the masked
+        tensor: ``logits`` itself, or a contiguous copy of it when it was a transposed view (the runner's
+        CPU GEMM form): xgrammar's kernels need unit stride over the vocabulary, and one copy of the
+        whole batch is cheaper than gathering and scattering strided rows."""
         if not rows:
-            return
+            return logits
         n = logits.shape[0]
         if self._bitmask.shape[0] < n:
             self._bitmask = self._xgr.allocate_token_bitmask(max(n, 2 * self._bitmask.shape[0]), self.vocab_size)
-        matchers = [g.matcher for g in grammars]
         if logits.stride(-1) != 1:
-            # a transposed view (the runner's CPU GEMM form): xgrammar's kernels need unit stride in the
-            # vocabulary, so mask a contiguous copy of the constrained rows and write it back
-            bitmask = self._bitmask[:len(rows)]
-            self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
-            sub = logits[rows]
-            self._xgr.apply_token_bitmask_inplace(sub, self._to(bitmask, sub), vocab_size=self.vocab_size)
-            logits[rows] = sub
-            return
+            logits = logits.contiguous()
         bitmask = self._bitmask[:n]
-        self._batch.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
-        self._xgr.apply_token_bitmask_inplace(logits, self._to(bitmask, logits), vocab_size=self.vocab_size,
-                                              indices=rows)
-
-    @staticmethod
-    def _to(bitmask: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return bitmask if logits.device.type == "cpu" else bitmask.to(logits.device, non_blocking=True)
+        self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask, indices=rows)
+        if logits.device.type != "cpu":
+            bitmask = bitmask.to(logits.device, non_blocking=True)
+        self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=rows)
+        return logits
