@@ -56,12 +56,19 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=64, help="requests per round")
     ap.add_argument("--rounds", type=int, default=2, help="rounds of each workload, alternating")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                    help="a model parameter for this run's server, as tritonvl serve --set")
     args = ap.parse_args(argv)
+    overrides: dict = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        model, _, name = key.partition(".")
+        overrides.setdefault(model, {})[name] = value
 
     from tritonvl.handlers.tools.launcher import ServerProcess
 
     model = build_model(args.model)
-    with ServerProcess(model) as server:
+    with ServerProcess(model, overrides=overrides or None) as server:
         url = f"http://{server.http_url}/v2/models/qwen2_5_vl/generate"
         # warm-up: the grammar compiles once here (and xgrammar loads), outside the measured rounds
         asyncio.run(run_load(url, bodies(4, 8, 2, 10**6), 4, False))
@@ -80,7 +87,7 @@ def main(argv=None) -> int:
     constrained_tokens = [rec.tokens for recs, _ in runs["half JSON"] for i, rec in enumerate(recs)]
     ratio = rows["half JSON"]["output_tokens_per_s"] / rows["none"]["output_tokens_per_s"]
     print(f"model {args.model}, concurrency {args.concurrency}, {args.rounds} x {args.requests} requests per "
-          f"workload, max_tokens {args.max_tokens}, temperature 1\n")
+          f"workload, max_tokens {args.max_tokens}, temperature 1{', --set ' + ' '.join(args.set) if args.set else ''}\n")
     print("| workload | output tok/s | req/s | TTFT p50 ms | TPOT p50 ms | TPOT p99 ms | errors |")
     print("|---|---|---|---|---|---|---|")
     for name, s in rows.items():
