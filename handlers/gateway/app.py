@@ -148,5 +148,8 @@ def run(config: GatewayConfig, host: str = "0.0.0.0", port: int = 9000, log_leve
 
     print(f"tritonvl gateway: http://{host}:{port}/v1 -> Triton gRPC {config.triton_url} "
           f"(model {config.triton_model}; served as {', '.join(config.names)})", flush=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
+    # keep-alive longer than the usual load balancer idle timeout (60 s): a connection the LB still thinks
+    # open must not be closed under it (requests sent on it would fail)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
+                timeout_keep_alive=75)
     return 0
