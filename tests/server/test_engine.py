@@ -10,7 +10,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from helpers import Reference, infer_http, joined, make_image, metrics, stream_grpc, wait_for
+from helpers import GaugePeak, Reference, infer_http, joined, make_image, metrics, stream_grpc, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,12 @@ def check_parity(server, ref, cases):
 
 def test_parity_with_32_mixed_requests_in_flight(server, ref):
     before = metrics(server)
-    check_parity(server, ref, mixed_cases(32))
+    with GaugePeak(server, "tritonvl_num_requests_running") as running:
+        check_parity(server, ref, mixed_cases(32))
     after = metrics(server)
     assert after["tritonvl_generation_tokens_total"] > before.get("tritonvl_generation_tokens_total", 0)
+    # "in flight" means batched together: the engine ran many of them in one step at some point
+    assert running.peak >= 8, f"at most {running.peak:g} requests ran together ({running.samples} samples)"
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +73,10 @@ def small_kv_server(model_dir, tmp_path_factory):
 
 def test_parity_under_preemption(small_kv_server, ref):
     cases = [{**c, "max_tokens": 24 + i % 9} for i, c in enumerate(mixed_cases(16, max_images=1))]
-    check_parity(small_kv_server, ref, cases)
+    with GaugePeak(small_kv_server, "tritonvl_num_requests_running") as running:
+        check_parity(small_kv_server, ref, cases)
     assert metrics(small_kv_server)["tritonvl_preemptions_total"] > 0
+    assert running.peak > 1, f"at most {running.peak:g} requests ran together"
     assert wait_for(lambda: metrics(small_kv_server)["tritonvl_kv_cache_usage_ratio"] == 0)
 
 
