@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from tritonvl.handlers.tools.launcher import ServerProcess
 
-    with ServerProcess(build_model(args.model), log_path="/tmp/tritonvl-front-hop.log") as srv:
+    with ServerProcess(build_model(args.model), log_path="/tmp/tritonvl-front-hop.log", ready_timeout=1200) as srv:
         url = {m: f"http://{srv.http_url}/v2/models/{m}/generate" for m in MODELS}
         for m in MODELS:  # warm-up
             asyncio.run(run_load(url[m], bodies("text", 2, 4, 10**6), 2, True))
