@@ -7,6 +7,7 @@ One channel per client, reused by every request. Images travel as raw bytes.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import queue
 import threading
@@ -38,6 +39,7 @@ def chunk_from_result(result) -> Chunk:
     # the last response carries the FINAL flag; ours also is the only one with a finish_reason
     final = ("triton_final_response" in params and params["triton_final_response"].bool_param) or reason is not None
     n_in, n_out, n_img = first("num_input_tokens"), first("num_output_tokens"), first("num_image_tokens")
+    logprobs = result.as_numpy("logprobs")
     return Chunk(
         text=_text(text),
         ids=[] if ids is None else [int(i) for i in ids.reshape(-1)],
@@ -46,6 +48,7 @@ def chunk_from_result(result) -> Chunk:
         output_tokens=None if n_out is None else int(n_out),
         image_tokens=None if n_img is None else int(n_img),
         final=bool(final),
+        logprobs=[] if logprobs is None else [json.loads(e) for e in logprobs.reshape(-1)],
     )
 
 

@@ -56,7 +56,13 @@ def chunk_from_json(obj: dict, final: bool) -> Chunk:
         output_tokens=obj.get("num_output_tokens"),
         image_tokens=obj.get("num_image_tokens"),
         final=final or bool(obj.get("finish_reason")),
+        logprobs=[json.loads(e) for e in _as_list(obj.get("logprobs"))],
     )
+
+
+def _as_list(value) -> list:
+    """A JSON output of one or more elements (Triton's /generate writes one element as a scalar)."""
+    return [] if value is None else value if isinstance(value, list) else [value]
 
 
 def parse_body(body: bytes, status: int) -> dict:

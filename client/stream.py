@@ -26,6 +26,8 @@ class Chunk:
     output_tokens: int | None = None
     image_tokens: int | None = None
     final: bool = False
+    # asked with return_logprobs: per token of ``ids``, {"token", "token_id", "logprob", "top_logprobs"}
+    logprobs: list[dict] = field(default_factory=list)
 
 
 class Cancelled(Exception):

@@ -34,8 +34,8 @@ _TYPES = {"max_tokens": int, "max_completion_tokens": int, "min_tokens": int, "t
 # Accepted and without effect on the answer (they describe the caller or the billing).
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 # Accepted only at a value that asks for nothing we lack (null is always fine).
-DEFAULT_ONLY = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logprobs": (False,),
-                "top_logprobs": (0,), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
+DEFAULT_ONLY = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
+                "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
                 "use_beam_search": (False,), "add_generation_prompt": (True,)}
 _COMMON = {"model", "stream", "stream_options", *SAMPLING, *IGNORED, "n", "logprobs", "logit_bias"} - {
     "max_completion_tokens"}
@@ -62,6 +62,30 @@ class Parsed:
     model: str | None  # as the caller named it (None: the default)
     stream: bool
     include_usage: bool
+    logprobs: bool = False  # the answer carries OpenAI's logprobs object
+
+
+MAX_TOP_LOGPROBS = 20  # the server's limit (OpenAI's too)
+
+
+def logprobs_inputs(body: dict, chat: bool) -> dict[str, tuple[object, str]]:
+    """OpenAI's logprobs fields -> the server's return_logprobs / top_logprobs inputs ({} when not asked).
+    Chat: ``logprobs`` (bool) and ``top_logprobs`` (0-20, needs logprobs); completions: ``logprobs`` (int,
+    the number of alternatives)."""
+    asked, top = body.get("logprobs"), body.get("top_logprobs") if chat else None
+    if chat:
+        if asked is not None and not isinstance(asked, bool):
+            raise bad_request("logprobs", f"logprobs: expected a boolean, got {asked!r}")
+        if top is not None and not asked:
+            raise bad_request("top_logprobs", "top_logprobs: only allowed when logprobs is true")
+    elif asked is not None:
+        asked, top = True, asked
+    if not asked:
+        return {}
+    name = "top_logprobs" if chat else "logprobs"
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise bad_request(name, f"{name}: expected an integer between 0 and {MAX_TOP_LOGPROBS}, got {top!r}")
+    return {"return_logprobs": (True, "BOOL"), "top_logprobs": (top or 0, "INT32")}
 
 
 def parse_chat(body: dict) -> Parsed:
@@ -71,8 +95,9 @@ def parse_chat(body: dict) -> Parsed:
         raise bad_request("messages", "messages: expected a non-empty list of {role, content} objects")
     messages = [_message(m, i) for i, m in enumerate(messages)]
     stream, include_usage = _stream(body)
-    req = TritonRequest(sampling(body), messages=messages, stream=stream)
-    return Parsed(req, _model(body), stream, include_usage)
+    extra = logprobs_inputs(body, chat=True)
+    req = TritonRequest(sampling(body), messages=messages, stream=stream, extra=extra)
+    return Parsed(req, _model(body), stream, include_usage, bool(extra))
 
 
 def parse_completion(body: dict) -> Parsed:
@@ -86,8 +111,9 @@ def parse_completion(body: dict) -> Parsed:
     stream, include_usage = _stream(body)
     # OpenAI's default for completions is 16 tokens; vLLM follows it
     params = sampling({"max_tokens": 16, **{k: v for k, v in body.items() if v is not None}})
-    req = TritonRequest(params, prompt=prompt, stream=stream, extra={"apply_chat_template": (False, "BOOL")})
-    return Parsed(req, _model(body), stream, include_usage)
+    extra = logprobs_inputs(body, chat=False)
+    req = TritonRequest(params, prompt=prompt, stream=stream, extra={"apply_chat_template": (False, "BOOL"), **extra})
+    return Parsed(req, _model(body), stream, include_usage, bool(extra))
 
 
 def structured_output(body: dict) -> dict | None:

@@ -28,8 +28,28 @@ class Reply:
     chat: bool
     model: str
     include_usage: bool = False
+    logprobs: bool = False  # asked: choices carry OpenAI's logprobs object, else null
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
+    _offset: int = 0  # text_offset of the next token (completions)
+
+    def _logprobs(self, entries: list[dict] | None) -> dict | None:
+        """The server's per-token entries (docs/INTERFACE.md) in OpenAI's shape: chat's ``content``
+        list, or the completions API's parallel lists."""
+        if not self.logprobs:
+            return None
+        entries = entries or []
+        if self.chat:
+            def one(e: dict) -> dict:
+                return {"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode("utf-8"))}
+            return {"content": [{**one(e), "top_logprobs": [one(a) for a in e["top_logprobs"]]} for e in entries]}
+        offsets = []
+        for e in entries:
+            offsets.append(self._offset)
+            self._offset += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
 
     def _head(self, chunk: bool) -> dict:
         if self.chat:
@@ -38,22 +58,24 @@ class Reply:
             kind, prefix = "text_completion", "cmpl-"
         return {"id": prefix + self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish: str | None, use: dict) -> dict:
+    def full(self, text: str, finish: str | None, use: dict, logprobs: list[dict] | None = None) -> dict:
         reason = FINISH.get(finish or "stop", finish)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self._logprobs(logprobs), "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": reason}
         return {**self._head(False), "choices": [choice], "usage": use}
 
-    def chunk(self, text: str, finish: str | None = None, first: bool = False) -> dict:
+    def chunk(self, text: str, finish: str | None = None, first: bool = False,
+              logprobs: list[dict] | None = None) -> dict:
         reason = None if finish is None else FINISH.get(finish, finish)
+        lp = self._logprobs(logprobs) if logprobs else None
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": reason}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
         out = {**self._head(True), "choices": [choice]}
         if self.include_usage:
             out["usage"] = None

@@ -92,13 +92,14 @@ class Gateway:
 
     async def _generate(self, http: Request, parsed, endpoint: str) -> Response:
         model = self._model(parsed.model)
-        reply = Reply(endpoint == "chat", model, parsed.include_usage)
+        reply = Reply(endpoint == "chat", model, parsed.include_usage, parsed.logprobs)
         if parsed.stream:
             return await self._stream(http, parsed.request, reply, endpoint)
         out = await self._whole(http, parsed.request, endpoint)
         if out is None:
             return Response(status_code=CLIENT_GONE)
-        return JSONResponse(reply.full(out.text, out.finish_reason, usage(out.prompt_tokens, out.completion_tokens)))
+        return JSONResponse(reply.full(out.text, out.finish_reason, usage(out.prompt_tokens, out.completion_tokens),
+                                       out.logprobs))
 
     def _model(self, name: str | None) -> str:
         if name is None:
@@ -170,7 +171,8 @@ class Gateway:
                         if not state["ttft"]:
                             state["ttft"] = True
                             self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - start)
-                        yield sse(reply.chunk(chunk.text))
+                    if chunk.text or chunk.logprobs:  # tokens whose text is held back still have logprobs
+                        yield sse(reply.chunk(chunk.text, logprobs=chunk.logprobs))
                     if chunk.final:
                         break
                     chunk = await chunks.__anext__()

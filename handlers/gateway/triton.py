@@ -21,6 +21,7 @@ class Outcome:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[dict] | None = None  # per generated token, when asked
 
 
 class TritonBackend:
@@ -57,8 +58,9 @@ class TritonBackend:
             self.open_calls -= 1
 
     async def collect(self, request: Request) -> Outcome:
-        text, last = [], Chunk()
+        text, logprobs, last = [], [], Chunk()
         async for chunk in self.stream(request):
             text.append(chunk.text)
+            logprobs.extend(chunk.logprobs)
             last = chunk
-        return Outcome("".join(text), last.finish_reason, last.input_tokens or 0, last.output_tokens or 0)
+        return Outcome("".join(text), last.finish_reason, last.input_tokens or 0, last.output_tokens or 0, logprobs)

@@ -74,7 +74,9 @@ BAD = [
     ("response_format", _chat(response_format={"type": "xml"}), 400, "response_format", "json_schema"),
     ("json_schema (Triton INVALID_ARG)", _chat(response_format={"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "foo"}}}), 400, None, 'Unsupported type "foo"'),
-    ("logprobs", _chat(logprobs=True), 400, "logprobs", "only False"),
+    ("logprobs type", _chat(logprobs="yes"), 400, "logprobs", "boolean"),
+    ("top_logprobs without logprobs", _chat(top_logprobs=2), 400, "top_logprobs", "logprobs is true"),
+    ("top_logprobs range", _chat(logprobs=True, top_logprobs=21), 400, "top_logprobs", "between 0 and 20"),
     ("role (Triton INVALID_ARG)", {"messages": [{"role": "bot", "content": "x"}]}, 400, "messages", "role"),
     ("corrupt image, streamed", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}], "stream": True},

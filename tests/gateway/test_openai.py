@@ -179,3 +179,30 @@ def test_response_format_and_structured_outputs(client, model_dir):
     done = client.completions.create(model=str(model_dir), prompt="Date:", max_tokens=20,
                                      extra_body={"structured_outputs": {"regex": r"\d{4}-\d{2}"}})
     assert done.choices[0].finish_reason == "stop" and len(done.choices[0].text) == 7
+
+
+def test_logprobs_chat_whole_and_streamed(client):
+    """OpenAI's logprobs: greedy, so the chosen token is the first alternative; the stream carries the same."""
+    ask = {"model": client.models.list().data[0].id, "messages": [image_turn("What is this?")], "max_tokens": 5,
+           "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    whole = client.chat.completions.create(**ask)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens == 5
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == entry.top_logprobs[0].logprob <= 0 and entry.bytes == list(entry.token.encode())
+    streamed = [e for c in client.chat.completions.create(**ask, stream=True) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    assert all(abs(a.logprob - b.logprob) < 1e-4 for a, b in zip(streamed, content))
+    plain = client.chat.completions.create(**{**ask, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
+def test_logprobs_completions(client):
+    out = client.completions.create(model=client.models.list().data[0].id, prompt="Once upon a time", max_tokens=4,
+                                    temperature=0, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(4)]
+    assert all(len(alts) <= 2 and max(alts.values()) == v for alts, v in zip(lp.top_logprobs, lp.token_logprobs))
