@@ -181,6 +181,21 @@ class PreprocessParams(CommonParams):
         "fetched (`img.example.com`, `*.cdn.example`); empty: URLs refused",
     )
     image_url_timeout_s: float = param(Float(0, open_min=True), "10", "seconds per image URL fetch")
+    # video (docs/VIDEO.md): sampling like qwen-vl-utils; a request's part keys may lower these, not raise them
+    max_videos_per_request: int = param(Int(0), "2", "videos per request")
+    max_video_bytes: int = param(Int(1), "104857600", "encoded bytes per video")
+    max_video_seconds: float = param(Float(0, open_min=True), "600", "longest video, from its header")
+    max_video_frames: int = param(
+        Int(1), "4096", "frames a video (or frame list) may hold before sampling (counted before decoding)"
+    )
+    video_fps: float = param(Float(0, open_min=True), "2", "frames sampled per second when the request gives no fps")
+    video_min_frames: int = param(Int(2), "4", "fewest frames sampled by fps")
+    video_max_frames: int = param(Int(2), "768", "most frames sampled (also the bound of a request's num_frames)")
+    video_min_pixels: int = param(Int(1), "100352", "smallest frame area after Qwen's resize (128 * 28 * 28)")
+    video_max_pixels: int = param(Int(1), "602112", "largest frame area after Qwen's resize (768 * 28 * 28)")
+    video_total_pixels: int = param(
+        Int(1), "19267584", "frame area x frames budget of one video: more frames give smaller frames (24576 * 28 * 28)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,7 +33,7 @@ class FamilyReference:
         torch = self.torch
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
         if messages is None:
-            content = [{"type": "video"}] * len(videos) + [{"type": "image"}] * len(pil)
+            content = [{"type": "image"}] * len(pil) + [{"type": "video"}] * len(videos)  # the server's order
             messages = [{"role": "user", "content": content + [{"type": "text", "text": text}]}]
         prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         kwargs = {}

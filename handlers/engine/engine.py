@@ -16,6 +16,7 @@ from tritonvl.handlers.engine.model_runner import ModelRunner, SeqInputs
 from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler
 from tritonvl.handlers.engine.sequence import Sequence
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
+from tritonvl.handlers.engine.visual import timed_spans
 from tritonvl.handlers.errors import InvalidArgument, RequestError, Unavailable
 from tritonvl.handlers.llm.grammar.compiler import CompileWaitlist, GrammarCache
 from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
@@ -168,7 +169,8 @@ class LLMEngine:
                 raise InvalidArgument(f"max_tokens={params.max_tokens} does not fit: the prompt has {n} tokens and "
                                       f"max_model_len is {self.declared_max_len}, so at most {room}")
             params.max_tokens = min(params.max_tokens, self.config.max_model_len - n)
-            spans = image_spans(job.input_ids, (self.info.image_token_id, self.info.video_token_id), job.image_hashes)
+            spans = timed_spans(image_spans(job.input_ids, (self.info.image_token_id, self.info.video_token_id),
+                                            job.image_hashes), job.input_ids, self.info, job.options.second_per_grid_ts)
             stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
             # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
             grammar = None if compiled is None else SeqGrammar(compiled, stream.stop_ids or self.info.eos_token_ids)

@@ -80,7 +80,7 @@ class ModelRunner:
                                       "second_per_grid_ts values")
             rope["second_per_grid_ts"] = torch.tensor(list(second_per_grid_ts), dtype=torch.float32)
         with torch.inference_mode():
-            positions, delta = self.model.model.get_rope_index(ids, torch.from_numpy(types)[None], **rope)
+            positions, _ = self.model.model.get_rope_index(ids, torch.from_numpy(types)[None], **rope)
         embeds = deepstack = None
         if image_embeds.shape[0]:
             rows = torch.from_numpy(image_embeds).to(self.device, self.dtype)
@@ -89,7 +89,11 @@ class ModelRunner:
             if info.deepstack_layers:
                 deepstack = rows[:, hidden:].reshape(rows.shape[0], info.deepstack_layers, hidden)
         visual = torch.from_numpy(np.flatnonzero(types)).long()
-        return SeqInputs(positions[:, 0].cpu(), int(delta.reshape(-1)[0]), visual, embeds, deepstack)
+        # generated tokens continue from the LAST prompt position + 1, as generate() does (transformers 5
+        # increments position_ids), not from the rope index's max + 1: they differ when a video's time
+        # positions outrun the text after it (second_per_grid_t > 1)
+        delta = int(positions[:, 0, -1].max()) + 1 - ids.shape[1]
+        return SeqInputs(positions[:, 0].cpu(), delta, visual, embeds, deepstack)
 
     # ---- per step ----
     @torch.inference_mode()

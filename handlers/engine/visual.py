@@ -41,3 +41,21 @@ def grid_kinds(types: np.ndarray, grid: np.ndarray, merge_unit: int) -> np.ndarr
         kinds[i] = run[0] if n else IMAGE
         start += n
     return kinds
+
+
+def timed_spans(spans: list[tuple[int, int, bytes]], input_ids: np.ndarray, info: ModelInfo,
+                second_per_grid_ts: list[float]) -> list[tuple[int, int, bytes]]:
+    """Prefix-cache keys of placeholder runs: a video's content hash also takes its second_per_grid_t
+    (the same frames sampled at another rate get other mRoPE time positions, so other K/V)."""
+    import hashlib
+    import struct
+
+    times = iter(second_per_grid_ts)
+    out = []
+    for start, length, key in spans:
+        if input_ids[start] == info.video_token_id:
+            t = next(times, None)
+            if t is not None:
+                key = hashlib.blake2b(key + struct.pack("<d", float(t)), digest_size=16).digest()
+        out.append((start, length, key))
+    return out

@@ -16,7 +16,14 @@ from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions
 from tritonvl.handlers.preprocess.images import ImageLimits, load_images
 from tritonvl.handlers.preprocess.pixels import PixelBudget, budget_for, deployment_budget, parse_kwargs
-from tritonvl.handlers.preprocess.prompt import PromptBuilder, messages_from_text, parse_messages, text_bytes
+from tritonvl.handlers.preprocess.prompt import (
+    PromptBuilder,
+    VideoParts,
+    messages_from_text,
+    parse_messages,
+    text_bytes,
+)
+from tritonvl.handlers.preprocess.video import VideoLimits, in_prompt_order, load_videos, video_geometry
 from tritonvl.handlers.sampling import build_sampling_params, sets_max_tokens
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default limit
@@ -28,6 +35,7 @@ class RawRequest:
 
     text_input: bytes | None = None
     images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)  # elements of the `video` input (docs/VIDEO.md)
     messages: bytes | None = None
     sampling_parameters: bytes | None = None
     sampling: dict = field(default_factory=dict)  # explicit tensors, SamplingParams field names
@@ -61,14 +69,17 @@ def utf8(value: bytes | None, name: str) -> str | None:
 class Preprocessor:
     def __init__(self, model_dir: str, limits: ImageLimits | None = None, max_model_len: int | None = None,
                  default_max_tokens: int = 256, clamp_max_tokens: bool = False,
-                 min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+                 min_pixels: int | None = None, max_pixels: int | None = None,
+                 video_limits: VideoLimits | None = None) -> None:
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self.info: ModelInfo = load_model_info(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-        self.prompts = PromptBuilder(self.tokenizer, self.info.image_token_id)
+        self.prompts = PromptBuilder(self.tokenizer, self.info.image_token_id, self.info.video_token_id)
+        self.video_limits = video_limits or VideoLimits()
+        self.video_geometry = video_geometry(self.image_processor)
         self.limits = limits or ImageLimits()
         self.max_model_len = max_model_len or self.info.max_position_embeddings
         self.sampling_defaults = {"max_tokens": default_max_tokens, **self.info.sampling_defaults}
@@ -81,13 +92,15 @@ class Preprocessor:
         if not raw.apply_chat_template and messages_json:
             raise InvalidArgument("apply_chat_template=false takes a raw text_input, not messages")
         parts: list[dict] = []  # per image: its message part's pixel keys
+        videos = VideoParts(raw.videos)
         if messages_json:
-            messages, sources = parse_messages(messages_json, raw.images, parts)
+            messages, sources = parse_messages(messages_json, raw.images, parts, videos)
         elif text is None:
             raise InvalidArgument("text_input: required (or give messages)")
         else:
-            messages, sources = messages_from_text(text, len(raw.images)), list(raw.images)
+            messages, sources = messages_from_text(text, len(raw.images), len(raw.videos)), list(raw.images)
             parts = [{"where": f"image[{i}]"} for i in range(len(sources))]
+            videos.found = [(v, {}, f"video[{i}]") for i, v in enumerate(videos.pending)]
         request_pixels = parse_kwargs(utf8(raw.mm_processor_kwargs, "mm_processor_kwargs"))
         budgets = [budget_for(self.budget, request_pixels, p, p["where"]) for p in parts]
         logprobs = self.logprobs(raw)
@@ -103,8 +116,13 @@ class Preprocessor:
         check_syntax(GrammarSpec.from_dict(sampling.structured_outputs))  # the llm step compiles it
         images = load_images(sources, self.limits)
         pixel_values, grid = self.pixels(images, budgets)
+        clips = load_videos(videos.found, self.info.family, self.video_limits, self.limits, self.video_geometry)
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
-        ids = self.prompts.build(messages, tokens) if raw.apply_chat_template else self.prompts.expand(text, tokens)
+        frames = [int(np.prod(c.grid)) // self.info.merge_unit for c in clips]
+        ids = (self.prompts.build(messages, tokens, frames) if raw.apply_chat_template
+               else self.prompts.expand(text, tokens, frames))
+        if clips:  # the vision step's rows in prompt order: images and videos as their placeholders come
+            pixel_values, grid = in_prompt_order(np.asarray(ids), self.info, pixel_values, grid, clips)
         if not ids:
             raise InvalidArgument("text_input: an empty raw prompt (apply_chat_template=false) has no tokens")
         if len(ids) >= self.max_model_len:
@@ -120,7 +138,8 @@ class Preprocessor:
                 "clamp_max_tokens=true cuts it instead)")
         sampling.max_tokens = min(sampling.max_tokens, room)
         sampling.min_tokens = min(sampling.min_tokens, sampling.max_tokens)
-        options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "", clamp, logprobs)
+        options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "", clamp, logprobs,
+                                 [c.second_per_grid_t for c in clips])
         return ModelInputs(np.asarray(ids, dtype=np.int32), pixel_values, grid, options.to_json())
 
     @staticmethod

@@ -7,18 +7,21 @@ text, as Qwen's examples do) or ``messages`` (OpenAI chat JSON, which overrides 
 from __future__ import annotations
 
 import json
+import re
 
 from tritonvl.handlers.errors import InvalidArgument
 
 ROLES = ("system", "user", "assistant")
 
 
-def messages_from_text(text: str, num_images: int) -> list[dict]:
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": text}]
+def messages_from_text(text: str, num_images: int, num_videos: int = 0) -> list[dict]:
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "video"} for _ in range(num_videos)]
+    content += [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]
 
 
-def parse_messages(raw: str, tensor_images: list, pixels: list | None = None) -> tuple[list[dict], list]:
+def parse_messages(raw: str, tensor_images: list, pixels: list | None = None,
+                   videos: VideoParts | None = None) -> tuple[list[dict], list]:
     """Validate OpenAI-style messages JSON.
 
     Returns messages normalized for the chat template (image parts become ``{"type": "image"}``)
@@ -27,6 +30,7 @@ def parse_messages(raw: str, tensor_images: list, pixels: list | None = None) ->
     parts take the next element of the ``image`` tensor. The sources are checked later, as images.
     ``pixels``, when given, receives one dict per image: the part's own min_pixels / max_pixels
     keys and where they were (Qwen's per-image budget, checked by preprocess.pixels).
+    ``videos``, when given, takes ``video_url`` / ``video`` parts (else they are refused).
     """
     try:
         msgs = json.loads(raw)
@@ -50,23 +54,55 @@ def parse_messages(raw: str, tensor_images: list, pixels: list | None = None) ->
             continue
         if not isinstance(content, list):
             raise InvalidArgument(f"{where}.content: expected a string or a list of parts")
-        parts = [_part(part, f"{where}.content[{j}]", pending, images, pixels) for j, part in enumerate(content)]
-        if role != "user" and any(p["type"] == "image" for p in parts):
-            raise InvalidArgument(f"{where}: images are only allowed in user messages")
+        parts = [_part(part, f"{where}.content[{j}]", pending, images, pixels, videos)
+                 for j, part in enumerate(content)]
+        if role != "user" and any(p["type"] in ("image", "video") for p in parts):
+            raise InvalidArgument(f"{where}: images are only allowed in user messages (videos too)")
         out.append({"role": role, "content": parts})
     if pending:
         raise InvalidArgument(
             f"image: {len(pending)} image(s) given but not referenced by an image part of messages")
+    if videos is not None and videos.pending:
+        raise InvalidArgument(
+            f"video: {len(videos.pending)} video(s) given but not referenced by a video part of messages")
     if out[-1]["role"] == "assistant":
         raise InvalidArgument("messages: the last message must not be from the assistant")
     return out, images
 
 
-def _part(part, where: str, pending: list, images: list, pixels: list | None) -> dict:
+class VideoParts:
+    """Video parts of messages: ``pending`` elements of the ``video`` input (taken by bare
+    ``{"type": "video"}`` parts, in order), ``found`` (element, the part's own keys, where) per video."""
+
+    def __init__(self, tensor_videos: list) -> None:
+        self.pending = list(tensor_videos)
+        self.found: list[tuple[object, dict, str]] = []
+
+    def take(self, part: dict, kind: str, where: str) -> dict:
+        if kind == "video_url":
+            url = part.get("video_url")
+            item = url.get("url") if isinstance(url, dict) else url
+            if not isinstance(item, str) or not item:
+                raise InvalidArgument(f"{where}.video_url: expected {{'url': 'data:video/...;base64,...'}}")
+        elif part.get("video") is not None:
+            item = part["video"]
+            if not (isinstance(item, str) and item) and not isinstance(item, list):
+                raise InvalidArgument(f"{where}.video: expected a data: URI, base64, or a list of frame images")
+        elif self.pending:
+            item = self.pending.pop(0)
+        else:
+            raise InvalidArgument(f"{where}: a video part without data needs an element of the video input")
+        self.found.append((item, part, where))
+        return {"type": "video"}
+
+
+def _part(part, where: str, pending: list, images: list, pixels: list | None, videos: VideoParts | None) -> dict:
     """One content part, normalized; an image part appends its source to ``images``."""
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text":
         return {"type": "text", "text": _text(part.get("text"), f"{where}.text")}
+    if kind in ("video_url", "video") and videos is not None:
+        return videos.take(part, kind, where)
     if kind in ("image_url", "image") and pixels is not None:
         pixels.append({"where": where, **{k: part[k] for k in ("min_pixels", "max_pixels") if k in part}})
     if kind == "image_url":
@@ -84,7 +120,8 @@ def _part(part, where: str, pending: list, images: list, pixels: list | None) ->
             raise InvalidArgument(f"{where}: an image part without a URL needs an element of the image input")
         images.append(pending.pop(0))
     else:
-        raise InvalidArgument(f"{where}.type: {kind!r} is not one of 'text', 'image_url', 'image'")
+        known = "'text', 'image_url', 'image'" + (", 'video_url', 'video'" if videos is not None else "")
+        raise InvalidArgument(f"{where}.type: {kind!r} is not one of {known}")
     return {"type": "image"}
 
 
@@ -112,20 +149,25 @@ def text_bytes(messages: list[dict]) -> int:
 class PromptBuilder:
     """Applies the model's chat template and expands each ``<|image_pad|>`` to its token count."""
 
-    def __init__(self, tokenizer, image_token_id: int) -> None:
+    def __init__(self, tokenizer, image_token_id: int, video_token_id: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
+        self.video_token_id = video_token_id
+        self.video_token = tokenizer.convert_ids_to_tokens(video_token_id) if video_token_id is not None else None
 
-    def build(self, messages: list[dict], image_tokens: list[int]) -> list[int]:
+    def build(self, messages: list[dict], image_tokens: list[int], video_tokens: list[int] = ()) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 -- jinja errors from a model's own template
             raise InvalidArgument(f"messages: the chat template refused them ({exc})") from None
-        return self.expand(text, image_tokens)
+        return self.expand(text, image_tokens, video_tokens)
 
-    def expand(self, text: str, image_tokens: list[int]) -> list[int]:
-        """A finished prompt (template applied, or raw with one ``<|image_pad|>`` per image) -> ids."""
+    def expand(self, text: str, image_tokens: list[int], video_tokens: list[int] = ()) -> list[int]:
+        """A finished prompt (template applied, or raw with one ``<|image_pad|>`` per image and one
+        ``<|video_pad|>`` per video) -> ids, each placeholder repeated to its item's token count."""
+        if self.video_token is not None and (video_tokens or self.video_token in text):
+            return self._expand_both(text, list(image_tokens), list(video_tokens))
         pieces = text.split(self.image_token)
         if len(pieces) - 1 != len(image_tokens):
             raise InvalidArgument(
@@ -136,4 +178,22 @@ class PromptBuilder:
         ids = self.tokenizer.encode(expanded, add_special_tokens=False)
         if sum(1 for t in ids if t == self.image_token_id) != sum(image_tokens):
             raise InvalidArgument(f"the text must not contain the image placeholder token {self.image_token}")
+        return ids
+
+    def _expand_both(self, text: str, image_tokens: list[int], video_tokens: list[int]) -> list[int]:
+        pieces = re.split(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})", text)
+        marks = pieces[1::2]
+        for token, counts, what in ((self.image_token, image_tokens, "image"), (self.video_token, video_tokens, "video")):
+            if marks.count(token) != len(counts):
+                raise InvalidArgument(
+                    f"the prompt holds {marks.count(token)} {what} placeholders for {len(counts)} {what}s (with the "
+                    f"chat template, do not put {token} in the text; without it, put "
+                    f"<|vision_start|>{token}<|vision_end|> once per {what})")
+        left = {self.image_token: iter(image_tokens), self.video_token: iter(video_tokens)}
+        expanded = pieces[0] + "".join(m * next(left[m]) + p for m, p in zip(marks, pieces[2::2]))
+        ids = self.tokenizer.encode(expanded, add_special_tokens=False)
+        if (sum(1 for t in ids if t == self.image_token_id) != sum(image_tokens)
+                or sum(1 for t in ids if t == self.video_token_id) != sum(video_tokens)):
+            raise InvalidArgument(f"the text must not contain the placeholder tokens {self.image_token} / "
+                                  f"{self.video_token}")
         return ids

@@ -170,6 +170,7 @@ def read_raw(request) -> RawRequest:
     return RawRequest(
         text_input=scalar(request, "text_input"),
         images=string_list(request, "image"),
+        videos=string_list(request, "video"),
         messages=scalar(request, "messages"),
         sampling_parameters=scalar(request, "sampling_parameters"),
         sampling=sampling,

@@ -1,6 +1,6 @@
 """preprocess: public request tensors -> model inputs.
 
-Inputs: the public interface of the ensemble (text_input, image, messages, sampling tensors,
+Inputs: the public interface of the ensemble (text_input, image, video, messages, sampling tensors,
 sampling_parameters, stream, exclude_input_in_output). Outputs: input_ids INT32[-1],
 pixel_values FP32[-1, patch_dim], image_grid_thw INT64[-1, 3], request STRING[1] (JSON options).
 Bad input is a per-request INVALID_ARG error; the rest of the batch carries on.
@@ -10,6 +10,7 @@ import numpy as np
 
 from tritonvl.handlers.preprocess.images import limits_from_params
 from tritonvl.handlers.preprocess.preprocessor import Preprocessor
+from tritonvl.handlers.preprocess.video import video_limits_from_params
 from tritonvl.handlers.tritonserver import adapter as ta
 
 
@@ -20,7 +21,8 @@ class TritonPythonModel:
         p = cfg.params
         self.pre = Preprocessor(cfg.model_dir(), limits_from_params(p), max_model_len=p.max_model_len,
                                 default_max_tokens=p.default_max_tokens, clamp_max_tokens=p.clamp_max_tokens,
-                                min_pixels=p.min_pixels, max_pixels=p.max_pixels)
+                                min_pixels=p.min_pixels, max_pixels=p.max_pixels,
+                                video_limits=video_limits_from_params(p))
 
     def execute(self, requests):
         responses = []
