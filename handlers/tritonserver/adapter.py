@@ -264,8 +264,8 @@ def bls_stream(model: str, inputs: list, outputs: list[str], key: str = ""):
         if resp.has_error():
             raise _bls_error(resp.error())
         tensors = resp.output_tensors()
-        if tensors:
-            yield {t.name(): t for t in tensors}
+        if tensors:  # copied: the front sends them on after this response object is gone
+            yield {t.name(): pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in tensors}
 
 
 def bls_stop(model: str, key: str) -> None:
