@@ -154,14 +154,15 @@ def test_sigterm_under_tritonvl_serve_drains_then_ends_every_stream(model_dir, t
 def plant_stale_registrations(pid: int) -> list[Path]:
     """What a dead server with this pid left behind: registries (old pid-only naming, and pid + some
     other start time) holding a stub that died without unregistering."""
-    dead = subprocess.Popen(["true"])
-    dead.wait()
+    # A pid no process can have: a real dead pid may be handed out again to the new server's stubs
+    # (pids restart from the forced one), which would make the stale registration look alive.
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
     tmp = Path(tempfile.gettempdir())
     dirs = [tmp / f"tritonvl-stubs-{pid}", tmp / f"tritonvl-stubs-{pid}-1"]
     for d in dirs:
         d.mkdir(exist_ok=True)
-        (d / f"llm.{dead.pid}").write_text(str(dead.pid))
-        (d / f"llm.{dead.pid}.1").write_text(str(dead.pid))
+        (d / f"llm.{dead}").write_text(str(dead))
+        (d / f"llm.{dead}.1").write_text(str(dead))
     return dirs
 
 
