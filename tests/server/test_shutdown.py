@@ -202,6 +202,9 @@ def test_reused_pid_then_sigkill(model_dir, tmp_path, first_pid):
     else:
         pytest.skip("could not start tritonserver with a given pid (not root, or the pid was taken)")
     try:
+        # Again now: other servers' stubs delete registries of dead servers when they start, so the
+        # ones planted before the start may be gone already (the new server's own stubs do too).
+        plant_stale_registrations(pid)
         time.sleep(5)  # the watchdogs check every second
         assert srv.proc.poll() is None and ready(srv.http_url), "stopped by a dead server's registrations\n" \
             + srv.log_tail()
