@@ -3,7 +3,7 @@
 Videos come in as already-patchified rows (pixel_values_videos, video_grid_thw, second_per_grid_ts):
 transformers' video processor needs torchvision, which does not import here (FACTS.md), so the rows
 are produced by the server's own numpy patchify, whose equality with transformers' patchify math is
-a test of its own (tests/unit/test_video.py).
+a test of its own (tests/unit/test_video_intake.py).
 """
 
 from __future__ import annotations

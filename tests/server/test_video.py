@@ -3,7 +3,7 @@ and a bad-video suite refused with INVALID_ARG while the server stays ready.
 
 The reference gets the same patch rows the server builds (handlers/preprocess/video.py: transformers'
 video processor needs torchvision, which does not import here); that those rows follow transformers'
-patch layout is tests/unit/test_video.py. What is checked here: the rows' path through vision_encoder
+patch layout is tests/unit/test_video_intake.py. What is checked here: the rows' path through vision_encoder
 and the engine (video embeddings, video_grid_thw, second_per_grid_ts and mm_token_type_ids 2 in the
 mRoPE positions) equals generate() given pixel_values_videos.
 """
