@@ -24,9 +24,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -89,12 +91,25 @@ def http_ready_url(server_pid: int) -> str | None:
     return f"http://127.0.0.1:{opts.get('http-port', '8000')}/v2/health/ready"
 
 
-def _ready(url: str) -> bool:
+def _ready(url: str, timeout: float = 5.0) -> bool | None:
+    """True: ready. False: a definite no (connection refused, or an answer other than 200, as when
+    tritonserver 2.51 closes its HTTP port on SIGTERM). None: no answer in time, which on a loaded
+    machine says nothing about shutdown and must never start a drain."""
     try:
-        with urllib.request.urlopen(url, timeout=1) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status == 200
-    except Exception:  # refused, reset, 400: not ready
+    except urllib.error.HTTPError:
         return False
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+            return None
+        return False if isinstance(exc.reason, ConnectionError) else None
+    except (TimeoutError, socket.timeout):
+        return None
+    except ConnectionError:  # reset or refused mid-answer
+        return False
+    except Exception:
+        return None
 
 
 class Watchdog:
@@ -154,10 +169,11 @@ class Watchdog:
 
     def _server_stopping(self) -> bool:
         """True (after calling on_shutdown) once the server stops being ready after it was."""
-        if _ready(self.ready_url):
+        first = _ready(self.ready_url)
+        if first:
             self._seen_ready = True
-            return False
-        if not self._seen_ready or _ready(self.ready_url):  # still starting, or a one-off miss
+        # Still starting, no answer in time (a busy machine), or a one-off miss: not a shutdown.
+        if first is not False or not self._seen_ready or _ready(self.ready_url) is not False:
             return False
         log.warning("tritonserver is shutting down: draining")
         for fn in self.on_shutdown:

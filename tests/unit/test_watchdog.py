@@ -136,3 +136,27 @@ def test_shutdown_right_after_start_is_noticed_once_a_request_came():
     assert wait(lambda: calls == [1], timeout=5)
     dog.stop()
     server.kill()
+
+
+def test_a_ready_probe_that_times_out_is_not_a_shutdown(monkeypatch):
+    """On a loaded machine the server may answer its ready probe late: that must never start a drain
+    (seen: a benchmark's server drained under load). Only a refused port or a non-200 answer counts."""
+    import socket
+
+    from tritonvl.handlers.tritonserver import watchdog as wd
+
+    listener = socket.socket()  # accepts connections (the kernel's backlog) but never answers
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    monkeypatch.setattr(wd, "_ready", lambda url, timeout=0.2, _f=wd._ready: _f(url, timeout))
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"--http-port={port}"])
+    calls = []
+    dog = Watchdog("a", server_pid=server.pid, interval=0.05, on_shutdown=lambda: calls.append(1))
+    dog.serving()  # the server was up
+    time.sleep(1.5)  # several probes, each timing out
+    assert calls == []
+    listener.close()  # now the port refuses: that is a shutdown
+    assert wait(lambda: calls == [1], timeout=5)
+    dog.stop()
+    server.kill()
