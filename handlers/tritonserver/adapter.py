@@ -288,9 +288,12 @@ class Forward:
     def __init__(self, request) -> None:
         self.request = request
         self.sender = request.get_response_sender()
+        # Copied inside execute(): the front's thread uses them after execute() returned, and a
+        # request's input buffers are not ours to keep past it.
+        self._inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
 
     def inputs(self) -> list:
-        return self.request.inputs()
+        return self._inputs
 
     def send(self, tensors: dict, final: bool) -> None:
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
