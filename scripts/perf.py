@@ -153,6 +153,36 @@ def parse_stdout(text: str) -> dict:
     return out
 
 
+def server_counts(url: str) -> dict[str, dict[str, int]]:
+    """Triton's statistics of every loaded model (gRPC): requests, executions, queue and compute ns."""
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(as_json=True)
+    out = {}
+    for m in stats.get("model_stats", []):
+        inf = m.get("inference_stats", {})
+        out[m["name"]] = {"Inference": int(m.get("inference_count", 0)), "Execution": int(m.get("execution_count", 0)),
+                          "queue_ns": int(inf.get("queue", {}).get("ns", 0)),
+                          "compute_ns": int(inf.get("compute_infer", {}).get("ns", 0))}
+    return out
+
+
+def composing_figures(before: dict, after: dict, row: dict) -> dict:
+    """Batch, queue and compute per step model over one run, from the statistics API: perf_analyzer
+    breaks them out for an ensemble only, and the public model is a BLS front (docs/CANCELLATION.md)."""
+    out = {}
+    for model in ("preprocess", "vision_encoder", "llm"):
+        a, b = after.get(model), before.get(model, {})
+        if a is None or f"{model}_batch" in row:
+            continue
+        n, e = a["Inference"] - b.get("Inference", 0), a["Execution"] - b.get("Execution", 0)
+        if e > 0:
+            out[f"{model}_batch"] = round(n / e, 2)
+            out[f"{model}_queue_ms"] = (a["queue_ns"] - b.get("queue_ns", 0)) / n / 1e6
+            out[f"{model}_infer_ms"] = (a["compute_ns"] - b.get("compute_ns", 0)) / n / 1e6
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 2) if values else float("nan")
 
@@ -193,6 +223,7 @@ def measure(args, data_file: Path, load: str, level: float, work: Path) -> dict:
     window = (["--request-count", str(args.request_count)] if args.request_count else
               ["-p", str(args.measurement_interval), "-s", str(args.stability), "-r", str(args.max_trials)])
     row = {"model": args.model, "mode": args.mode, "load": load, "level": level, "stable": True}
+    before = server_counts(args.url)
     proc = subprocess.run(cmd + window, check=False, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0 and "stable" in proc.stdout + proc.stderr and not args.request_count:
         # a noisy machine: one measurement over a fixed number of requests rather than nothing
@@ -209,6 +240,7 @@ def measure(args, data_file: Path, load: str, level: float, work: Path) -> dict:
             "responses_per_s": float(pa.get("Response Throughput") or pa["Inferences/Second"]),
             **{f"latency_{p}_ms": int(pa[f"{p} latency"]) / 1e3 for p in ("p50", "p90", "p95", "p99")}}
     row |= parse_stdout(proc.stdout)
+    row |= composing_figures(before, server_counts(args.url), row)
     if export.is_file():
         row |= parse_export(export)
         export.unlink()  # it repeats every request's inputs (base64 images): large, and summarized above

@@ -35,10 +35,7 @@ def server(model_dir, tmp_path_factory):
     """A real tritonserver on model_repository/ serving the test model."""
     if shutil.which("tritonserver") is None:
         pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
-    from tritonvl.handlers.tools.launcher import ServerProcess
+    from helpers import running_server
 
-    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
-    with ServerProcess(str(model_dir), log_path=str(log)) as srv:
+    with running_server(model_dir, tmp_path_factory.mktemp("server")) as srv:
         yield srv
-        alive = srv.proc.poll() is None
-    assert alive, "the server died during the tests:\n" + srv.log_tail()

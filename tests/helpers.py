@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import queue
@@ -276,3 +277,14 @@ def assert_offline_equals_generate(model_dir, specs, ref_dir=None, **pipeline_kw
         assert not res.error, res.error
         assert res.token_ids == ref.generate(text, images, max_tokens=n), (backend, text)
     return backend
+
+
+@contextlib.contextmanager
+def running_server(model_dir, log_dir, **kwargs):
+    """A tritonserver (ServerProcess) for a test session or module that must still be alive at its end."""
+    from tritonvl.handlers.tools.launcher import ServerProcess
+
+    with ServerProcess(str(model_dir), log_path=str(log_dir / "tritonserver.log"), **kwargs) as srv:
+        yield srv
+        alive = srv.proc.poll() is None
+    assert alive, "the server died during the tests:\n" + srv.log_tail()

@@ -10,6 +10,8 @@ import sys
 import time
 import urllib.request
 
+from tritonvl.handlers.tools.procs import terminate
+
 
 class GatewayProcess:
     """``with GatewayProcess("localhost:8001", port) as gw: gw.url`` ... stopped (SIGTERM) on exit."""
@@ -60,17 +62,11 @@ class GatewayProcess:
     def stop(self, timeout: float = 30) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = terminate(self.proc, timeout)
         if self._log:
             self._log.close()
             self._log = None
-        return self.proc.returncode
+        return code
 
     def __enter__(self) -> GatewayProcess:
         return self.start()

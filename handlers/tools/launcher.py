@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonvl.handlers.tools.procs import terminate
 from tritonvl.handlers.tools.repository import Overrides, repository_with
 
 __all__ = ["ServerProcess", "free_port", "repository_with", "serve"]
@@ -231,15 +232,9 @@ class ServerProcess:
     def _stop(self, timeout: float) -> int | None:
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = terminate(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return code
 
     def __enter__(self) -> ServerProcess:
         return self.start()

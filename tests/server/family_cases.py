@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from family_ref import FamilyReference
-from helpers import data_uri, infer_http, joined, make_image, stream_grpc
+from helpers import data_uri, infer_http, joined, make_image, running_server, stream_grpc
 
 MAX = 10
 
@@ -26,13 +26,8 @@ def family_dir(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def family_server(family_dir, tmp_path_factory):
-    from tritonvl.handlers.tools.launcher import ServerProcess
-
-    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
-    with ServerProcess(str(family_dir), log_path=str(log)) as srv:
+    with running_server(family_dir, tmp_path_factory.mktemp("server")) as srv:
         yield srv
-        alive = srv.proc.poll() is None
-    assert alive, "the server died during the tests:\n" + srv.log_tail()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from helpers import Reference, infer_http, make_image  # noqa: E402
+from helpers import Reference, infer_http, make_image, running_server  # noqa: E402
 
 TOLERANCE = 1e-4  # largest |served - transformers| / largest |transformers|, fp32
 SIZES = [(56, 56), (300, 100), (120, 330), (84, 420), (640, 480)]
@@ -22,18 +22,13 @@ MAX = 12
 
 @pytest.fixture(scope="module")
 def onnx_server(model_dir, tmp_path_factory):
-    from tritonvl.handlers.tools.launcher import ServerProcess
-
     tmp = tmp_path_factory.mktemp("onnx_server")
     graph = tmp / "vision_encoder.onnx"  # absent: the vision_encoder exports it while loading
     # a long batcher delay so that concurrent requests surely meet in one batch
     overrides = {"vision_encoder": {"runtime": "onnxruntime", "onnx_path": str(graph),
                                     "max_queue_delay_microseconds": "300000"}}
-    with ServerProcess(str(model_dir), log_path=str(tmp / "tritonserver.log"), overrides=overrides,
-                       ready_timeout=600) as srv:
+    with running_server(model_dir, tmp, overrides=overrides, ready_timeout=600) as srv:
         yield srv, graph
-        alive = srv.proc.poll() is None
-    assert alive, "the server died during the tests:\n" + srv.log_tail()
 
 
 @pytest.fixture(scope="module")

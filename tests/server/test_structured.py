@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import Reference, infer_http, joined, metrics, stream_grpc
+from helpers import Reference, infer_http, joined, metrics, running_server, stream_grpc
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
@@ -57,14 +57,9 @@ MAX_TOKENS = 400
 
 @pytest.fixture(scope="module")
 def srv(model_dir, tmp_path_factory):
-    from tritonvl.handlers.tools.launcher import ServerProcess
-
-    log = tmp_path_factory.mktemp("structured") / "tritonserver.log"
-    with ServerProcess(str(model_dir), log_path=str(log),
-                       overrides={"llm": {"grammar_compile_timeout_s": str(TIMEOUT_S)}}) as s:
+    with running_server(model_dir, tmp_path_factory.mktemp("structured"),
+                        overrides={"llm": {"grammar_compile_timeout_s": str(TIMEOUT_S)}}) as s:
         yield s
-        alive = s.proc.poll() is None
-    assert alive, "the server died:\n" + s.log_tail()
 
 
 def ask(srv, constraint: dict, temperature: float, seed: int, prompt: str = "Describe the picture as JSON.",

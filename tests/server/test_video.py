@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from family_ref import FamilyReference
-from helpers import infer_http, joined, make_image, metrics, stream_grpc
+from helpers import infer_http, joined, make_image, metrics, running_server, stream_grpc
 from videos import frame_list, make_video
 
 from tritonvl.handlers.preprocess.images import ImageLimits
@@ -36,13 +36,8 @@ CLIP = make_video(n=8, width=112, height=84, fps=8, seed=1)
 
 @pytest.fixture(scope="module")
 def vserver(model_dir, tmp_path_factory):
-    from tritonvl.handlers.tools.launcher import ServerProcess
-
-    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
-    with ServerProcess(str(model_dir), log_path=str(log), overrides={"preprocess": SETTINGS}) as srv:
+    with running_server(model_dir, tmp_path_factory.mktemp("server"), overrides={"preprocess": SETTINGS}) as srv:
         yield srv
-        alive = srv.proc.poll() is None
-    assert alive, "the server died during the tests:\n" + srv.log_tail()
 
 
 @pytest.fixture(scope="module")

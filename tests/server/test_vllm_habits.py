@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from helpers import Reference, infer_http, make_image, stream_grpc
+from helpers import Reference, infer_http, make_image, running_server, stream_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENT_MAX_PIXELS = 56 * 56 * 16  # 50176, below the test model's own 78400
@@ -27,14 +27,9 @@ GEN = "/v2/models/qwen2_5_vl/generate"
 
 @pytest.fixture(scope="module")
 def srv(model_dir, tmp_path_factory):
-    from tritonvl.handlers.tools.launcher import ServerProcess
-
-    log = tmp_path_factory.mktemp("habits") / "tritonserver.log"
-    with ServerProcess(str(model_dir), log_path=str(log),
-                       overrides={"preprocess": {"max_pixels": str(DEPLOYMENT_MAX_PIXELS)}}) as s:
+    with running_server(model_dir, tmp_path_factory.mktemp("habits"),
+                        overrides={"preprocess": {"max_pixels": str(DEPLOYMENT_MAX_PIXELS)}}) as s:
         yield s
-        alive = s.proc.poll() is None
-    assert alive, "the server died during the tests:\n" + s.log_tail()
 
 
 @pytest.fixture(scope="module")
