@@ -91,7 +91,7 @@ def http_ready_url(server_pid: int) -> str | None:
     return f"http://127.0.0.1:{opts.get('http-port', '8000')}/v2/health/ready"
 
 
-def _ready(url: str, timeout: float = 5.0) -> bool | None:
+def _ready(url: str, timeout: float = 2.0) -> bool | None:
     """True: ready. False: a definite no (connection refused, or an answer other than 200, as when
     tritonserver 2.51 closes its HTTP port on SIGTERM). None: no answer in time, which on a loaded
     machine says nothing about shutdown and must never start a drain."""
@@ -149,11 +149,17 @@ class Watchdog:
 
     def _run(self) -> None:
         stopping = False
-        while not self._stop.wait(self.interval):
+        while True:
+            if self._stop.is_set():  # unloaded: only the orphan check goes on, as long as the process
+                time.sleep(self.interval)  # lives (a finalize() talking to a dead server may never return)
+            else:
+                self._stop.wait(self.interval)
             if self.exit_when_orphaned and os.getppid() != self.parent:
                 log.error("tritonserver (pid %d) is gone: this stub exits", self.server_pid)
                 self.file.unlink(missing_ok=True)
                 os._exit(1)
+            if self._stop.is_set():
+                continue
             try:
                 if self.on_shutdown and not stopping and self.ready_url:
                     stopping = self._server_stopping()
