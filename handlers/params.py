@@ -289,6 +289,11 @@ class FrontParams:
     exit_on_stub_failure: bool = param(
         Bool(), "true", "stop the whole server when a sibling model's stub process dies (the watchdog)"
     )
+    drain_deadline_s: float = param(
+        Float(0), "25", "on SIGTERM/SIGINT, a request still streaming from llm this much later gets a final "
+        "UNAVAILABLE error (llm ends its own at its drain_deadline_s; this is the backstop when llm cannot "
+        "answer any more, e.g. its stub died); keep it under tritonserver's --exit-timeout-secs (30)",
+    )
 
 
 MODELS: dict[str, type] = {"preprocess": PreprocessParams, "vision_encoder": VisionParams, "llm": LLMParams,

@@ -56,6 +56,7 @@ class Front:
         self.poll = poll_seconds
         self.streaming: dict[str, Client] = {}  # key -> client, while llm streams for it
         self.stopped: set[str] = set()
+        self.ended: set[str] = set()  # ended by the drain deadline: nothing more is sent for them
         self.closing = False
         self._lock = threading.Lock()
         self._watcher = threading.Thread(target=self._watch, name="tritonvl-front-cancel", daemon=True)
@@ -64,9 +65,26 @@ class Front:
     def submit(self, client: Client) -> None:
         threading.Thread(target=self.serve, args=(client,), name="tritonvl-front", daemon=True).start()
 
-    def begin_drain(self) -> None:
-        """The server is stopping: refuse new requests (llm drains the ones in flight)."""
+    def begin_drain(self, deadline_s: float | None = None) -> None:
+        """The server is stopping: refuse new requests (llm drains the ones in flight). After
+        ``deadline_s``, requests still streaming end with an error: an llm that cannot answer any more
+        (its stub died) would otherwise hold them, and Triton's exit with them, forever."""
         self.closing = True
+        if deadline_s is not None:
+            timer = threading.Timer(deadline_s, self._end_all)
+            timer.daemon = True
+            timer.start()
+
+    def _end_all(self) -> None:
+        with self._lock:
+            left = list(self.streaming.items())
+            self.streaming.clear()  # the watcher and serve() lose sight of them (see _finish)
+            self.ended.update(key for key, _ in left)
+            for key, client in left:
+                try:
+                    client.send_error(Unavailable("the server is shutting down (front drain_deadline_s passed)"))
+                except Exception:
+                    log.debug("could not end %s", key, exc_info=True)
 
     def serve(self, client: Client) -> None:
         key = uuid.uuid4().hex
@@ -87,7 +105,9 @@ class Front:
                     if final:
                         self._finish(key, client.send, out, True)
                     else:
-                        client.send(out, False)
+                        with self._lock:  # not after _end_all's final response
+                            if key not in self.ended:
+                                client.send(out, False)
                 except Exception:  # the client went away: stop the generation
                     log.debug("sending to %s failed", key, exc_info=True)
                     gone = True
@@ -103,6 +123,7 @@ class Front:
             with self._lock:
                 self.streaming.pop(key, None)
                 self.stopped.discard(key)
+                self.ended.discard(key)
 
     def _finish(self, key: str, send_final: Callable, *args) -> None:
         """Send the final response under the lock, after the watcher lost sight of the request:
@@ -111,7 +132,8 @@ class Front:
         TRITONBACKEND_ResponseFactoryIsCancelled)."""
         with self._lock:
             self.streaming.pop(key, None)
-            send_final(*args)
+            if key not in self.ended:
+                send_final(*args)
 
     def _stop(self, key: str) -> None:
         with self._lock:

@@ -120,3 +120,30 @@ def test_front_and_ensemble_have_the_same_tensor_interface():
     front, ensemble = _interface(repo / "qwen2_5_vl" / "config.pbtxt"), _interface(repo / "qwen2_5_vl_ensemble" / "config.pbtxt")
     assert front[1] and front[2]
     assert front == ensemble, "model_repository/qwen2_5_vl and qwen2_5_vl_ensemble must declare the same tensors"
+
+
+def test_a_stream_llm_never_ends_is_ended_by_the_front_drain_deadline():
+    """An llm that cannot answer any more (its stub died) must not hold the request, and Triton's exit
+    with it: past the front's drain deadline the client gets a final error, and nothing after it."""
+    release = threading.Event()
+
+    def stream(model, inputs, outputs, key):
+        yield {"text_output": "a"}
+        release.wait(10)  # a dead llm: no more responses until the test lets go
+        yield {"text_output": "late"}
+        yield {"text_output": "", "finish_reason": "length"}
+
+    calls = Calls(lambda model, inputs, outputs: {name: f"{model}.{name}" for name in outputs}, stream,
+                  lambda model, key: None)
+    front = Front(calls)
+    client = FakeClient()
+    thread = threading.Thread(target=front.serve, args=(client,))
+    thread.start()
+    time.sleep(0.2)
+    front.begin_drain(0.2)
+    assert client.finished.wait(5), "the request was not ended by the drain deadline"
+    assert "shutting down" in str(client.errors[0])
+    release.set()
+    thread.join(5)
+    assert [t["text_output"] for t, _ in client.sent] == ["a"]  # nothing after the final error
+    assert len(client.errors) == 1

@@ -13,7 +13,7 @@ class TritonPythonModel:
         cfg = ta.ModelArgs(args, "qwen2_5_vl")
         outputs = [o["name"] for o in cfg.config["output"]]  # llm's, forwarded as they come
         self.front = Front(Calls(ta.bls_call, ta.bls_stream, ta.bls_stop), outputs=outputs)
-        self.watchdog = ta.watchdog(cfg, on_shutdown=self.front.begin_drain)
+        self.watchdog = ta.watchdog(cfg, on_shutdown=lambda: self.front.begin_drain(cfg.params.drain_deadline_s))
 
     def execute(self, requests):
         self.watchdog.serving()
