@@ -71,11 +71,12 @@ class Front:
         (its stub died) would otherwise hold them, and Triton's exit with them, forever."""
         self.closing = True
         if deadline_s is not None:
-            timer = threading.Timer(deadline_s, self._end_all)
+            timer = threading.Timer(deadline_s, self.end_all)
             timer.daemon = True
             timer.start()
 
-    def _end_all(self) -> None:
+    def end_all(self) -> None:
+        """End every request still streaming with a final error (drain deadline passed, or unload)."""
         with self._lock:
             left = list(self.streaming.items())
             self.streaming.clear()  # the watcher and serve() lose sight of them (see _finish)

@@ -168,7 +168,8 @@ class Watchdog:
                     if dead and not self._stop.is_set():
                         log.error("stub(s) %s died: stopping the server (pid %d) so it can be restarted",
                                   dead, self.server_pid)
-                        self._stop_server()
+                        # in its own thread: this loop must go on noticing the shutdown (the drain)
+                        threading.Thread(target=self._stop_server, name="tritonvl-stop-server", daemon=True).start()
                         self.check_siblings = False
             except Exception:  # this thread must live on: it is what ends an orphaned stub
                 log.exception("watchdog check failed")

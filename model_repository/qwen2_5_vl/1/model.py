@@ -23,3 +23,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.watchdog.stop()
+        self.front.end_all()  # unloaded with requests still streaming (llm gone): end them, or they hang
