@@ -6,14 +6,20 @@ import argparse
 import sys
 
 
+def _needs_extra(command: str, extras: str, exc: Exception) -> int:
+    """One line naming the missing extra (the server side imports torch & co. lazily); exit status 2."""
+    print(f"{command} needs the {extras.replace(',', ' and ')} extra{'s' if ',' in extras else ''}: "
+          f"pip install 'tritonvl[{extras}]' ({exc})", file=sys.stderr)
+    return 2
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
         from tritonvl.handlers.params import ParamError
         from tritonvl.handlers.tools.launcher import serve
         from tritonvl.handlers.tools.repository import parse_sets
     except ImportError as exc:
-        print(f"tritonvl serve needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
-        return 2
+        return _needs_extra("tritonvl serve", "server", exc)
     try:  # bad --set values stop here, before tritonserver starts
         overrides = parse_sets(args.set)
         return serve(args.model, args.http_port, args.grpc_port, args.metrics_port, args.device, args.extra,
@@ -22,8 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"tritonvl serve: {exc}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # torch & co. are imported lazily, deep inside
-        print(f"tritonvl serve needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
-        return 2
+        return _needs_extra("tritonvl serve", "server", exc)
 
 
 def _gateway(args: argparse.Namespace) -> int:
@@ -31,8 +36,7 @@ def _gateway(args: argparse.Namespace) -> int:
         from tritonvl.handlers.gateway.app import run
         from tritonvl.handlers.gateway.config import GatewayConfig, served_names
     except ImportError as exc:
-        print(f"tritonvl gateway needs the gateway extra: pip install 'tritonvl[gateway]' ({exc})", file=sys.stderr)
-        return 2
+        return _needs_extra("tritonvl gateway", "gateway", exc)
     try:
         config = GatewayConfig(args.triton_url, args.triton_model,
                                served_names(args.model, args.served_model_name, args.triton_model),
@@ -47,13 +51,11 @@ def _make_tiny_model(args: argparse.Namespace) -> int:
     try:
         from tritonvl.handlers.tools.tiny_model import build_tiny_model
     except ImportError as exc:
-        print(f"make-tiny-model needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
-        return 2
+        return _needs_extra("make-tiny-model", "server", exc)
     try:
         print(build_tiny_model(args.dir))
     except ModuleNotFoundError as exc:  # torch is imported inside
-        print(f"make-tiny-model needs the server extra: pip install 'tritonvl[server]' ({exc})", file=sys.stderr)
-        return 2
+        return _needs_extra("make-tiny-model", "server", exc)
     return 0
 
 
@@ -62,9 +64,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
         from tritonvl.handlers.vision.onnx_export import main
         return main(args.model, args.out, args.opset)
     except ModuleNotFoundError as exc:  # torch, onnx, onnxscript, onnxruntime are imported inside
-        print(f"export-onnx needs the server and onnx extras: pip install 'tritonvl[server,onnx]' ({exc})",
-              file=sys.stderr)
-        return 2
+        return _needs_extra("export-onnx", "server,onnx", exc)
 
 
 def _client_command(name: str):
