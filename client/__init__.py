@@ -3,6 +3,7 @@
 >>> from tritonvl.client import Client
 >>> with Client("localhost:8001") as c:
 ...     print(c.generate("Describe the image.", images=["cat.jpg"]).text)
+...     print(c.generate("What happens?", videos=["clip.mp4"]).text)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import (
     RequestTimeout,
     ServerUnavailable,
     TritonVLError,
+    VideoError,
 )
 from .images import ImageOptions
 from .params import SamplingParams
@@ -24,9 +26,10 @@ from .parsing import OutputParser, StopRules
 from .result import Result, Usage
 from .stops import StopStringMatcher
 from .stream import AsyncTextStream, TextStream
+from .videos import VideoOptions
 
 __all__ = [
     "AsyncClient", "AsyncTextStream", "Client", "ImageError", "ImageOptions", "InvalidRequest", "ModelNotReady",
     "OutputParser", "RequestFailed", "RequestTimeout", "Result", "SamplingParams", "ServerUnavailable",
-    "StopRules", "StopStringMatcher", "TextStream", "TritonVLError", "Usage",
+    "StopRules", "StopStringMatcher", "TextStream", "TritonVLError", "Usage", "VideoError", "VideoOptions",
 ]

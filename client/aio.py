@@ -13,6 +13,7 @@ from .parsing import StopRules
 from .request import Request, build_request
 from .result import Result
 from .stream import AsyncTextStream, CancelToken, Generation
+from .videos import VideoOptions, VideoSource
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -31,26 +32,29 @@ class AsyncClient:
     def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = DEFAULT_MODEL,
                  timeout: float | None = 300.0, *, stop_rules: StopRules | None = None,
                  image_options: ImageOptions | None = None, verbose: bool = False,
-                 headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None) -> None:
-        """``headers``, ``tls``, ``ca_file``: see Client."""
+                 headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None,
+                 video_options: VideoOptions | None = None) -> None:
+        """``headers``, ``tls``, ``ca_file``, ``video_options``: see Client."""
         _configure(self, url, protocol, model, timeout, stop_rules, image_options, verbose, asynchronous=True,
-                   headers=headers, tls=tls, ca_file=ca_file)
+                   headers=headers, tls=tls, ca_file=ca_file, video_options=video_options)
 
     async def generate(self, prompt: str, images: Sequence[ImageSource] | ImageSource | None = None, *,
+                       videos: Sequence[VideoSource] | VideoSource | None = None,
                        params: SamplingParams | None = None, **sampling) -> Result:
         """See Client.generate."""
-        return await self._stream(self._request(prompt, images, None, params, sampling, False)).until_done()
+        return await self._stream(self._request(prompt, images, None, params, sampling, False, videos)).until_done()
 
     async def chat(self, messages: list[dict], images: Sequence[ImageSource] | None = None, *,
+                   videos: Sequence[VideoSource] | VideoSource | None = None,
                    params: SamplingParams | None = None, **sampling) -> Result:
         """See Client.chat."""
-        return await self._stream(self._request(None, images, messages, params, sampling, False)).until_done()
+        return await self._stream(self._request(None, images, messages, params, sampling, False, videos)).until_done()
 
     def stream(self, prompt: str | None = None, images: Sequence[ImageSource] | ImageSource | None = None, *,
-               messages: list[dict] | None = None, params: SamplingParams | None = None,
-               **sampling) -> AsyncTextStream:
+               messages: list[dict] | None = None, videos: Sequence[VideoSource] | VideoSource | None = None,
+               params: SamplingParams | None = None, **sampling) -> AsyncTextStream:
         """``async for delta in client.stream(...)``; then ``.result``. See Client.stream."""
-        return self._stream(self._request(prompt, images, messages, params, sampling, True))
+        return self._stream(self._request(prompt, images, messages, params, sampling, True, videos))
 
     def cancel(self) -> None:
         """Cancel every request of this client in flight."""
@@ -78,9 +82,10 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _request(self, prompt, images, messages, params, sampling, stream: bool) -> Request:
+    def _request(self, prompt, images, messages, params, sampling, stream: bool, videos=None) -> Request:
         params = SamplingParams.from_kwargs(params, **sampling)
-        return build_request(prompt, images, messages, params, stream, self.image_options)
+        return build_request(prompt, images, messages, params, stream, self.image_options, videos,
+                             self.video_options)
 
     def _stream(self, request: Request) -> AsyncTextStream:
         token = CancelToken()

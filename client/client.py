@@ -12,6 +12,7 @@ from .parsing import StopRules
 from .request import Request, build_request
 from .result import Result
 from .stream import CancelToken, Generation, TextStream
+from .videos import VideoOptions, VideoSource
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -37,7 +38,8 @@ def wants_tls(url: str, tls: bool) -> bool:
 
 def _configure(client, url: str, protocol: str, model: str, timeout: float | None, stop_rules: StopRules | None,
                image_options: ImageOptions | None, verbose: bool, asynchronous: bool,
-               headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None) -> None:
+               headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None,
+               video_options: VideoOptions | None = None) -> None:
     """The settings and the transport shared by Client and AsyncClient."""
     client.url = normalize_url(url, protocol)
     client.protocol = protocol
@@ -45,6 +47,7 @@ def _configure(client, url: str, protocol: str, model: str, timeout: float | Non
     client.timeout = timeout
     client.stop_rules = stop_rules or StopRules()
     client.image_options = image_options or ImageOptions()
+    client.video_options = video_options or VideoOptions()
     if protocol == "grpc":
         from . import grpc_transport as module
 
@@ -66,7 +69,8 @@ class Client:
 
     One request at a time per Client (its connection is reused from request to request); use one
     Client per thread, or AsyncClient, for concurrency. ``timeout`` bounds each whole request, in
-    seconds. ``stop_rules`` is the model-specific safety net (see ``StopRules``).
+    seconds. ``stop_rules`` is the model-specific safety net (see ``StopRules``). ``image_options`` /
+    ``video_options``: the client-side caps on what it reads (ImageOptions, VideoOptions).
 
     Behind an authenticating TLS proxy (docs/SECURITY.md): ``tls=True`` (implied by an ``https://``
     or ``grpcs://`` URL) verifies the server against ``ca_file`` (PEM) or the system's roots;
@@ -77,32 +81,40 @@ class Client:
     def __init__(self, url: str = "localhost:8001", protocol: str = "grpc", model: str = DEFAULT_MODEL,
                  timeout: float | None = 300.0, *, stop_rules: StopRules | None = None,
                  image_options: ImageOptions | None = None, verbose: bool = False,
-                 headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, tls: bool = False, ca_file: str | None = None,
+                 video_options: VideoOptions | None = None) -> None:
         _configure(self, url, protocol, model, timeout, stop_rules, image_options, verbose, asynchronous=False,
-                   headers=headers, tls=tls, ca_file=ca_file)
+                   headers=headers, tls=tls, ca_file=ca_file, video_options=video_options)
         self._lock = threading.Lock()
 
     def generate(self, prompt: str, images: Sequence[ImageSource] | ImageSource | None = None, *,
+                 videos: Sequence[VideoSource] | VideoSource | None = None,
                  params: SamplingParams | None = None, **sampling) -> Result:
-        """One completion of ``prompt`` about ``images`` (the images come first in the user turn).
+        """One completion of ``prompt`` about ``images`` and ``videos`` (the user turn: the images, the
+        videos, then the text). A video is a path, bytes, a ``data:video/...`` URI or a list of frames
+        (``videos=[[frame1, frame2, ...]]``); the server samples and decodes it (docs/VIDEO.md).
 
         ``sampling``: SamplingParams fields (max_tokens=..., temperature=..., stop=[...]) overriding
         ``params``. Raises InvalidRequest before sending when a value breaks the server's rules.
         """
-        return self._stream(self._request(prompt, images, None, params, sampling, False)).until_done()
+        return self._stream(self._request(prompt, images, None, params, sampling, False, videos)).until_done()
 
     def chat(self, messages: list[dict], images: Sequence[ImageSource] | None = None, *,
+             videos: Sequence[VideoSource] | VideoSource | None = None,
              params: SamplingParams | None = None, **sampling) -> Result:
         """One reply to OpenAI-style ``messages`` (multi-turn).
 
         Image parts: ``{"type": "image", "image": SOURCE}``, ``{"type": "image_url", "image_url":
-        {"url": ...}}``, or a bare ``{"type": "image"}`` taking the next of ``images``.
+        {"url": ...}}``, or a bare ``{"type": "image"}`` taking the next of ``images``. Video parts:
+        ``{"type": "video", "video": SOURCE}``, ``{"type": "video_url", "video_url": {"url": SOURCE}}``
+        or a bare ``{"type": "video"}`` taking the next of ``videos``; keys such as ``fps``,
+        ``num_frames`` or ``max_pixels`` on a video part go to the server.
         """
-        return self._stream(self._request(None, images, messages, params, sampling, False)).until_done()
+        return self._stream(self._request(None, images, messages, params, sampling, False, videos)).until_done()
 
     def stream(self, prompt: str | None = None, images: Sequence[ImageSource] | ImageSource | None = None, *,
-               messages: list[dict] | None = None, params: SamplingParams | None = None,
-               **sampling) -> TextStream:
+               messages: list[dict] | None = None, videos: Sequence[VideoSource] | VideoSource | None = None,
+               params: SamplingParams | None = None, **sampling) -> TextStream:
         """Stream the reply: iterate for text deltas, then read ``.result``.
 
         >>> with client.stream("Describe it.", images=["cat.jpg"]) as s:
@@ -110,7 +122,7 @@ class Client:
         ...         print(delta, end="")
         >>> s.result.finish_reason
         """
-        return self._stream(self._request(prompt, images, messages, params, sampling, True))
+        return self._stream(self._request(prompt, images, messages, params, sampling, True, videos))
 
     def cancel(self) -> None:
         """Cancel the request in flight, if any (safe from another thread)."""
@@ -146,9 +158,10 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, prompt, images, messages, params, sampling, stream: bool) -> Request:
+    def _request(self, prompt, images, messages, params, sampling, stream: bool, videos=None) -> Request:
         params = SamplingParams.from_kwargs(params, **sampling)
-        return build_request(prompt, images, messages, params, stream, self.image_options)
+        return build_request(prompt, images, messages, params, stream, self.image_options, videos,
+                             self.video_options)
 
     def _stream(self, request: Request) -> TextStream:
         token = CancelToken()

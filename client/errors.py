@@ -33,6 +33,10 @@ class ImageError(InvalidRequest):
     """An image could not be read, fetched or encoded on the client side."""
 
 
+class VideoError(InvalidRequest):
+    """A video (or a frame of a frame list) could not be read on the client side."""
+
+
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 _NOT_READY = ("unknown model", "is not found", "is not ready", "not ready", "unavailable model")
 

@@ -10,13 +10,14 @@ class Usage:
     """Token counts as the server reports them.
 
     ``image_tokens``: the image placeholder tokens of the prompt (counted inside ``input_tokens``);
-    None from servers without a ``num_image_tokens`` output. ``images`` is the number of images sent.
+    None from servers without a ``num_image_tokens`` output. ``images`` / ``videos``: how many were sent.
     """
 
     input_tokens: int | None = None
     output_tokens: int | None = None
     images: int = 0
     image_tokens: int | None = None
+    videos: int = 0
 
     @property
     def total_tokens(self) -> int | None:

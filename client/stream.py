@@ -63,7 +63,7 @@ class Generation:
         self.ttft: float | None = None
         self.text: list[str] = []
         self.server_reason: str | None = None
-        self.usage = Usage(images=len(request.images))
+        self.usage = Usage(images=len(request.images), videos=len(request.videos))
         self.result: Result | None = None
 
     def feed(self, chunk: Chunk) -> str:

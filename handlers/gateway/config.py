@@ -14,6 +14,7 @@ class GatewayConfig:
     max_concurrent: int = 512  # requests in flight beyond this get 429 at once
     request_timeout_s: float = 600.0  # the gRPC deadline of one generation
     describe_prompt: str = "Describe this image."  # /describe-image/ without a prompt
+    describe_video_prompt: str = "Describe this video."  # the same, for a video upload
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024 or self.max_concurrent < 1 or self.request_timeout_s <= 0:

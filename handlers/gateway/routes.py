@@ -70,19 +70,23 @@ class Gateway:
 
     async def describe(self, http: Request) -> Response:
         """The upload endpoint of the FastAPI Qwen2.5-VL tutorials: multipart ``file`` (+ ``prompt``,
-        ``max_tokens``) -> ``{description, inference_time, model, usage}``."""
+        ``max_tokens``) -> ``{description, inference_time, model, usage}``. A ``video/*`` upload (or a
+        video file name) goes to the server as a video; anything else as an image."""
         form = await http.form(max_files=1, max_fields=8)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise bad_request("file", "file: expected a multipart/form-data upload with a 'file' field")
-        prompt = form.get("prompt") or self.config.describe_prompt
+        video = is_video_upload(upload.content_type, upload.filename)
+        prompt = form.get("prompt") or (self.config.describe_video_prompt if video else self.config.describe_prompt)
         max_tokens = form.get("max_tokens")
         try:
             params = SamplingParams.from_kwargs(max_tokens=None if max_tokens in (None, "") else int(max_tokens))
         except ValueError:
             raise bad_request("max_tokens", f"max_tokens: expected a positive integer, got {max_tokens!r}") from None
-        content = [{"type": "image"}, {"type": "text", "text": str(prompt)}]
-        request = TritonRequest(params, messages=[{"role": "user", "content": content}], images=[await upload.read()])
+        data = await upload.read()
+        content = [{"type": "video" if video else "image"}, {"type": "text", "text": str(prompt)}]
+        request = TritonRequest(params, messages=[{"role": "user", "content": content}],
+                                **({"videos": [data]} if video else {"images": [data]}))
         start = time.perf_counter()
         out = await self._whole(http, request, "describe")
         if out is None:
@@ -195,6 +199,19 @@ class Gateway:
 
         return SSEResponse(events(), cleanup, media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi", ".mpeg", ".mpg", ".ts", ".flv", ".3gp")
+
+
+def is_video_upload(content_type: str | None, filename: str | None) -> bool:
+    """A ``video/*`` content type, or a video file name when the type says nothing (curl -F sends
+    application/octet-stream for unknown suffixes). GIFs stay images."""
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind.startswith("video/"):
+        return True
+    generic = kind in ("", "application/octet-stream")
+    return generic and (filename or "").lower().endswith(VIDEO_SUFFIXES)
 
 
 async def _json(http: Request) -> dict:

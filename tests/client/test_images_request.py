@@ -131,7 +131,8 @@ def test_messages_images_in_prompt_order():
         {"role": "assistant", "content": "ok"},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]},
     ]
-    out, images = normalize_messages(msgs, [b, c], ImageOptions())
+    out, images, videos = normalize_messages(msgs, [b, c], ImageOptions())
+    assert videos == []
     assert images == [a, b, "data:x", c]
     assert out[1]["content"] == [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
                                  {"type": "image"}]
