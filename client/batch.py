@@ -1,4 +1,4 @@
-"""`tritonvl batch`: caption every image under a folder into a JSONL file, resumably."""
+"""`tritonvl batch`: caption every image and video under a folder into a JSONL file, resumably."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import time
 from pathlib import Path
 
 from .aio import AsyncClient
-from .commands import client_options, connection, sampling
+from .commands import client_options, connection, prompt_for, sampling
 from .errors import ModelNotReady, ServerUnavailable, TritonVLError
 from .images import find_images
 from .progress import Progress
+from .videos import find_videos, is_video_path
 
 
 def read_done(out: Path) -> dict[str, bool]:
@@ -37,7 +38,7 @@ def plan(folder: Path, out: Path, retry_errors: bool) -> tuple[list[tuple[str, P
     """(key, path) pairs still to caption, keys relative to ``folder``; and how many are skipped."""
     done = read_done(out)
     todo, skipped = [], 0
-    for path in find_images(folder):
+    for path in sorted(find_images(folder) + find_videos(folder)):
         key = path.relative_to(folder).as_posix()
         if key in done and not (retry_errors and done[key]):
             skipped += 1
@@ -65,7 +66,9 @@ async def caption_all(args: argparse.Namespace, todo: list[tuple[str, Path]], ou
                 while not queue.empty():
                     key, path = queue.get_nowait()
                     try:
-                        result = await client.generate(args.prompt, images=[path], **params)
+                        kind = "video" if is_video_path(path) else "image"
+                        media = {"videos": [path]} if kind == "video" else {"images": [path]}
+                        result = await client.generate(prompt_for(args, kind), **media, **params)
                         record = {"path": key, "text": result.text, "finish_reason": result.finish_reason,
                                   "usage": result.to_dict()["usage"], "latency": round(result.latency, 4)}
                         ok += 1

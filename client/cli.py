@@ -108,8 +108,8 @@ def _connection_options(p: argparse.ArgumentParser) -> None:
 def _sampling_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:
     g = p.add_argument_group("generation")
     if prompt:
-        g.add_argument("--prompt", default="Describe this image.", help="question about each image "
-                                                                         "(default: %(default)r)")
+        g.add_argument("--prompt", help="question about each image or video (default: 'Describe this image.', "
+                                        "for a video 'Describe this video.')")
     g.add_argument("--max-tokens", type=int, help="most tokens to generate (server default: 256)")
     g.add_argument("--temperature", type=float, help="0 = greedy (the server's default)")
     g.add_argument("--top-p", type=float)
@@ -122,31 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonvl", description="Serve and call Qwen2.5-VL on Triton.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("describe", help="describe images (one request per image)",
-                       description="Ask the model about each IMAGE (a path or an http(s) URL) and print the "
-                                   "answers. Exit status 1 if any image failed.",
-                       epilog="example: tritonvl describe cat.jpg --url localhost:8001 --prompt 'What breed?' --stream")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image file or http(s) URL")
+    p = sub.add_parser("describe", help="describe images and videos (one request each)",
+                       description="Ask the model about each IMAGE (a path or an http(s) URL) and each --video, and "
+                                   "print the answers. Exit status 1 if any failed.",
+                       epilog="example: tritonvl describe cat.jpg --video clip.mp4 --url localhost:8001 --stream")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image file or http(s) URL")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="video file (MP4, WebM, GIF, ...) to describe (repeatable)")
     _connection_options(p)
     _sampling_options(p)
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated (and measure TTFT)")
     p.add_argument("--json", action="store_true",
-                   help="one JSON object per image on stdout: image, text, finish_reason, usage, latency, ttft")
+                   help="one JSON object per image or video on stdout: image (or video), text, finish_reason, "
+                        "usage, latency, ttft")
     p.set_defaults(func=_client_command("describe"))
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat, optionally about one image",
-                       description="Chat on stdin/stdout. The image is read once and kept in the first turn; "
-                                   "/reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
+    p = sub.add_parser("chat", help="interactive multi-turn chat, optionally about an image or videos",
+                       description="Chat on stdin/stdout. The image and videos are read once and kept in the first "
+                                   "turn; /reset starts over, /exit or Ctrl-D quits, Ctrl-C stops a reply.",
                        epilog="example: tritonvl chat --image photo.png --url localhost:8001")
     p.add_argument("--image", help="image file or http(s) URL to talk about")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="video file to talk about (repeatable; after the image in the first turn)")
     p.add_argument("--system", help="system prompt")
     _connection_options(p)
     _sampling_options(p, prompt=False)
     p.set_defaults(func=_client_command("chat"))
 
-    p = sub.add_parser("batch", help="caption every image under a folder into a JSONL file",
+    p = sub.add_parser("batch", help="caption every image (and video) under a folder into a JSONL file",
                        description="Caption every image under DIR (recursive; jpg, jpeg, png, webp, bmp, gif) "
-                                   "into FILE.jsonl, one line per image: path (relative to DIR), text, "
+                                   "and every video (mp4, webm, mkv, mov, avi, m4v) "
+                                   "into FILE.jsonl, one line per file: path (relative to DIR), text, "
                                    "finish_reason, usage, latency, or error. Images that fail are recorded and "
                                    "the run goes on; re-running skips paths already in the output. Exit status "
                                    "0 when the run completes, 1 when it cannot (server down, bad arguments).",

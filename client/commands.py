@@ -11,8 +11,10 @@ from .client import Client
 from .errors import ModelNotReady, ServerUnavailable, TritonVLError
 from .images import describe_source, load_image
 from .params import SamplingParams
+from .videos import describe_video, load_video
 
 DEFAULT_PROMPT = "Describe this image."
+DEFAULT_VIDEO_PROMPT = "Describe this video."
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 
 
@@ -52,17 +54,29 @@ def open_client(args: argparse.Namespace) -> Client:
     return client
 
 
+def prompt_for(args: argparse.Namespace, kind: str) -> str:
+    """--prompt, else the default question for an image or a video."""
+    return args.prompt or (DEFAULT_VIDEO_PROMPT if kind == "video" else DEFAULT_PROMPT)
+
+
 def describe(args: argparse.Namespace) -> int:
+    items = [("image", p) for p in args.images] + [("video", p) for p in getattr(args, "video", None) or []]
+    if not items:
+        raise TritonVLError("give at least one IMAGE or --video PATH")
     failed = 0
     params = sampling(args)
     with open_client(args) as client:
-        for path in args.images:
+        for kind, path in items:
             try:
-                data = load_image(path, client.image_options)
+                if kind == "video":
+                    media = {"videos": [load_video(path, client.video_options)]}
+                else:
+                    media = {"images": [load_image(path, client.image_options)]}
+                prompt = prompt_for(args, kind)
                 if args.stream:
-                    stream = client.stream(args.prompt, images=[data], **params)
+                    stream = client.stream(prompt, **media, **params)
                     if not args.json:
-                        _header(args, path)
+                        _header(items, path)
                     for delta in stream:
                         if not args.json:
                             sys.stdout.write(delta)
@@ -71,35 +85,37 @@ def describe(args: argparse.Namespace) -> int:
                     if not args.json:
                         sys.stdout.write("\n")
                 else:
-                    result = client.generate(args.prompt, images=[data], **params)
+                    result = client.generate(prompt, **media, **params)
                     if not args.json:
-                        _header(args, path)
+                        _header(items, path)
                         print(result.text)
             except (ServerUnavailable, ModelNotReady):
                 raise
             except TritonVLError as exc:
                 failed += 1
                 if args.json:
-                    print(json.dumps({"image": str(path), "error": str(exc)}, ensure_ascii=False), flush=True)
-                message = str(exc) if describe_source(path) in str(exc) else f"{path}: {exc}"
+                    print(json.dumps({kind: str(path), "error": str(exc)}, ensure_ascii=False), flush=True)
+                name = describe_video(path) if kind == "video" else describe_source(path)
+                message = str(exc) if name in str(exc) else f"{path}: {exc}"
                 print(f"tritonvl describe: error: {message}", file=sys.stderr)
                 continue
             if args.json:
-                print(json.dumps({"image": str(path), **result.to_dict()}, ensure_ascii=False), flush=True)
+                print(json.dumps({kind: str(path), **result.to_dict()}, ensure_ascii=False), flush=True)
     return 1 if failed else 0
 
 
-def _header(args: argparse.Namespace, path: str) -> None:
-    if len(args.images) > 1:
+def _header(items: list, path: str) -> None:
+    if len(items) > 1:
         print(f"== {path} ==")
 
 
 def chat(args: argparse.Namespace) -> int:
-    """A multi-turn chat on stdin/stdout. The image is read once and kept in the first user turn."""
+    """A multi-turn chat on stdin/stdout. The image and videos are read once and kept in the first user turn."""
     interactive = sys.stdin.isatty()
     params = sampling(args)
     with open_client(args) as client:
         image = load_image(args.image, client.image_options) if args.image else None
+        videos = [load_video(v, client.video_options) for v in getattr(args, "video", None) or []]
         history: list[dict] = []
         if interactive:
             print("tritonvl chat: /reset starts over, /exit or Ctrl-D quits.", file=sys.stderr)
@@ -118,7 +134,7 @@ def chat(args: argparse.Namespace) -> int:
                 continue
             if not line:
                 continue
-            turn = _user_turn(line, image if not history else None)
+            turn = _user_turn(line, image if not history else None, videos if not history else [])
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + history + [turn]
             if interactive:
                 sys.stdout.write("assistant> ")
@@ -136,8 +152,10 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_turn(text: str, image: bytes | str | None) -> dict:
-    if image is None:
+def _user_turn(text: str, image: bytes | str | None, videos: list[bytes | str]) -> dict:
+    if image is None and not videos:
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}
+    media = ([{"type": "image", "image": image}] if image is not None else []) + [
+        {"type": "video", "video": v} for v in videos]
+    return {"role": "user", "content": media + [{"type": "text", "text": text}]}
 

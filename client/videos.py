@@ -20,6 +20,7 @@ from .images import ImageOptions, load_image
 
 VideoSource = str | os.PathLike | bytes | bytearray | memoryview | list | tuple
 _URL_SCHEMES = ("http", "https", "ftp", "rtsp", "rtmp", "file")
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,15 @@ def load_video(src: VideoSource, options: VideoOptions = VideoOptions()) -> byte
     if len(data) > options.max_bytes:
         raise VideoError(f"video {describe_video(src)}: {len(data)} bytes is over the {options.max_bytes}-byte cap")
     return data
+
+
+def is_video_path(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def find_videos(folder: Path) -> list[Path]:
+    """Video files under ``folder`` (recursive, by extension, case-insensitive), sorted. GIFs count as images."""
+    return sorted(p for p in folder.rglob("*") if is_video_path(p) and p.is_file())
 
 
 def _frame_list(frames: list | tuple, options: VideoOptions) -> str:
