@@ -191,10 +191,15 @@ class PreprocessParams(CommonParams):
     video_fps: float = param(Float(0, open_min=True), "2", "frames sampled per second when the request gives no fps")
     video_min_frames: int = param(Int(2), "4", "fewest frames sampled by fps")
     video_max_frames: int = param(Int(2), "768", "most frames sampled (also the bound of a request's num_frames)")
-    video_min_pixels: int = param(Int(1), "100352", "smallest frame area after Qwen's resize (128 * 28 * 28)")
-    video_max_pixels: int = param(Int(1), "602112", "largest frame area after Qwen's resize (768 * 28 * 28)")
-    video_total_pixels: int = param(
-        Int(1), "19267584", "frame area x frames budget of one video: more frames give smaller frames (24576 * 28 * 28)"
+    video_min_pixels: int | None = param(
+        Int(1), "", "smallest frame area after Qwen's resize; empty: 128 tokens (128 * 28 * 28, Qwen3-VL 128 * 32 * 32)"
+    )
+    video_max_pixels: int | None = param(
+        Int(1), "", "largest frame area after Qwen's resize; empty: 768 tokens (768 * 28 * 28, Qwen3-VL 768 * 32 * 32)"
+    )
+    video_total_pixels: int | None = param(
+        Int(1), "", "frame area x frames budget of one video: more frames give smaller frames; empty: 24576 tokens "
+        "(24576 * 28 * 28, Qwen3-VL 24576 * 32 * 32)"
     )
 
 

@@ -1,9 +1,12 @@
 """generate() of any Qwen VL family with images and videos: the parity oracle of the family tests.
 
-Videos come in as already-patchified rows (pixel_values_videos, video_grid_thw, second_per_grid_ts):
+Videos come in as already-patchified rows (pixel_values_videos, video_grid_thw, second_per_grid_t,
+and the sampled frames' times):
 transformers' video processor needs torchvision, which does not import here (FACTS.md), so the rows
 are produced by the server's own numpy patchify, whose equality with transformers' patchify math is
-a test of its own (tests/unit/test_video_intake.py).
+a test of its own (tests/unit/test_video_intake.py). A Qwen3-VL video's prompt text (a ``<t seconds>``
+before each temporal patch, each patch between vision start and end marks) is written by transformers'
+own Qwen3VLProcessor.replace_video_token, from the frames' times.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class FamilyReference:
 
     def inputs(self, text: str | None = None, images: list[bytes] = (), videos: list[tuple] = (),
                messages: list | None = None) -> dict:
-        """``videos``: (pixel_values_videos [patches, dim], video_grid_thw [3], second_per_grid_t)."""
+        """``videos``: (pixel_values_videos [patches, dim], video_grid_thw [3], second_per_grid_t,
+        frame times in seconds)."""
         torch = self.torch
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
         if messages is None:
@@ -43,7 +47,10 @@ class FamilyReference:
             kwargs.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
         if videos:
             grids = torch.tensor([list(v[1]) for v in videos])
-            prompt = self._expand(prompt, "<|video_pad|>", [int(g.prod()) // self.merge for g in grids])
+            if self.cfg["model_type"] == "qwen3_vl":
+                prompt = self._expand_timed(prompt, grids, [v[3] for v in videos])
+            else:
+                prompt = self._expand(prompt, "<|video_pad|>", [int(g.prod()) // self.merge for g in grids])
             kwargs.update(pixel_values_videos=torch.cat([torch.as_tensor(v[0]) for v in videos]),
                           video_grid_thw=grids)
             if self.cfg["model_type"] == "qwen2_5_vl":
@@ -59,6 +66,27 @@ class FamilyReference:
         parts = prompt.split(pad)
         assert len(parts) == len(counts) + 1, (pad, len(parts), counts)
         return parts[0] + "".join(pad * n + p for n, p in zip(counts, parts[1:]))
+
+    def _expand_timed(self, prompt: str, grids, frame_times: list) -> str:
+        """transformers' Qwen3-VL video placeholder text; its timestamps are frame index / fps, so the
+        frames' times go in as indices at fps 1."""
+        from types import SimpleNamespace
+
+        from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+        from transformers.video_utils import VideoMetadata
+
+        temporal = self.cfg["vision_config"]["temporal_patch_size"]
+        proc = SimpleNamespace(video_processor=SimpleNamespace(merge_size=self.cfg["vision_config"]["spatial_merge_size"],
+                                                               temporal_patch_size=temporal),
+                               video_token="<|video_pad|>", vision_start_token="<|vision_start|>",
+                               vision_end_token="<|vision_end|>")
+        proc._calculate_timestamps = lambda idx, fps, merge: Qwen3VLProcessor._calculate_timestamps(proc, idx, fps, merge)
+        meta = [VideoMetadata(total_num_frames=len(t), fps=1.0, frames_indices=list(t)) for t in frame_times]
+        inputs = {"video_grid_thw": grids, "video_metadata": meta}
+        parts = prompt.split("<|video_pad|>")
+        assert len(parts) == len(grids) + 1, (len(parts), len(grids))
+        return parts[0] + "".join(Qwen3VLProcessor.replace_video_token(proc, inputs, i) + p
+                                  for i, p in enumerate(parts[1:]))
 
     def generate(self, text=None, images=(), videos=(), messages=None, max_tokens: int = 16) -> list[int]:
         inputs = self.inputs(text, images, videos, messages)

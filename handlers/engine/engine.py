@@ -8,15 +8,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from tritonvl.handlers.engine.block_manager import BlockManager
 from tritonvl.handlers.engine.config import EngineConfig
 from tritonvl.handlers.engine.model_runner import ModelRunner, SeqInputs
 from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler
 from tritonvl.handlers.engine.sequence import Sequence
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
-from tritonvl.handlers.engine.visual import timed_spans
+from tritonvl.handlers.engine.visual import image_spans, timed_spans
 from tritonvl.handlers.errors import InvalidArgument, RequestError, Unavailable
 from tritonvl.handlers.llm.grammar.compiler import CompileWaitlist, GrammarCache
 from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
@@ -40,17 +38,6 @@ class SeqState:
     stream: OutputStream
     sampler: SeqSampler
     times: SeqTimes = field(default_factory=SeqTimes)
-
-
-def image_spans(input_ids: np.ndarray, image_token_id: int | tuple[int, ...],
-                hashes: list[bytes]) -> list[tuple[int, int, bytes]]:
-    """(start, length, content hash) of each run of image (or video) placeholders, in prompt order."""
-    is_img = np.concatenate([[False], np.isin(input_ids, image_token_id), [False]])
-    edges = np.flatnonzero(np.diff(is_img.astype(np.int8)))
-    starts, ends = edges[0::2], edges[1::2]
-    if len(starts) != len(hashes):
-        raise InvalidArgument(f"{len(starts)} image placeholder runs for {len(hashes)} images")
-    return [(int(s), int(e - s), h) for s, e, h in zip(starts, ends, hashes)]
 
 
 class LLMEngine:
@@ -170,7 +157,8 @@ class LLMEngine:
                                       f"max_model_len is {self.declared_max_len}, so at most {room}")
             params.max_tokens = min(params.max_tokens, self.config.max_model_len - n)
             spans = timed_spans(image_spans(job.input_ids, (self.info.image_token_id, self.info.video_token_id),
-                                            job.image_hashes), job.input_ids, self.info, job.options.second_per_grid_ts)
+                                            job.image_hashes, job.image_grid_thw, self.info.merge_unit),
+                                job.input_ids, self.info, job.options.second_per_grid_ts)
             stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
             # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
             grammar = None if compiled is None else SeqGrammar(compiled, stream.stop_ids or self.info.eos_token_ids)

@@ -7,6 +7,8 @@ torch-free: the runner turns the result into the model's rope-index arguments.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from tritonvl.handlers.errors import InvalidArgument
@@ -43,11 +45,37 @@ def grid_kinds(types: np.ndarray, grid: np.ndarray, merge_unit: int) -> np.ndarr
     return kinds
 
 
+def image_spans(input_ids: np.ndarray, image_token_id: int | tuple[int, ...], hashes: list[bytes],
+                grid: np.ndarray, merge_unit: int) -> list[tuple[int, int, bytes]]:
+    """(start, length, content key) of each run of image (or video) placeholders, in prompt order.
+
+    An item (one hash, one ``grid`` row of t*h*w/merge_unit tokens) is one run, or several when text
+    splits it (Qwen3-VL puts a timestamp before each of a video's temporal patches): then each run's
+    key is the item's hash with the run's index."""
+    is_img = np.concatenate([[False], np.isin(input_ids, image_token_id), [False]])
+    edges = np.flatnonzero(np.diff(is_img.astype(np.int8)))
+    runs = list(zip(edges[0::2].tolist(), (edges[1::2] - edges[0::2]).tolist()))
+    out, r = [], 0
+    for key, row in zip(hashes, grid):
+        left, k = int(np.prod(row)) // merge_unit, 0
+        while left > 0 and r < len(runs):
+            start, length = runs[r]
+            if length > left:
+                break
+            out.append((start, length, key if k == 0 and length == left else
+                        hashlib.blake2b(key + k.to_bytes(4, "little"), digest_size=16).digest()))
+            left, k, r = left - length, k + 1, r + 1
+        if left:
+            break
+    if r != len(runs) or len(hashes) != len(grid) or len(out) < len(hashes):
+        raise InvalidArgument(f"{len(runs)} image placeholder runs do not match {len(hashes)} images")
+    return out
+
+
 def timed_spans(spans: list[tuple[int, int, bytes]], input_ids: np.ndarray, info: ModelInfo,
                 second_per_grid_ts: list[float]) -> list[tuple[int, int, bytes]]:
     """Prefix-cache keys of placeholder runs: a video's content hash also takes its second_per_grid_t
     (the same frames sampled at another rate get other mRoPE time positions, so other K/V)."""
-    import hashlib
     import struct
 
     times = iter(second_per_grid_ts)

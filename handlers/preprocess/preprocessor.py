@@ -77,9 +77,11 @@ class Preprocessor:
         self.info: ModelInfo = load_model_info(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-        self.prompts = PromptBuilder(self.tokenizer, self.info.image_token_id, self.info.video_token_id)
-        self.video_limits = video_limits or VideoLimits()
-        self.video_geometry = video_geometry(self.image_processor)
+        info = self.info
+        self.prompts = PromptBuilder(self.tokenizer, info.image_token_id, info.video_token_id,
+                                     info.vision_start_token_id, info.vision_end_token_id)
+        self.video_geometry = geo = video_geometry(self.image_processor)
+        self.video_limits = (video_limits or VideoLimits()).resolved(geo.patch * geo.merge)
         self.limits = limits or ImageLimits()
         self.max_model_len = max_model_len or self.info.max_position_embeddings
         self.sampling_defaults = {"max_tokens": default_max_tokens, **self.info.sampling_defaults}
@@ -116,11 +118,13 @@ class Preprocessor:
         check_syntax(GrammarSpec.from_dict(sampling.structured_outputs))  # the llm step compiles it
         images = load_images(sources, self.limits)
         pixel_values, grid = self.pixels(images, budgets)
-        clips = load_videos(videos.found, self.info.family, self.video_limits, self.limits, self.video_geometry)
+        clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry)
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
-        frames = [int(np.prod(c.grid)) // self.info.merge_unit for c in clips]
-        ids = (self.prompts.build(messages, tokens, frames) if raw.apply_chat_template
-               else self.prompts.expand(text, tokens, frames))
+        timed = self.info.family == "qwen3_vl"  # Qwen3-VL: a <t seconds> text before each temporal patch
+        clip_texts = [self.prompts.video_text(int(np.prod(c.grid)) // self.info.merge_unit,
+                                              c.patch_seconds() if timed else None) for c in clips]
+        ids = (self.prompts.build(messages, tokens, clip_texts) if raw.apply_chat_template
+               else self.prompts.expand(text, tokens, clip_texts))
         if clips:  # the vision step's rows in prompt order: images and videos as their placeholders come
             pixel_values, grid = in_prompt_order(np.asarray(ids), self.info, pixel_values, grid, clips)
         if not ids:
@@ -138,8 +142,9 @@ class Preprocessor:
                 "clamp_max_tokens=true cuts it instead)")
         sampling.max_tokens = min(sampling.max_tokens, room)
         sampling.min_tokens = min(sampling.min_tokens, sampling.max_tokens)
+        # second_per_grid_ts: Qwen2.5-VL's mRoPE time step per video (other families' positions ignore it)
         options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "", clamp, logprobs,
-                                 [c.second_per_grid_t for c in clips])
+                                 [c.second_per_grid_t for c in clips] if self.info.family == "qwen2_5_vl" else [])
         return ModelInputs(np.asarray(ids, dtype=np.int32), pixel_values, grid, options.to_json())
 
     @staticmethod

@@ -149,25 +149,39 @@ def text_bytes(messages: list[dict]) -> int:
 class PromptBuilder:
     """Applies the model's chat template and expands each ``<|image_pad|>`` to its token count."""
 
-    def __init__(self, tokenizer, image_token_id: int, video_token_id: int | None = None) -> None:
+    def __init__(self, tokenizer, image_token_id: int, video_token_id: int | None = None,
+                 vision_start_id: int | None = None, vision_end_id: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.image_token = tokenizer.convert_ids_to_tokens(image_token_id)
         self.video_token_id = video_token_id
         self.video_token = tokenizer.convert_ids_to_tokens(video_token_id) if video_token_id is not None else None
+        self.frame_marks = (tokenizer.convert_ids_to_tokens(vision_start_id or 0),
+                            tokenizer.convert_ids_to_tokens(vision_end_id or 0))
 
-    def build(self, messages: list[dict], image_tokens: list[int], video_tokens: list[int] = ()) -> list[int]:
+    def video_text(self, tokens: int, patch_seconds: list[float] | None = None) -> str:
+        """What one video's placeholder becomes: its tokens, or (Qwen3-VL, ``patch_seconds`` given) per
+        temporal patch ``<t seconds>`` then that patch's tokens between vision start and end marks,
+        as transformers' Qwen3VLProcessor writes it."""
+        if patch_seconds is None:
+            return self.video_token * tokens
+        start, end = self.frame_marks
+        per_patch = tokens // len(patch_seconds)
+        return "".join(f"<{t:.1f} seconds>{start}{self.video_token * per_patch}{end}" for t in patch_seconds)
+
+    def build(self, messages: list[dict], image_tokens: list[int], videos: list[str] = ()) -> list[int]:
         try:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 -- jinja errors from a model's own template
             raise InvalidArgument(f"messages: the chat template refused them ({exc})") from None
-        return self.expand(text, image_tokens, video_tokens)
+        return self.expand(text, image_tokens, videos)
 
-    def expand(self, text: str, image_tokens: list[int], video_tokens: list[int] = ()) -> list[int]:
+    def expand(self, text: str, image_tokens: list[int], videos: list[str] = ()) -> list[int]:
         """A finished prompt (template applied, or raw with one ``<|image_pad|>`` per image and one
-        ``<|video_pad|>`` per video) -> ids, each placeholder repeated to its item's token count."""
-        if self.video_token is not None and (video_tokens or self.video_token in text):
-            return self._expand_both(text, list(image_tokens), list(video_tokens))
+        ``<|video_pad|>`` per video) -> ids, each image placeholder repeated to its token count, each
+        video's replaced by its ``video_text``."""
+        if self.video_token is not None and (videos or self.video_token in text):
+            return self._expand_both(text, list(image_tokens), list(videos))
         pieces = text.split(self.image_token)
         if len(pieces) - 1 != len(image_tokens):
             raise InvalidArgument(
@@ -180,20 +194,20 @@ class PromptBuilder:
             raise InvalidArgument(f"the text must not contain the image placeholder token {self.image_token}")
         return ids
 
-    def _expand_both(self, text: str, image_tokens: list[int], video_tokens: list[int]) -> list[int]:
+    def _expand_both(self, text: str, image_tokens: list[int], videos: list[str]) -> list[int]:
         pieces = re.split(f"({re.escape(self.image_token)}|{re.escape(self.video_token)})", text)
         marks = pieces[1::2]
-        for token, counts, what in ((self.image_token, image_tokens, "image"), (self.video_token, video_tokens, "video")):
+        for token, counts, what in ((self.image_token, image_tokens, "image"), (self.video_token, videos, "video")):
             if marks.count(token) != len(counts):
                 raise InvalidArgument(
                     f"the prompt holds {marks.count(token)} {what} placeholders for {len(counts)} {what}s (with the "
                     f"chat template, do not put {token} in the text; without it, put "
                     f"<|vision_start|>{token}<|vision_end|> once per {what})")
-        left = {self.image_token: iter(image_tokens), self.video_token: iter(video_tokens)}
-        expanded = pieces[0] + "".join(m * next(left[m]) + p for m, p in zip(marks, pieces[2::2]))
+        left = {self.image_token: iter([self.image_token * n for n in image_tokens]), self.video_token: iter(videos)}
+        expanded = pieces[0] + "".join(next(left[m]) + p for m, p in zip(marks, pieces[2::2]))
         ids = self.tokenizer.encode(expanded, add_special_tokens=False)
         if (sum(1 for t in ids if t == self.image_token_id) != sum(image_tokens)
-                or sum(1 for t in ids if t == self.video_token_id) != sum(video_tokens)):
+                or sum(1 for t in ids if t == self.video_token_id) != sum(v.count(self.video_token) for v in videos)):
             raise InvalidArgument(f"the text must not contain the placeholder tokens {self.image_token} / "
                                   f"{self.video_token}")
         return ids

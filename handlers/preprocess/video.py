@@ -15,7 +15,6 @@ import base64
 import binascii
 import io
 import json
-import math
 import re
 from dataclasses import dataclass, replace
 
@@ -25,42 +24,26 @@ from PIL import Image
 from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.params import PreprocessParams
 from tritonvl.handlers.preprocess.images import ImageLimits, decode_image, image_bytes
+from tritonvl.handlers.preprocess.video_rules import (
+    Geometry,
+    VideoLimits,
+    ceil_to,
+    options_of,
+    patch_times,
+    patchify,
+    round_to,
+    sample_count,
+    target_size,
+)
 
-PART_KEYS = ("fps", "num_frames", "nframes", "max_frames", "min_pixels", "max_pixels", "total_pixels")
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)(;[^,;]*)*?;base64,", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
-class VideoLimits:
-    """The deployment's video bounds (preprocess parameters; docs/VIDEO.md)."""
-
-    max_videos: int = 2
-    max_bytes: int = 100 * 1024 * 1024
-    max_seconds: float = 600.0
-    max_frames: int = 4096  # in the video, before sampling
-    fps: float = 2.0
-    min_frames: int = 4
-    max_sampled: int = 768
-    min_pixels: int = 128 * 28 * 28
-    max_pixels: int = 768 * 28 * 28
-    total_pixels: int = 24576 * 28 * 28
-
-
 def video_limits_from_params(p: PreprocessParams) -> VideoLimits:
+    """Frame areas left unset stay None: the model's patch size decides them (``VideoLimits.resolved``)."""
     return VideoLimits(p.max_videos_per_request, p.max_video_bytes, p.max_video_seconds, p.max_video_frames,
                        p.video_fps, p.video_min_frames, p.video_max_frames, p.video_min_pixels,
                        p.video_max_pixels, p.video_total_pixels)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """The model's patch layout and normalization (from its image processor)."""
-
-    patch: int
-    merge: int
-    temporal: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 @dataclass
@@ -68,6 +51,11 @@ class VideoRows:
     pixel_values: np.ndarray  # float32 [t * h * w patches, 3 * temporal * patch * patch]
     grid: np.ndarray  # int64 [3]: t, h, w in patches
     second_per_grid_t: float
+    frame_times: list[float]  # seconds into the video of each sampled frame (padded like the frames)
+
+    def patch_seconds(self) -> list[float]:
+        """Per temporal patch, seconds into the video: Qwen3-VL's ``<t seconds>``."""
+        return patch_times(self.frame_times, len(self.frame_times) // int(self.grid[0]))
 
 
 @dataclass(frozen=True)
@@ -80,75 +68,31 @@ class Source:
     where: str
 
 
-def options_of(part: dict, where: str, limits: VideoLimits) -> dict:
-    """A message part's sampling keys, checked: positive numbers no larger than the deployment's."""
-    out = {}
-    for key in PART_KEYS:
-        value = part.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise InvalidArgument(f"{where}.{key}: expected a positive number, got {value!r}")
-        if key != "fps" and float(value) != int(value):
-            raise InvalidArgument(f"{where}.{key}: expected an integer, got {value!r}")
-        bound = {"num_frames": limits.max_sampled, "nframes": limits.max_sampled, "max_frames": limits.max_sampled,
-                 "min_pixels": limits.max_pixels, "max_pixels": limits.max_pixels,
-                 "total_pixels": limits.total_pixels}.get(key)
-        if bound is not None and value > bound:
-            raise InvalidArgument(f"{where}.{key}={value} is above this deployment's bound ({bound}): a request "
-                                  "may lower the video budget, not raise it")
-        out["num_frames" if key == "nframes" else key] = value if key == "fps" else int(value)
-    if "fps" in out and "num_frames" in out:
-        raise InvalidArgument(f"{where}: give fps or num_frames, not both")
-    return out
-
-
 def load_video(src: Source, limits: VideoLimits, images: ImageLimits, geo: Geometry) -> VideoRows:
     """Decode, sample, resize and patchify one video; InvalidArgument names what is wrong with it."""
     opts, where = src.options, src.where
     frames_json = _frame_list(src.item, where)
     if frames_json is not None:
         frames, fps = _frames_from_list(frames_json, where, limits, images)
-        n = _ceil(len(frames), geo.temporal)  # a frame list is taken whole (padded with its last frame)
+        n = ceil_to(len(frames), geo.temporal)  # a frame list is taken whole (padded with its last frame)
         if "num_frames" in opts:
-            n = min(n, _round(opts["num_frames"], geo.temporal) or geo.temporal)
-        idx = np.linspace(0, len(frames) - 1, n).round().astype(int) if n < len(frames) else None
-        frames = [frames[i] for i in idx] if idx is not None else frames + [frames[-1]] * (n - len(frames))
+            n = min(n, round_to(opts["num_frames"], geo.temporal) or geo.temporal)
+        idx = (np.linspace(0, len(frames) - 1, n).round().astype(int).tolist() if n < len(frames)
+               else list(range(len(frames))) + [len(frames) - 1] * (n - len(frames)))
+        frames = [frames[i] for i in idx]
         if any(f.shape != frames[0].shape for f in frames):
             raise InvalidArgument(f"{where}: frames of different sizes")
         size = target_size(*frames[0].shape[:2], len(frames), opts, limits, geo, where)
         frames = [_resized(f, size) for f in frames]
         sample_fps = float(opts.get("fps", limits.fps))
+        times = [i / sample_fps for i in idx]
     else:
-        frames, sample_fps = _decode(_video_bytes(src.item, where, limits), where, opts, limits, images, geo)
+        frames, sample_fps, times = _decode(_video_bytes(src.item, where, limits), where, opts, limits, images, geo)
     video = np.stack(frames).astype(np.float32)  # [T, H, W, 3]
     video = (video / 255.0 - np.asarray(geo.mean, np.float32)) / np.asarray(geo.std, np.float32)
     rows, grid = patchify(video.transpose(0, 3, 1, 2), geo.patch, geo.merge, geo.temporal)
-    return VideoRows(rows, grid, geo.temporal / sample_fps)
-
-
-def patchify(video: np.ndarray, patch: int, merge: int, temporal: int) -> tuple[np.ndarray, np.ndarray]:
-    """[T, C, H, W] -> ([t*h*w, C*temporal*patch*patch], [t, h, w]): Qwen's video layout. T is padded
-    to a multiple of ``temporal`` with the last frame; patches ordered by time, then merge window
-    (rows of ``merge`` x ``merge`` patches kept together), each flattened channel, time, y, x."""
-    frames, c, height, width = video.shape
-    if pad := -frames % temporal:
-        video = np.concatenate([video, np.repeat(video[-1:], pad, axis=0)])
-        frames += pad
-    t, h, w = frames // temporal, height // patch, width // patch
-    x = video.reshape(t, temporal, c, h // merge, merge, patch, w // merge, merge, patch)
-    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, hb, wb, hm, wm, c, temporal, py, px
-    return np.ascontiguousarray(x.reshape(t * h * w, c * temporal * patch * patch)), np.array([t, h, w], np.int64)
-
-
-def target_size(height: int, width: int, frames: int, opts: dict, limits: VideoLimits, geo: Geometry,
-                where: str) -> tuple[int, int]:
-    """Each frame's size: Qwen's smart_resize within a per-frame area of at most total_pixels shared
-    by the frames (two frames per temporal patch), never under 1.05 x min_pixels."""
-    min_px = min(opts.get("min_pixels", limits.min_pixels), opts.get("max_pixels", limits.max_pixels))
-    total = opts.get("total_pixels", limits.total_pixels)
-    max_px = max(min(opts.get("max_pixels", limits.max_pixels), total / frames * geo.temporal), int(min_px * 1.05))
-    return smart_resize(height, width, geo.patch * geo.merge, min_px, max_px, where)
+    times += [times[-1]] * (-len(times) % geo.temporal)  # patchify pads with the last frame
+    return VideoRows(rows, grid, geo.temporal / sample_fps, times)
 
 
 def _resized(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -157,41 +101,8 @@ def _resized(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(frame).resize((size[1], size[0]), Image.BICUBIC))
 
 
-def smart_resize(height: int, width: int, factor: int, min_pixels: float, max_pixels: float,
-                 where: str) -> tuple[int, int]:
-    """Qwen's rule: sides multiples of ``factor``, area within [min_pixels, max_pixels], aspect kept."""
-    if max(height, width) / min(height, width) > 200:
-        raise InvalidArgument(f"{where}: aspect ratio {width}x{height} is over Qwen's limit of 200:1")
-    h, w = max(factor, round(height / factor) * factor), max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
-
-
-def sample_count(total: int, video_fps: float | None, opts: dict, limits: VideoLimits, temporal: int,
-                 where: str) -> int:
-    """How many frames to take of ``total`` (qwen-vl-utils' smart_nframes rule)."""
-    if "num_frames" in opts:
-        n = _round(opts["num_frames"], temporal)
-    else:
-        if not video_fps:
-            raise InvalidArgument(f"{where}: the video states no frame rate: give num_frames")
-        fps = opts.get("fps", limits.fps)
-        low = _ceil(limits.min_frames, temporal)
-        high = _floor(min(opts.get("max_frames", limits.max_sampled), limits.max_sampled, total), temporal)
-        n = _floor(min(max(total / video_fps * fps, low), high, total), temporal)
-    if not temporal <= n <= total:
-        raise InvalidArgument(f"{where}: {n} frames to sample from a video of {total} (at least {temporal})")
-    return n
-
-
 def _decode(data: bytes, where: str, opts: dict, limits: VideoLimits, images: ImageLimits,
-            geo: Geometry) -> tuple[list, float]:
+            geo: Geometry) -> tuple[list, float, list[float]]:
     import av
 
     try:
@@ -241,7 +152,9 @@ def _decode(data: bytes, where: str, opts: dict, limits: VideoLimits, images: Im
         if last is None:
             raise InvalidArgument(f"{where}: frame {i} could not be decoded")
         frames.append(last)
-    return frames, n / total * video_fps if video_fps else limits.fps
+    if not video_fps:  # only num_frames can sample a video without a rate: its frames as if at limits.fps
+        return frames, limits.fps, [i / limits.fps for i in wanted.tolist()]
+    return frames, n / total * video_fps, [i / video_fps for i in wanted.tolist()]
 
 
 def _video_bytes(item, where: str, limits: VideoLimits) -> bytes:
@@ -308,18 +221,6 @@ def _frames_from_list(frames: list, where: str, limits: VideoLimits, images: Ima
     return out, None
 
 
-def _round(n: float, k: int) -> int:
-    return round(n / k) * k
-
-
-def _ceil(n: float, k: int) -> int:
-    return math.ceil(n / k) * k
-
-
-def _floor(n: float, k: int) -> int:
-    return math.floor(n / k) * k
-
-
 def video_geometry(image_processor) -> Geometry:
     """The model's patch layout and normalization, as its image processor has them."""
     p = image_processor
@@ -327,13 +228,12 @@ def video_geometry(image_processor) -> Geometry:
                     tuple(float(x) for x in p.image_mean), tuple(float(x) for x in p.image_std))
 
 
-def load_videos(found: list[tuple[object, dict, str]], family: str, limits: VideoLimits, images: ImageLimits,
+def load_videos(found: list[tuple[object, dict, str]], limits: VideoLimits, images: ImageLimits,
                 geo: Geometry) -> list[VideoRows]:
-    """Every video of a request: (element, its message part, where) in prompt order."""
+    """Every video of a request: (element, its message part, where) in prompt order. ``limits``
+    resolved (``VideoLimits.resolved``)."""
     if not found:
         return []
-    if family == "qwen3_vl":  # its prompt interleaves a timestamp before each temporal patch
-        raise InvalidArgument("video: not supported for Qwen3-VL models yet (images are); send frames as images")
     if len(found) > limits.max_videos:
         raise InvalidArgument(f"video: {len(found)} videos is over the limit of {limits.max_videos} per request")
     return [load_video(Source(item, options_of(part, where, limits), where), limits, images, geo)

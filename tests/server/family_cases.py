@@ -1,7 +1,9 @@
 """Greedy parity with generate() through a real server, for one model family per importing module.
 
 A module sets ``FAMILY`` (a preset of tiny_model.PRESETS) and star-imports this file: its server
-(one per module) serves that family's tiny random model.
+(one per module) serves that family's tiny random model. Videos: the reference takes the rows the
+server's own intake builds (see tests/family_ref.py); what is checked is their way through the tower,
+the prompt (Qwen3-VL: timestamps per temporal patch), the rope positions and the engine.
 """
 
 from __future__ import annotations
@@ -12,8 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from family_ref import FamilyReference
 from helpers import data_uri, infer_http, joined, make_image, running_server, stream_grpc
+from videos import make_video
+
+from tritonvl.handlers.preprocess.images import ImageLimits
+from tritonvl.handlers.preprocess.video import Source, load_video, video_geometry
+from tritonvl.handlers.preprocess.video_rules import VideoLimits, options_of
 
 MAX = 10
+# small frame budgets (a few tokens per frame) keep the tiny model's videos short on CPU
+VIDEO = {"video_min_pixels": 4096, "video_max_pixels": 24576, "video_total_pixels": 98304}
+VIDEO_LIMITS = VideoLimits(min_pixels=4096, max_pixels=24576, total_pixels=98304)
+CLIP = make_video(n=8, width=112, height=84, fps=8, seed=1)  # 4 frames sampled: 2 temporal patches
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +37,24 @@ def family_dir(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def family_server(family_dir, tmp_path_factory):
-    with running_server(family_dir, tmp_path_factory.mktemp("server")) as srv:
+    with running_server(family_dir, tmp_path_factory.mktemp("server"), overrides={"preprocess": VIDEO}) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
 def family_ref(family_dir):
     return FamilyReference(str(family_dir))
+
+
+@pytest.fixture(scope="module")
+def rows(family_ref):
+    """A video element (and its part keys) -> what the reference takes: the server intake's rows."""
+    geo = video_geometry(family_ref.ip)
+
+    def make(item, part=None):
+        v = load_video(Source(item, options_of(part or {}, "p", VIDEO_LIMITS), "p"), VIDEO_LIMITS, ImageLimits(), geo)
+        return v.pixel_values, v.grid, v.second_per_grid_t, v.frame_times
+    return make
 
 
 def greedy(**fields):
@@ -84,3 +106,36 @@ def test_concurrent(family_server, family_ref):
                              specs))
     for (text, images), out in zip(specs, outs):
         assert out["output_ids"] == family_ref.generate(text, images, max_tokens=MAX)
+
+
+def test_one_video(family_server, family_ref, rows):
+    out = infer_http(family_server.http_url, **greedy(text_input="What happens?", video=[CLIP]))
+    assert out["output_ids"] == family_ref.generate("What happens?", videos=[rows(CLIP)], max_tokens=MAX)
+
+
+def test_video_stream(family_server, family_ref, rows):
+    clip = make_video(n=12, width=96, height=64, fps=4, seed=2)  # 3 s at 2 fps: 6 frames, 3 patches
+    responses = stream_grpc(family_server.grpc_url, **greedy(text_input="Narrate.", video=[clip]), stream=True)
+    assert len(responses) > 1
+    assert joined(responses)["output_ids"] == family_ref.generate("Narrate.", videos=[rows(clip)], max_tokens=MAX)
+
+
+def test_video_url_part_then_image(family_server, family_ref, rows):
+    img = make_image(120, 90, seed=5)
+    part = {"type": "video_url", "video_url": {"url": data_uri(CLIP, "video/mp4")}, "num_frames": 6}
+    messages = [{"role": "user", "content": [part, {"type": "image"}, {"type": "text", "text": "Compare."}]}]
+    out = infer_http(family_server.http_url, **greedy(text_input="", messages=json.dumps(messages), image=[img]))
+    ref_msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}]
+    want = family_ref.generate(messages=ref_msgs, images=[img], videos=[rows(CLIP, part)], max_tokens=MAX)
+    assert out["output_ids"] == want
+
+
+def test_concurrent_videos(family_server, family_ref, rows):
+    clips = [make_video(n=8 + 4 * i, width=80, height=80, fps=8, seed=10 + i) for i in range(2)]
+    jobs = [{"video": [c]} for c in clips] + [{"video": [clips[0]], "image": [make_image(100, 80, seed=30)]}, {}]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        outs = list(pool.map(lambda j: infer_http(family_server.http_url, **greedy(text_input="Go.", **j)), jobs))
+    for job, out in zip(jobs, outs):
+        want = family_ref.generate("Go.", images=job.get("image", ()), videos=[rows(v) for v in job.get("video", ())],
+                                   max_tokens=MAX)
+        assert out["output_ids"] == want

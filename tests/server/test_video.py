@@ -52,7 +52,7 @@ def rows(ref):
 
     def make(item, part=None):
         v = load_video(Source(item, options_of(part or {}, "p", LIMITS), "p"), LIMITS, ImageLimits(), geo)
-        return v.pixel_values, v.grid, v.second_per_grid_t
+        return v.pixel_values, v.grid, v.second_per_grid_t, v.frame_times
     return make
 
 

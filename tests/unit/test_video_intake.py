@@ -13,12 +13,12 @@ from videos import frame_list, make_video
 
 from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.preprocess.images import ImageLimits
-from tritonvl.handlers.preprocess.video import (
+from tritonvl.handlers.preprocess.video import Source, load_video
+from tritonvl.handlers.preprocess.video_rules import (
     Geometry,
-    Source,
     VideoLimits,
-    load_video,
     options_of,
+    patch_times,
     patchify,
     sample_count,
     target_size,
@@ -131,3 +131,28 @@ def test_part_keys_checked():
         options_of({"fps": 1, "num_frames": 4}, "p", SMALL)
     with pytest.raises(InvalidArgument, match="expected a positive number"):
         options_of({"fps": "fast"}, "p", SMALL)
+
+
+def test_frame_times_follow_the_sampled_frames():
+    # 8 frames at 8 fps, 2 fps asked -> the 4-frame floor: frames 0, 2, 5, 7 (evenly over the clip)
+    clip = load_video(Source(make_video(n=8, fps=8, seed=1), {}, "v"), SMALL, ImageLimits(), GEO)
+    assert clip.frame_times == pytest.approx([0.0, 2 / 8, 5 / 8, 7 / 8])
+    assert clip.patch_seconds() == pytest.approx([0.125, 0.75])
+    # a frame list of 3 at fps 1: padded with its last frame, as the rows are
+    frames = json.loads(frame_list(3, seed=2))
+    clip = load_video(Source(frames, {"fps": 1}, "v"), SMALL, ImageLimits(), GEO)
+    assert clip.frame_times == [0.0, 1.0, 2.0, 2.0] and clip.patch_seconds() == [0.5, 2.0]
+
+
+@pytest.mark.parametrize("indices,fps", [([0, 2, 5, 7], 8.0), ([0, 10, 20], 24.0), ([3], 2.0), (list(range(9)), 29.97)])
+def test_patch_times_equal_transformers_qwen3_timestamps(indices, fps):
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    want = Qwen3VLProcessor._calculate_timestamps(None, list(indices), fps, 2)
+    assert patch_times([i / fps for i in indices], 2) == pytest.approx(want)
+
+
+def test_unset_frame_areas_follow_the_model_factor():
+    assert VideoLimits().resolved(28) == VideoLimits(min_pixels=128 * 784, max_pixels=768 * 784, total_pixels=24576 * 784)
+    assert VideoLimits().resolved(32).max_pixels == 768 * 32 * 32
+    assert VideoLimits(max_pixels=5000).resolved(32).max_pixels == 5000
