@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).parent))
 from bench import build_model, make_image, pct  # noqa: E402
+from load import grpc_inputs, grpc_one  # noqa: E402
 
 PROMPT = "Request {i}: describe this image in detail."
 
@@ -38,35 +37,12 @@ async def direct(url: str, i: int, max_tokens: int) -> tuple[int, float, float]:
     """One streamed request over gRPC: (output tokens, ttft, latency)."""
     import tritonclient.grpc.aio as aio
 
-    def tensor(name, arr, dtype):
-        t = aio.InferInput(name, list(arr.shape), dtype)
-        t.set_data_from_numpy(arr)
-        return t
-
-    inputs = [tensor("text_input", np.array([[PROMPT.format(i=i).encode()]], dtype=np.object_), "BYTES"),
-              tensor("image", np.array([[image(i)]], dtype=np.object_), "BYTES"),
-              tensor("max_tokens", np.array([[max_tokens]], np.int32), "INT32"),
-              tensor("temperature", np.array([[0.0]], np.float32), "FP32"),
-              tensor("ignore_eos", np.array([[True]]), "BOOL"), tensor("stream", np.array([[True]]), "BOOL")]
-    client = CLIENTS.setdefault(url, aio.InferenceServerClient(url))
-    done = asyncio.Event()
-
-    async def requests():
-        yield {"model_name": "qwen2_5_vl", "inputs": inputs}
-        await done.wait()
-
-    start, ttft, tokens = time.perf_counter(), None, 0
-    async for result, error in client.stream_infer(requests()):
-        if error is not None:
-            raise RuntimeError(str(error))
-        ids = result.as_numpy("output_ids")
-        if ids is not None and ids.size:
-            ttft = ttft or time.perf_counter() - start
-            tokens += ids.size
-        if result.as_numpy("finish_reason") is not None:
-            break
-    done.set()
-    return tokens, ttft or 0.0, time.perf_counter() - start
+    inputs = grpc_inputs({"text_input": PROMPT.format(i=i), "image": image(i), "max_tokens": max_tokens,
+                          "temperature": 0.0, "ignore_eos": True, "stream": True})
+    record = await grpc_one(CLIENTS.setdefault(url, aio.InferenceServerClient(url)), inputs)
+    if not record.ok:
+        raise RuntimeError(record.error)
+    return record.tokens, record.ttft, record.latency
 
 
 CLIENTS: dict = {}

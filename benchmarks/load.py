@@ -1,4 +1,5 @@
-"""Closed-loop load: N concurrent clients, each sending its next request when the last one ends."""
+"""Closed-loop load: N concurrent clients, each sending its next request when the last one ends
+(HTTP SSE ``run_load``, or gRPC streaming ``run_grpc_load``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ class Record:
     ttft: float
     tokens: int
     error: str = ""
+    input_tokens: int = 0  # the server's num_input_tokens / num_image_tokens (gRPC path only)
+    image_tokens: int = 0
 
 
 async def _one(session, url: str, body: dict, stream: bool) -> Record:
@@ -66,6 +69,78 @@ async def run_load(url: str, bodies: list[dict], concurrency: int, stream: bool)
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         wall = time.perf_counter() - start
+    return records, wall
+
+
+def grpc_inputs(fields: dict) -> list:
+    """tritonclient.grpc.aio inputs, each [1, n]: str/bytes or a list of them BYTES, bool, int INT32, float FP32."""
+    import numpy as np
+    import tritonclient.grpc.aio as aio
+
+    out = []
+    for name, value in fields.items():
+        if isinstance(value, (str, bytes, list)):
+            items = value if isinstance(value, list) else [value]
+            arr, dtype = np.array([[v.encode() if isinstance(v, str) else v for v in items]], dtype=np.object_), "BYTES"
+        else:
+            dtype = {bool: "BOOL", int: "INT32", float: "FP32"}[type(value)]
+            arr = np.array([[value]], dtype={"BOOL": bool, "INT32": np.int32, "FP32": np.float32}[dtype])
+        t = aio.InferInput(name, list(arr.shape), dtype)
+        t.set_data_from_numpy(arr)
+        out.append(t)
+    return out
+
+
+async def grpc_one(client, inputs: list, model: str = "qwen2_5_vl") -> Record:
+    """One streamed request over gRPC ModelStreamInfer (``client``: tritonclient.grpc.aio)."""
+    done = asyncio.Event()
+
+    async def requests():
+        yield {"model_name": model, "inputs": inputs}
+        await done.wait()  # the stream stays open until the final response is in
+
+    start, ttft, tokens, counts = time.perf_counter(), None, 0, {}
+    try:
+        async for result, error in client.stream_infer(requests()):
+            if error is not None:
+                return Record(False, time.perf_counter() - start, 0, 0, str(error))
+            ids = result.as_numpy("output_ids")
+            if ids is not None and ids.size:
+                ttft = ttft or time.perf_counter() - start
+                tokens += ids.size
+            for name in ("num_input_tokens", "num_image_tokens"):
+                arr = result.as_numpy(name)
+                if arr is not None:
+                    counts[name] = int(arr.reshape(-1)[0])
+            if result.as_numpy("finish_reason") is not None:
+                break
+    except Exception as exc:  # a failed request is a data point, not a crash
+        return Record(False, time.perf_counter() - start, 0, 0, repr(exc))
+    finally:
+        done.set()
+    latency = time.perf_counter() - start
+    return Record(True, latency, ttft or latency, tokens, "", counts.get("num_input_tokens", 0),
+                  counts.get("num_image_tokens", 0))
+
+
+async def run_grpc_load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[Record], float]:
+    """``run_load`` over gRPC streaming: each body is a dict of input tensors (``grpc_inputs``)."""
+    import tritonclient.grpc.aio as aio
+
+    queue = [grpc_inputs(b) for b in bodies]  # built before the clock starts
+    queue.reverse()
+    records: list[Record] = []
+    client = aio.InferenceServerClient(url)
+    try:
+        async def worker():
+            while queue:
+                records.append(await grpc_one(client, queue.pop()))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    finally:
+        await client.close()
     return records, wall
 
 
