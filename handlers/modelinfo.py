@@ -10,10 +10,8 @@ from pathlib import Path
 from tritonvl.handlers.sampling import defaults_from_generation_config
 
 # config.json ``model_type`` -> the family the server runs (weights.py maps each to its classes).
-FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-# refused at load: their experts need fused MoE kernels this engine does not have
-REFUSED = {"qwen3_vl_moe": "Qwen3-VL MoE (its experts need fused MoE kernels the engine does not have); "
-                           "serve a dense Qwen3-VL, Qwen2.5-VL or Qwen2-VL checkpoint"}
+# qwen3_vl_moe: Qwen3-VL with sparse expert MLPs, run by transformers' own expert layers (no fused kernels)
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,11 @@ class ModelInfo:
     deepstack_layers: int = 0
     # the model's own sampling defaults (what generate() would use), from generation_config.json
     sampling_defaults: dict = field(default_factory=dict, hash=False)
+
+    @property
+    def timestamps_videos(self) -> bool:
+        """Qwen3-VL (dense and MoE): a video's prompt puts ``<t seconds>`` before each temporal patch."""
+        return self.family in ("qwen3_vl", "qwen3_vl_moe")
 
     @property
     def patch_dim(self) -> int:
@@ -119,7 +122,5 @@ def family_of(cfg: dict, root: Path) -> str:
     kind = cfg.get("model_type", "")
     if kind in FAMILIES:
         return kind
-    if kind in REFUSED:
-        raise ValueError(f"{root}: model_type {kind!r} is not supported: {REFUSED[kind]}")
     raise ValueError(f"{root}/config.json: model_type {kind!r} is not a Qwen VL family this server runs "
                      f"(supported: {', '.join(FAMILIES)})")

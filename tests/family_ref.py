@@ -47,7 +47,7 @@ class FamilyReference:
             kwargs.update(pixel_values=px["pixel_values"], image_grid_thw=px["image_grid_thw"])
         if videos:
             grids = torch.tensor([list(v[1]) for v in videos])
-            if self.cfg["model_type"] == "qwen3_vl":
+            if self.cfg["model_type"] in ("qwen3_vl", "qwen3_vl_moe"):
                 prompt = self._expand_timed(prompt, grids, [v[3] for v in videos])
             else:
                 prompt = self._expand(prompt, "<|video_pad|>", [int(g.prod()) // self.merge for g in grids])

@@ -120,7 +120,7 @@ class Preprocessor:
         pixel_values, grid = self.pixels(images, budgets)
         clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry)
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
-        timed = self.info.family == "qwen3_vl"  # Qwen3-VL: a <t seconds> text before each temporal patch
+        timed = self.info.timestamps_videos  # Qwen3-VL: a <t seconds> text before each temporal patch
         clip_texts = [self.prompts.video_text(int(np.prod(c.grid)) // self.info.merge_unit,
                                               c.patch_seconds() if timed else None) for c in clips]
         ids = (self.prompts.build(messages, tokens, clip_texts) if raw.apply_chat_template

@@ -67,6 +67,18 @@ PRESETS: dict[str, dict] = {
         "max_pixels": 64 * 32 * 32,
         "min_pixels": 4 * 32 * 32,
     },
+    # Qwen3-VL-30B-A3B's layout in miniature: every decoder MLP a sparse block of 4 experts, 2 per token
+    "qwen3_vl_moe": {
+        "family": "qwen3_vl_moe",
+        "text": {"head_dim": 16, "mrope_interleaved": True, "num_experts": 4, "num_experts_per_tok": 2,
+                 "moe_intermediate_size": 48, "decoder_sparse_step": 1},
+        "vision": {"depth": 4, "hidden_size": 48, "intermediate_size": 96, "num_heads": 3,
+                   "deepstack_visual_indexes": [1, 2], "num_position_embeddings": 64},
+        "patch_size": 16,
+        "max_pixels": 64 * 32 * 32,
+        "min_pixels": 4 * 32 * 32,
+        "seed": 5,
+    },
     "3b": {
         "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
                  "num_attention_heads": 16, "num_key_value_heads": 2, "mrope_section": [16, 24, 24]},
@@ -124,6 +136,7 @@ FAMILY_CLASSES = {
     "qwen2_vl": ("Qwen2VLConfig", "Qwen2VLForConditionalGeneration"),
     "qwen2_5_vl": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration"),
     "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration"),
 }
 
 
@@ -144,7 +157,7 @@ def _config(sizes: dict):
         vision["hidden_size"] = text["hidden_size"]
     else:
         vision["out_hidden_size"] = text["hidden_size"]
-    if family == "qwen3_vl":
+    if family in ("qwen3_vl", "qwen3_vl_moe"):
         for key in ("fullatt_block_indexes", "window_size"):
             vision.pop(key, None)
     config_class = getattr(transformers, FAMILY_CLASSES[family][0])

@@ -19,18 +19,14 @@ def write(tmp_path, model_type, **extra):
     return tmp_path
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_family_from_model_type(tmp_path, family):
-    assert load_model_info(write(tmp_path, family)).family == family
-
-
-def test_moe_refused_with_the_reason(tmp_path):
-    with pytest.raises(ValueError, match="qwen3_vl_moe.*MoE kernels"):
-        load_model_info(write(tmp_path, "qwen3_vl_moe"))
+    info = load_model_info(write(tmp_path, family))
+    assert info.family == family and info.timestamps_videos == family.startswith("qwen3")
 
 
 def test_unknown_family_refused(tmp_path):
-    with pytest.raises(ValueError, match="'llava'.*supported: qwen2_vl, qwen2_5_vl, qwen3_vl"):
+    with pytest.raises(ValueError, match="'llava'.*supported: qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe"):
         load_model_info(write(tmp_path, "llava"))
 
 
