@@ -185,8 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("gateway", help="OpenAI-compatible HTTP API in front of a Triton server",
-                       description="Serve /v1/chat/completions (with image_url parts), /v1/completions, /v1/models, "
-                                   "/health, /metrics and /describe-image/ in front of a tritonvl Triton server, "
+                       description="Serve /v1/chat/completions (with image_url and video_url parts), /v1/completions, "
+                                   "/v1/models, /health, /metrics and /describe-image/ in front of a tritonvl Triton server, "
                                    "which it calls over gRPC streaming. Needs no torch (docs/OPENAI.md).",
                        epilog="example: tritonvl gateway --triton-url triton-0:8001 --port 9000 "
                               "--model /models/Qwen2.5-VL-7B-Instruct")

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 class Usage:
     """Token counts as the server reports them.
 
-    ``image_tokens``: the image placeholder tokens of the prompt (counted inside ``input_tokens``);
+    ``image_tokens``: the image (and video) placeholder tokens of the prompt (counted inside ``input_tokens``);
     None from servers without a ``num_image_tokens`` output. ``images`` / ``videos``: how many were sent.
     """
 

@@ -2,8 +2,8 @@
 
 Chat ``messages`` go to Triton unchanged as the ``messages`` tensor (JSON): the server already
 takes OpenAI content parts (``text``, ``image_url`` with data URIs, bare base64 or http(s) URLs
-under its allow-list), system and multi-turn, so images are fetched and checked in one place,
-under one URL policy. Sampling fields become the public tensors / ``sampling_parameters`` JSON
+under its allow-list, ``video_url`` / ``video`` with data URIs or frame lists), system and
+multi-turn, so images and videos are fetched and checked in one place, under one URL policy. Sampling fields become the public tensors / ``sampling_parameters`` JSON
 (through the client's SamplingParams, which checks the server's ranges before anything is sent).
 A field this server cannot honour is a 400 naming it, never silently dropped.
 """
