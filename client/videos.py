@@ -2,8 +2,9 @@
 
 As with images, the client never decodes a video: the server samples, decodes and checks it (one set
 of rules, docs/VIDEO.md). A list of frames (paths, bytes, PIL images, arrays or data URIs; each read
-as an image) becomes the JSON list of base64 frames the server takes as a video. URLs are refused:
-the server takes video data only, and the client does not download videos.
+as an image) becomes the JSON list of base64 frames the server takes as a video. http(s) URLs are
+fetched by the client, as image URLs are (with a timeout and the byte cap), so they work whether or
+not the server allow-lists the host; other schemes (file, ftp, rtsp, ...) are refused.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ImageError, VideoError
-from .images import ImageOptions, load_image
+from .images import ImageOptions, fetch_url, load_image
 
 VideoSource = str | os.PathLike | bytes | bytearray | memoryview | list | tuple
 _URL_SCHEMES = ("http", "https", "ftp", "rtsp", "rtmp", "file")
@@ -30,6 +31,7 @@ class VideoOptions:
 
     max_bytes: int = 100 * 1024 * 1024
     max_frames: int = 4096
+    fetch_timeout: float = 60.0  # per video URL
 
 
 def describe_video(src: Any) -> str:
@@ -51,8 +53,14 @@ def load_video(src: VideoSource, options: VideoOptions = VideoOptions()) -> byte
         data = bytes(src)
     elif isinstance(src, str) and src[:5].lower() == "data:":
         return src
+    elif _is_url(src) and src.split("://", 1)[0].lower() in ("http", "https"):
+        try:
+            data = fetch_url(src, ImageOptions(max_bytes=options.max_bytes, fetch_timeout=options.fetch_timeout))
+        except ImageError as exc:
+            raise VideoError(str(exc).replace("image ", "video ", 1)) from None
     elif _is_url(src):
-        raise VideoError(f"video {src}: URLs are not accepted for videos; download it and give the path or bytes")
+        raise VideoError(f"video {src}: {src.split('://', 1)[0]} URLs are not accepted; give an http(s) URL, "
+                         "a path or bytes")
     elif isinstance(src, (str, os.PathLike)):
         data = _read_file(Path(src), options)
     else:
@@ -82,10 +90,11 @@ def _frame_list(frames: list | tuple, options: VideoOptions) -> str:
         raise VideoError(f"video: {len(frames)} frames is over the {options.max_frames}-frame cap")
     out, total = [], 0
     for i, frame in enumerate(frames):
-        if _is_url(frame):
-            raise VideoError(f"video frame {i}: URLs are not accepted for frames; give paths or bytes")
+        if _is_url(frame) and frame.split("://", 1)[0].lower() not in ("http", "https"):
+            raise VideoError(f"video frame {i}: {frame.split('://', 1)[0]} URLs are not accepted; give http(s) "
+                             "URLs, paths or bytes")
         try:
-            item = load_image(frame, ImageOptions(max_bytes=options.max_bytes))
+            item = load_image(frame, ImageOptions(max_bytes=options.max_bytes, fetch_timeout=options.fetch_timeout))
         except ImageError as exc:
             raise VideoError(f"video frame {i}: {exc}") from None
         text = item if isinstance(item, str) else base64.b64encode(item).decode("ascii")

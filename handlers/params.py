@@ -177,10 +177,14 @@ class PreprocessParams(CommonParams):
     image_url_allowlist: tuple[str, ...] = param(
         ListOf(Text()),
         "",
-        "hosts whose http(s) image URLs are "
+        "hosts whose http(s) image and video URLs are "
         "fetched (`img.example.com`, `*.cdn.example`); empty: URLs refused",
     )
-    image_url_timeout_s: float = param(Float(0, open_min=True), "10", "seconds per image URL fetch")
+    image_url_timeout_s: float = param(Float(0, open_min=True), "10", "seconds per image (or video) URL fetch")
+    image_url_allow_private: bool = param(
+        Bool(), "false", "allow-listed hosts may resolve to private, loopback or link-local addresses (an "
+        "in-cluster media store); false: refused, so a URL cannot reach the server's own network"
+    )
     # video (docs/VIDEO.md): sampling like qwen-vl-utils; a request's part keys may lower these, not raise them
     max_videos_per_request: int = param(Int(0), "2", "videos per request")
     max_video_bytes: int = param(Int(1), "104857600", "encoded bytes per video")

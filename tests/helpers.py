@@ -288,3 +288,39 @@ def running_server(model_dir, log_dir, **kwargs):
         yield srv
         alive = srv.proc.poll() is None
     assert alive, "the server died during the tests:\n" + srv.log_tail()
+
+
+@contextlib.contextmanager
+def media_host(files: dict[str, tuple[bytes, str]]):
+    """A local HTTP server for a test: ``files`` maps a path to (body, content type); other paths
+    answer 404. Yields (port, the list of paths it was asked for); stopped on exit."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            hits.append(self.path)
+            if self.path not in files:
+                self.send_error(404)
+                return
+            body, kind = files[self.path]
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1], hits
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)

@@ -35,6 +35,7 @@ class ImageLimits:
     max_prompt_bytes: int = 1024 * 1024  # UTF-8 bytes of the request's text, before tokenizing
     url_allowlist: tuple[str, ...] = ()  # hosts whose http(s) image URLs are fetched; empty = URLs off
     url_timeout_s: float = 10.0
+    url_allow_private: bool = False  # allow-listed hosts may resolve to non-public addresses
 
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.IGNORECASE)
@@ -164,4 +165,4 @@ def limits_from_params(p: PreprocessParams) -> ImageLimits:
                        max_images=p.max_images_per_request, formats=p.image_formats,
                        max_prompt_bytes=p.max_prompt_bytes,
                        url_allowlist=tuple(h.lower() for h in p.image_url_allowlist),
-                       url_timeout_s=p.image_url_timeout_s)
+                       url_timeout_s=p.image_url_timeout_s, url_allow_private=p.image_url_allow_private)

@@ -1,8 +1,9 @@
-"""Image URLs, only for hosts an operator allow-lists (`image_url_allowlist`; empty = off).
+"""Image and video URLs, only for hosts an operator allow-lists (`image_url_allowlist`; empty = off).
 
 Rules, checked on the first URL and again on every redirect: http or https only, no user:password,
 the host on the allow-list (``host`` or ``*.domain``), every address it resolves to public (no
-loopback, private, link-local / cloud metadata, CGNAT, multicast or reserved ranges). The
+loopback, private, link-local / cloud metadata, CGNAT, multicast or reserved ranges) unless the
+operator says its allow-listed hosts live on a private network (`image_url_allow_private`). The
 connection goes to the address that was checked (no second DNS lookup to rebind), with one
 deadline for the whole fetch and a byte cap on the body.
 """
@@ -62,7 +63,7 @@ def resolve(host: str, port: int) -> list[str]:
     return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
 
 
-def check(url: str, allowlist: tuple[str, ...], where: str) -> Target:
+def check(url: str, allowlist: tuple[str, ...], where: str, allow_private: bool = False) -> Target:
     """The URL's target if every rule holds, else InvalidArgument naming the rule."""
     try:
         parts = urlsplit(url)
@@ -76,12 +77,12 @@ def check(url: str, allowlist: tuple[str, ...], where: str) -> Target:
         raise InvalidArgument(f"{where}: URLs with user credentials are not accepted")
     host = parts.hostname or ""
     if not host_allowed(host, allowlist):
-        raise InvalidArgument(f"{where}: host {host!r} is not on the image URL allow-list")
+        raise InvalidArgument(f"{where}: host {host!r} is not on the URL allow-list (image_url_allowlist)")
     try:
         addresses = resolve(host, port)
     except (OSError, UnicodeError) as exc:
         raise InvalidArgument(f"{where}: host {host!r} does not resolve ({exc})") from None
-    blocked = [a for a in addresses if not public_address(a)]
+    blocked = [] if allow_private else [a for a in addresses if not public_address(a)]
     if blocked or not addresses:
         raise InvalidArgument(
             f"{where}: host {host!r} resolves to a non-public address {blocked[:1]} "
@@ -91,14 +92,14 @@ def check(url: str, allowlist: tuple[str, ...], where: str) -> Target:
     return Target(url, scheme, host, port, path, addresses[0])
 
 
-def fetch_image(url: str, where: str, limits) -> bytes:
-    """The body of ``url`` (following at most MAX_REDIRECTS checked redirects), at most
-    ``limits.max_bytes`` bytes, within ``limits.url_timeout_s`` seconds in all."""
+def fetch_image(url: str, where: str, limits, max_bytes: int | None = None, accept: str = "image/*") -> bytes:
+    """The body of ``url`` (following at most MAX_REDIRECTS checked redirects), at most ``max_bytes``
+    (default ``limits.max_bytes``) bytes, within ``limits.url_timeout_s`` seconds in all."""
     deadline = time.monotonic() + limits.url_timeout_s
     for _ in range(MAX_REDIRECTS + 1):
-        target = check(url, limits.url_allowlist, where)
+        target = check(url, limits.url_allowlist, where, limits.url_allow_private)
         try:
-            status, headers, body = open_url(target, deadline, limits.max_bytes, where)
+            status, headers, body = open_url(target, deadline, max_bytes or limits.max_bytes, where, accept)
         except TimeoutError:
             raise InvalidArgument(
                 f"{where}: fetching the URL took longer than {limits.url_timeout_s:g} s"
@@ -116,7 +117,8 @@ def fetch_image(url: str, where: str, limits) -> bytes:
     raise InvalidArgument(f"{where}: more than {MAX_REDIRECTS} redirects")
 
 
-def open_url(target: Target, deadline: float, max_bytes: int, where: str) -> tuple[int, dict, bytes]:
+def open_url(target: Target, deadline: float, max_bytes: int, where: str,
+             accept: str = "image/*") -> tuple[int, dict, bytes]:
     """One GET to the checked address: (status, lower-case headers, body); a body over
     ``max_bytes`` is refused as soon as it is seen to be."""
     timeout = max(deadline - time.monotonic(), 0.001)
@@ -131,7 +133,7 @@ def open_url(target: Target, deadline: float, max_bytes: int, where: str) -> tup
         (target.address, addr[1]), *a, **k
     )
     try:
-        conn.request("GET", target.path, headers={"Accept": "image/*", "User-Agent": "tritonvl"})
+        conn.request("GET", target.path, headers={"Accept": accept, "User-Agent": "tritonvl"})
         resp = conn.getresponse()
         headers = {k.lower(): v for k, v in resp.getheaders()}
         if resp.status != 200:

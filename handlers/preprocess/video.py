@@ -87,7 +87,7 @@ def load_video(src: Source, limits: VideoLimits, images: ImageLimits, geo: Geome
         sample_fps = float(opts.get("fps", limits.fps))
         times = [i / sample_fps for i in idx]
     else:
-        frames, sample_fps, times = _decode(_video_bytes(src.item, where, limits), where, opts, limits, images, geo)
+        frames, sample_fps, times = _decode(_video_bytes(src.item, where, limits, images), where, opts, limits, images, geo)
     video = np.stack(frames).astype(np.float32)  # [T, H, W, 3]
     video = (video / 255.0 - np.asarray(geo.mean, np.float32)) / np.asarray(geo.std, np.float32)
     rows, grid = patchify(video.transpose(0, 3, 1, 2), geo.patch, geo.merge, geo.temporal)
@@ -157,7 +157,8 @@ def _decode(data: bytes, where: str, opts: dict, limits: VideoLimits, images: Im
     return frames, n / total * video_fps, [i / video_fps for i in wanted.tolist()]
 
 
-def _video_bytes(item, where: str, limits: VideoLimits) -> bytes:
+def _video_bytes(item, where: str, limits: VideoLimits, images: ImageLimits) -> bytes:
+    """Container bytes from raw bytes, base64, a data: URI, or an allow-listed http(s) URL."""
     if isinstance(item, str):
         item = item.encode("utf-8")
     if not item:
@@ -172,8 +173,17 @@ def _video_bytes(item, where: str, limits: VideoLimits) -> bytes:
             if m.group("mime") and not m.group("mime").lower().startswith(("video/", "image/gif")):
                 raise InvalidArgument(f"{where}: data URI media type {m.group('mime')!r} is not a video")
             text = text[m.end():]
-        if re.match(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
-            raise InvalidArgument(f"{where}: URLs are not accepted for videos; send the bytes, base64 or a data: URI")
+        if m is None and re.match(rb"^[a-zA-Z][a-zA-Z0-9+.-]*://", text):
+            if not images.url_allowlist:
+                raise InvalidArgument(f"{where}: URLs are not accepted for videos without an image_url_allowlist; "
+                                      "send the video's bytes, base64 or a data: URI")
+            from tritonvl.handlers.preprocess.urlfetch import fetch_image
+
+            text = text.decode("ascii")
+            data = fetch_image(text, where, images, max_bytes=limits.max_bytes, accept="video/*, image/gif")
+            if not data:
+                raise InvalidArgument(f"{where}: the URL answered with an empty body")
+            return data
         if len(text) > limits.max_bytes * 4 // 3 + 1024:
             raise InvalidArgument(f"{where}: larger than the {limits.max_bytes}-byte limit")
         try:

@@ -50,18 +50,33 @@ def test_frame_list_is_json_of_base64(tmp_path):
     (".", VideoOptions(), "is a directory"),
     (b"", VideoOptions(), "empty"),
     (CLIP, VideoOptions(max_bytes=100), "over the 100-byte cap"),
-    ("https://example.com/a.mp4", VideoOptions(), "URLs are not accepted"),
+    ("rtsp://example.com/a.mp4", VideoOptions(), "rtsp URLs are not accepted"),
+    ("file:///etc/passwd", VideoOptions(), "file URLs are not accepted"),
     ([], VideoOptions(), "frame list is empty"),
     ([png()] * 3, VideoOptions(max_frames=2), "3 frames is over the 2-frame cap"),
     ([png()] * 3, VideoOptions(max_bytes=2 * len(png())), "frames are over the"),
     ([png(), "missing.png"], VideoOptions(), "video frame 1: image missing.png: no such file"),
-    (["http://example.com/f.png"], VideoOptions(), "video frame 0: URLs are not accepted"),
+    (["ftp://example.com/f.png"], VideoOptions(), "video frame 0: ftp URLs are not accepted"),
     (3.5, VideoOptions(), "unsupported type float"),
 ])
 def test_bad_sources(src, options, message):
     with pytest.raises(VideoError, match=message.replace(".", r"\.")):
         load_video(src, options)
     assert issubclass(VideoError, InvalidRequest)
+
+
+def test_http_urls_are_fetched_by_the_client():
+    from helpers import media_host
+
+    with media_host({"/c.mp4": (CLIP, "video/mp4"), "/f.png": (png(), "image/png")}) as (port, hits):
+        base = f"http://127.0.0.1:{port}"
+        assert load_video(f"{base}/c.mp4") == CLIP
+        assert json.loads(load_video([f"{base}/f.png"])) == [base64.b64encode(png()).decode()]
+        with pytest.raises(VideoError, match="video .*/gone.mp4: HTTP 404"):
+            load_video(f"{base}/gone.mp4")
+        with pytest.raises(VideoError, match="over the 100-byte cap"):
+            load_video(f"{base}/c.mp4", VideoOptions(max_bytes=100))
+    assert hits[:3] == ["/c.mp4", "/f.png", "/gone.mp4"]
 
 
 def test_big_file_refused_before_reading(tmp_path):

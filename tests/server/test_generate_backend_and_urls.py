@@ -80,7 +80,7 @@ def url_error(srv, url: str) -> str:
 def test_url_off_the_allow_list_is_refused(srv, image_host):
     port, hits = image_host
     msg = url_error(srv, f"http://127.0.0.1:{port}/photo.jpg")
-    assert "image[0]: host '127.0.0.1' is not on the image URL allow-list" in msg, msg
+    assert "image[0]: host '127.0.0.1' is not on the URL allow-list (image_url_allowlist)" in msg, msg
     assert hits == []
 
 

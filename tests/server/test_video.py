@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from family_ref import FamilyReference
-from helpers import infer_http, joined, make_image, metrics, running_server, stream_grpc
+from helpers import infer_http, joined, make_image, media_host, metrics, running_server, stream_grpc
 from videos import frame_list, make_video
 
 from tritonvl.handlers.preprocess.images import ImageLimits
@@ -26,7 +26,9 @@ from tritonvl.handlers.preprocess.video import Source, VideoLimits, load_video, 
 MAX = 10
 # small budgets so a tiny model's videos stay a few hundred tokens; limits low enough to hit cheaply
 SETTINGS = {"video_min_pixels": 4 * 28 * 28, "video_max_pixels": 24 * 28 * 28, "video_total_pixels": 96 * 28 * 28,
-            "max_video_seconds": 30, "max_video_frames": 300, "max_video_bytes": 2_000_000}
+            "max_video_seconds": 30, "max_video_frames": 300, "max_video_bytes": 2_000_000,
+            # URLs of this host are fetched, though it is loopback (the operator's private-network switch)
+            "image_url_allowlist": "127.0.0.1", "image_url_allow_private": "true"}
 LIMITS = VideoLimits(max_seconds=30, max_frames=300, max_bytes=2_000_000, min_pixels=4 * 28 * 28,
                      max_pixels=24 * 28 * 28, total_pixels=96 * 28 * 28)
 # 8 frames at 8 fps: 2 fps gives 2, raised to the 4-frame floor: sampled at 4 fps, second_per_grid_t 0.5
@@ -128,6 +130,25 @@ def test_same_video_hits_the_embedding_cache(vserver):
     assert metrics(vserver, "vision_encoder")["tritonvl_image_cache_hits_total"] >= before + 1
 
 
+def test_video_and_image_urls_of_an_allow_listed_host(vserver, ref, rows):
+    """vLLM's habit: video_url / image_url parts with http URLs, fetched from an allow-listed host."""
+    img = make_image(100, 70, seed=8)
+    with media_host({"/clip.mp4": (CLIP, "video/mp4"), "/photo.png": (img, "image/png")}) as (port, hits):
+        base = f"http://127.0.0.1:{port}"
+        messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": f"{base}/clip.mp4"}},
+                                                 {"type": "image_url", "image_url": {"url": f"{base}/photo.png"}},
+                                                 {"type": "text", "text": "Both."}]}]
+        out = infer_http(vserver.http_url, **greedy(text_input="", messages=json.dumps(messages)))
+        as_tensor = infer_http(vserver.http_url, **greedy(text_input="Tensor.", video=[f"{base}/clip.mp4"]))
+        missing = requests.post(f"http://{vserver.http_url}{GEN}", timeout=60,
+                                json={"text_input": "x", "video": [f"{base}/gone.mp4"], "max_tokens": 2})
+    assert sorted(hits) == ["/clip.mp4", "/clip.mp4", "/gone.mp4", "/photo.png"]
+    ref_msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "image"}, {"type": "text", "text": "Both."}]}]
+    assert out["output_ids"] == ref.generate(messages=ref_msgs, images=[img], videos=[rows(CLIP)], max_tokens=MAX)
+    assert as_tensor["output_ids"] == ref.generate("Tensor.", videos=[rows(CLIP)], max_tokens=MAX)
+    assert missing.status_code == 400 and "the URL answered HTTP 404" in missing.json()["error"], missing.text
+
+
 GEN = "/v2/models/qwen2_5_vl/generate"
 BAD = [
     ("corrupt bytes", {"video": [base64.b64encode(b"\x00\x01not a video" * 40).decode()]}, "not a decodable video"),
@@ -135,7 +156,7 @@ BAD = [
     ("empty element", {"video": [""]}, "empty video"),
     ("bad base64 data URI", {"video": ["data:video/mp4;base64,@@@@"]}, "invalid base64"),
     ("not a video media type", {"video": ["data:text/plain;base64,aGVsbG8="]}, "is not a video"),
-    ("URL", {"video": ["https://example.com/clip.mp4"]}, "URLs are not accepted"),
+    ("URL off the allow-list", {"video": ["https://example.com/clip.mp4"]}, "not on the URL allow-list"),
     ("empty frame list", {"video": ["[]"]}, "frame list is empty"),
     ("bad frame", {"video": [json.dumps(["data:image/png;base64,AAAA"])]}, "video[0][0]"),
     ("too long", {"video": [base64.b64encode(make_video(n=124, width=56, height=56, fps=4)).decode()]},

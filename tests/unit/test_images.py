@@ -186,7 +186,7 @@ def net(monkeypatch):
             raise OSError("Name or service not known")
         return state["names"][host]
 
-    def open_url(target, deadline, max_bytes, where):
+    def open_url(target, deadline, max_bytes, where, accept="image/*"):
         state["requests"].append((target.url, target.address))
         status, headers, body = state["pages"][target.url]
         if len(body) > max_bytes:
@@ -207,8 +207,8 @@ def test_allow_listed_url_is_fetched_at_the_checked_address(net):
 @pytest.mark.parametrize(
     "url,rule",
     [
-        ("http://evil.example.org/x.png", "not on the image URL allow-list"),
-        ("http://cdn.example/x.png", "not on the image URL allow-list"),  # *.cdn.example: subdomains only
+        ("http://evil.example.org/x.png", "not on the URL allow-list"),
+        ("http://cdn.example/x.png", "not on the URL allow-list"),  # *.cdn.example: subdomains only
         ("ftp://images.example.com/x.png", "http and https only"),
         ("file://images.example.com/etc/passwd", "http and https only"),
         ("http://user:pw@images.example.com/x.png", "credentials"),
@@ -253,7 +253,7 @@ def test_every_redirect_is_checked(net):
         {"location": "http://169.254.169.254/latest/meta-data/"},
         b"",
     )
-    with pytest.raises(InvalidArgument, match="not on the image URL allow-list"):
+    with pytest.raises(InvalidArgument, match="not on the URL allow-list"):
         image_bytes("http://images.example.com/a", 0, ALLOW)
     net["names"]["metadata.cdn.example"] = ["169.254.169.254"]
     net["pages"]["http://a.cdn.example/c"] = (307, {"location": "http://metadata.cdn.example/"}, b"")

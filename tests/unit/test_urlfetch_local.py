@@ -56,5 +56,5 @@ def test_allow_listed_url_gives_the_same_pixels_as_the_bytes(model_dir, image_ho
 
     with pytest.raises(InvalidArgument, match="HTTP 404"):
         pre.process(RawRequest(text_input=b"x", images=[f"http://localhost:{port}/missing.jpg".encode()]))
-    with pytest.raises(InvalidArgument, match="not on the image URL allow-list"):
+    with pytest.raises(InvalidArgument, match="not on the URL allow-list"):
         pre.process(RawRequest(text_input=b"x", images=[f"http://127.0.0.1:{port}/photo.jpg".encode()]))
