@@ -20,6 +20,8 @@ COUNTERS = {
     "requests_rejected": "Requests refused at admission (overload or invalid)",
     "image_cache_hits": "Images whose embeddings came from the encoder cache",
     "image_cache_misses": "Images encoded",
+    "video_cache_hits": "Videos whose decoded frames came from preprocess' video cache",
+    "video_cache_misses": "Videos decoded",
     "grammar_cache_hits": "Structured-output requests whose grammar was compiled already (or compiling)",
     "grammar_cache_misses": "Structured-output grammars compiled (one per distinct spec while cached)",
     "grammar_compile_timeouts": "Grammar compiles that ran past grammar_compile_timeout_s (request failed)",

@@ -205,6 +205,10 @@ class PreprocessParams(CommonParams):
         Int(1), "", "frame area x frames budget of one video: more frames give smaller frames; empty: 24576 tokens "
         "(24576 * 28 * 28, Qwen3-VL 24576 * 32 * 32)"
     )
+    video_cache_bytes: int = param(
+        Int(0), "134217728", "bytes of decoded videos each preprocess instance keeps by content hash, so a video "
+        "sent again (each turn of a chat about it) is not decoded again; 0: off"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,6 +10,7 @@ A field this server cannot honour is a 400 naming it, never silently dropped.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from tritonvl.client.errors import InvalidRequest
@@ -40,7 +41,7 @@ DEFAULT_ONLY = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
 _COMMON = {"model", "stream", "stream_options", *SAMPLING, *IGNORED, "n", "logprobs", "logit_bias"} - {
     "max_completion_tokens"}
 CHAT_KEYS = _COMMON | {"messages", "max_completion_tokens", "response_format", "structured_outputs",
-                       "top_logprobs", "tools", "tool_choice", "add_generation_prompt"}
+                       "top_logprobs", "tools", "tool_choice", "add_generation_prompt", "mm_processor_kwargs"}
 COMPLETION_KEYS = _COMMON | {"prompt", "echo", "suffix", "best_of", "use_beam_search", "response_format",
                              "structured_outputs"}
 
@@ -88,6 +89,17 @@ def logprobs_inputs(body: dict, chat: bool) -> dict[str, tuple[object, str]]:
     return {"return_logprobs": (True, "BOOL"), "top_logprobs": (top or 0, "INT32")}
 
 
+def mm_inputs(body: dict) -> dict[str, tuple[object, str]]:
+    """vLLM's ``mm_processor_kwargs`` extra (an object: image min/max_pixels, video fps / num_frames /
+    max_frames / total_pixels) -> the server's input of that name; the server checks its keys."""
+    kwargs = body.get("mm_processor_kwargs")
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, dict):
+        raise bad_request("mm_processor_kwargs", "mm_processor_kwargs: expected an object such as {\"fps\": 1}")
+    return {"mm_processor_kwargs": (json.dumps(kwargs), "BYTES")}
+
+
 def parse_chat(body: dict) -> Parsed:
     check_keys(body, CHAT_KEYS)
     messages = body.get("messages")
@@ -95,9 +107,9 @@ def parse_chat(body: dict) -> Parsed:
         raise bad_request("messages", "messages: expected a non-empty list of {role, content} objects")
     messages = [_message(m, i) for i, m in enumerate(messages)]
     stream, include_usage = _stream(body)
-    extra = logprobs_inputs(body, chat=True)
-    req = TritonRequest(sampling(body), messages=messages, stream=stream, extra=extra)
-    return Parsed(req, _model(body), stream, include_usage, bool(extra))
+    logprobs = logprobs_inputs(body, chat=True)
+    req = TritonRequest(sampling(body), messages=messages, stream=stream, extra={**logprobs, **mm_inputs(body)})
+    return Parsed(req, _model(body), stream, include_usage, bool(logprobs))
 
 
 def parse_completion(body: dict) -> Parsed:

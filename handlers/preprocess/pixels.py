@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from tritonvl.handlers.errors import InvalidArgument
 
-KEYS = ("min_pixels", "max_pixels")
+KEYS = ("min_pixels", "max_pixels")  # for every image
+VIDEO_KEYS = ("fps", "num_frames", "max_frames", "total_pixels")  # for every video (video_rules.options_of)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ def deployment_budget(processor_size: dict, min_pixels: int | None, max_pixels: 
 
 
 def parse_kwargs(text: str | None) -> dict:
-    """The ``mm_processor_kwargs`` input: a JSON object with min_pixels and/or max_pixels."""
+    """The ``mm_processor_kwargs`` input: a JSON object with min_pixels and/or max_pixels (images),
+    fps, num_frames, max_frames, total_pixels (videos)."""
     if not text:
         return {}
     try:
@@ -46,9 +48,9 @@ def parse_kwargs(text: str | None) -> dict:
         raise InvalidArgument("mm_processor_kwargs: not valid JSON") from None
     if not isinstance(obj, dict):
         raise InvalidArgument("mm_processor_kwargs: expected a JSON object such as {\"max_pixels\": 200704}")
-    unknown = sorted(set(obj) - set(KEYS))
+    unknown = sorted(set(obj) - set(KEYS) - set(VIDEO_KEYS))
     if unknown:
-        raise InvalidArgument(f"mm_processor_kwargs: unknown key(s) {unknown}; known: {list(KEYS)}")
+        raise InvalidArgument(f"mm_processor_kwargs: unknown key(s) {unknown}; known: {list(KEYS + VIDEO_KEYS)}")
     return obj
 
 

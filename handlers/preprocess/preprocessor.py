@@ -14,8 +14,15 @@ from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.llm.grammar.spec import GrammarSpec, check_syntax, parse_guide_tensors
 from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions
+from tritonvl.handlers.preprocess.clipcache import ClipCache
 from tritonvl.handlers.preprocess.images import ImageLimits, load_images
-from tritonvl.handlers.preprocess.pixels import PixelBudget, budget_for, deployment_budget, parse_kwargs
+from tritonvl.handlers.preprocess.pixels import (
+    VIDEO_KEYS,
+    PixelBudget,
+    budget_for,
+    deployment_budget,
+    parse_kwargs,
+)
 from tritonvl.handlers.preprocess.prompt import (
     PromptBuilder,
     VideoParts,
@@ -70,7 +77,7 @@ class Preprocessor:
     def __init__(self, model_dir: str, limits: ImageLimits | None = None, max_model_len: int | None = None,
                  default_max_tokens: int = 256, clamp_max_tokens: bool = False,
                  min_pixels: int | None = None, max_pixels: int | None = None,
-                 video_limits: VideoLimits | None = None) -> None:
+                 video_limits: VideoLimits | None = None, video_cache_bytes: int = 0) -> None:
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -82,6 +89,7 @@ class Preprocessor:
                                      info.vision_start_token_id, info.vision_end_token_id)
         self.video_geometry = geo = video_geometry(self.image_processor)
         self.video_limits = (video_limits or VideoLimits()).resolved(geo.patch * geo.merge)
+        self.clips = ClipCache(video_cache_bytes)
         self.limits = limits or ImageLimits()
         self.max_model_len = max_model_len or self.info.max_position_embeddings
         self.sampling_defaults = {"max_tokens": default_max_tokens, **self.info.sampling_defaults}
@@ -118,7 +126,8 @@ class Preprocessor:
         check_syntax(GrammarSpec.from_dict(sampling.structured_outputs))  # the llm step compiles it
         images = load_images(sources, self.limits)
         pixel_values, grid = self.pixels(images, budgets)
-        clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry)
+        clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry,
+                            {k: v for k, v in request_pixels.items() if k in VIDEO_KEYS}, self.clips)
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
         timed = self.info.timestamps_videos  # Qwen3-VL: a <t seconds> text before each temporal patch
         clip_texts = [self.prompts.video_text(int(np.prod(c.grid)) // self.info.merge_unit,

@@ -17,12 +17,14 @@ import io
 import json
 import re
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 from PIL import Image
 
 from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.params import PreprocessParams
+from tritonvl.handlers.preprocess.clipcache import ClipCache
 from tritonvl.handlers.preprocess.images import ImageLimits, decode_image, image_bytes
 from tritonvl.handlers.preprocess.video_rules import (
     Geometry,
@@ -239,15 +241,27 @@ def video_geometry(image_processor) -> Geometry:
 
 
 def load_videos(found: list[tuple[object, dict, str]], limits: VideoLimits, images: ImageLimits,
-                geo: Geometry) -> list[VideoRows]:
+                geo: Geometry, request_keys: dict | None = None, cache: ClipCache | None = None) -> list[VideoRows]:
     """Every video of a request: (element, its message part, where) in prompt order. ``limits``
-    resolved (``VideoLimits.resolved``)."""
+    resolved (``VideoLimits.resolved``); ``request_keys``: sampling keys for every video (the
+    request's ``mm_processor_kwargs``), under each part's own (a part's fps or num_frames replaces
+    the request's either)."""
     if not found:
         return []
     if len(found) > limits.max_videos:
         raise InvalidArgument(f"video: {len(found)} videos is over the limit of {limits.max_videos} per request")
-    return [load_video(Source(item, options_of(part, where, limits), where), limits, images, geo)
-            for item, part, where in found]
+    shared = options_of(request_keys or {}, "mm_processor_kwargs", limits)
+    clips = []
+    for item, part, where in found:
+        own = options_of(part, where, limits)
+        if "fps" in own or "num_frames" in own:
+            shared_here = {k: v for k, v in shared.items() if k not in ("fps", "num_frames")}
+        else:
+            shared_here = shared
+        src = Source(item, {**shared_here, **own}, where)
+        load = partial(load_video, src, limits, images, geo)
+        clips.append(cache.get_or_load(item, src.options, load) if cache is not None else load())
+    return clips
 
 
 def in_prompt_order(ids: np.ndarray, info, pixel_values: np.ndarray, grid: np.ndarray,

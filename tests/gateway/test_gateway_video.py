@@ -70,6 +70,26 @@ def test_video_url_equals_the_server(stack, client):
     assert out.usage.prompt_tokens == want["num_input_tokens"]
 
 
+def test_mm_processor_kwargs_extra_reaches_the_server(stack, client):
+    """vLLM's extra_body mm_processor_kwargs (fps / num_frames for every video) goes to the server's input."""
+    srv, _ = stack
+    clip = make_video(n=16, width=112, height=84, fps=8, seed=75)
+    messages = turn(video_url(clip), {"type": "text", "text": "Count the frames."})
+    out = client.chat.completions.create(model="qwen2_5_vl", messages=messages, max_tokens=MAX, temperature=0,
+                                         extra_body={"mm_processor_kwargs": {"num_frames": 4}})
+    want = infer_http(srv.http_url, text_input="", messages=json.dumps(messages), temperature=0.0, max_tokens=MAX,
+                      exclude_input_in_output=True, mm_processor_kwargs=json.dumps({"num_frames": 4}))
+    default = direct(srv, messages)  # the default 2 fps of this 2 s clip: 4 frames
+    assert out.choices[0].message.content == want["text_output"]
+    assert out.usage.prompt_tokens == want["num_input_tokens"]
+    fewer = client.chat.completions.create(model="qwen2_5_vl", messages=messages, max_tokens=MAX, temperature=0,
+                                           extra_body={"mm_processor_kwargs": {"num_frames": 2}})
+    assert fewer.usage.prompt_tokens < default["num_input_tokens"]
+    with pytest.raises(openai.BadRequestError, match="mm_processor_kwargs"):
+        client.chat.completions.create(model="qwen2_5_vl", messages=messages, max_tokens=MAX,
+                                       extra_body={"mm_processor_kwargs": {"num_frames": "many"}})
+
+
 def test_stream_frames_and_sampling_keys(stack, client):
     """A frame list part with its own fps, a webm with num_frames, an image and a system turn, streamed."""
     srv, _ = stack

@@ -149,6 +149,41 @@ def test_video_and_image_urls_of_an_allow_listed_host(vserver, ref, rows):
     assert missing.status_code == 400 and "the URL answered HTTP 404" in missing.json()["error"], missing.text
 
 
+def test_a_video_sent_again_is_not_decoded_again(vserver, ref, rows):
+    """preprocess' video cache (one per instance): the same element and sampling keys skip decoding
+    (hits counted); other keys are another entry; what comes out of the cache equals decoding it."""
+    clip = make_video(n=10, fps=5, seed=41)
+
+    def count():
+        m = metrics(vserver, "preprocess")
+        return m.get("tritonvl_video_cache_hits_total", 0), m.get("tritonvl_video_cache_misses_total", 0)
+
+    hits0, misses0 = count()
+    # three sends over preprocess' two instances (a cache each): one instance sees it twice at least
+    outs = [infer_http(vserver.http_url, **greedy(text_input="Again?", video=[clip]))["output_ids"] for _ in range(3)]
+    hits, misses = count()
+    assert hits - hits0 >= 1 and misses - misses0 <= 2 and hits - hits0 + misses - misses0 == 3, (hits, misses)
+    other = infer_http(vserver.http_url, **greedy(text_input="Again?", video=[clip],
+                                                  mm_processor_kwargs=json.dumps({"num_frames": 6})))
+    assert count()[1] == misses + 1
+    assert outs[0] == outs[1] == outs[2] == ref.generate("Again?", videos=[rows(clip)], max_tokens=MAX)
+    assert other["output_ids"] == ref.generate("Again?", videos=[rows(clip, {"num_frames": 6})], max_tokens=MAX)
+
+
+def test_mm_processor_kwargs_sample_every_video_under_part_keys(vserver, ref, rows):
+    """vLLM's habit: mm_processor_kwargs {fps | num_frames | max_frames | total_pixels} for every video;
+    a part's own fps or num_frames replaces the request's."""
+    clip = make_video(n=16, fps=8, seed=42)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "video", "fps": 4},
+                                             {"type": "text", "text": "Two."}]}]
+    out = infer_http(vserver.http_url, **greedy(text_input="", messages=json.dumps(messages), video=[clip, clip],
+                                                mm_processor_kwargs=json.dumps({"num_frames": 4})))
+    ref_msgs = [{"role": "user", "content": [{"type": "video"}, {"type": "video"}, {"type": "text", "text": "Two."}]}]
+    want = ref.generate(messages=ref_msgs, videos=[rows(clip, {"num_frames": 4}), rows(clip, {"fps": 4})],
+                        max_tokens=MAX)
+    assert out["output_ids"] == want
+
+
 GEN = "/v2/models/qwen2_5_vl/generate"
 BAD = [
     ("corrupt bytes", {"video": [base64.b64encode(b"\x00\x01not a video" * 40).decode()]}, "not a decodable video"),
@@ -173,6 +208,9 @@ BAD = [
                                    {"type": "video", "num_frames": 64}, {"type": "text", "text": "x"}]}])},
      "64 frames to sample from a video of 8"),
     ("three videos", {"video": [base64.b64encode(CLIP).decode()] * 3}, "over the limit of 2"),
+    ("mm_processor_kwargs above the bound", {"video": [base64.b64encode(CLIP).decode()],
+                                             "mm_processor_kwargs": json.dumps({"max_frames": 10**6})},
+     "mm_processor_kwargs.max_frames=1000000 is above"),
     ("unreferenced video", {"video": [base64.b64encode(CLIP).decode()],
                             "messages": json.dumps([{"role": "user", "content": "no video part"}])},
      "not referenced by a video part"),

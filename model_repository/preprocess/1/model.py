@@ -22,7 +22,9 @@ class TritonPythonModel:
         self.pre = Preprocessor(cfg.model_dir(), limits_from_params(p), max_model_len=p.max_model_len,
                                 default_max_tokens=p.default_max_tokens, clamp_max_tokens=p.clamp_max_tokens,
                                 min_pixels=p.min_pixels, max_pixels=p.max_pixels,
-                                video_limits=video_limits_from_params(p))
+                                video_limits=video_limits_from_params(p), video_cache_bytes=p.video_cache_bytes)
+        self.metrics = ta.TritonMetrics("preprocess", only=("video_cache_hits", "video_cache_misses"),
+                                       version=cfg.version)
 
     def execute(self, requests):
         responses = []
@@ -37,6 +39,7 @@ class TritonPythonModel:
                 }))
             except Exception as exc:
                 responses.append(ta.error(exc))
+        self.metrics.update(self.pre.clips.snapshot())
         return responses
 
     def finalize(self):
