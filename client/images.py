@@ -52,7 +52,7 @@ def load_image(src: ImageSource, options: ImageOptions = ImageOptions()) -> byte
     elif isinstance(src, str) and src.split("://", 1)[0].lower() in ("http", "https"):
         data = fetch_url(src, options)
     elif isinstance(src, (str, os.PathLike)):
-        data = _read_file(Path(src), options)
+        data = read_file(Path(src), options.max_bytes)
     elif _is_pil(src):
         data = _png(src)
     elif _is_array(src):
@@ -102,20 +102,21 @@ def find_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _read_file(path: Path, options: ImageOptions) -> bytes:
+def read_file(path: Path, max_bytes: int, error: type[Exception] = ImageError, what: str = "image") -> bytes:
+    """A local file's bytes, its size checked against ``max_bytes`` before reading; ``error`` names it."""
     try:
         size = path.stat().st_size
-        if size > options.max_bytes:
-            raise ImageError(f"image {path}: {size} bytes is over the {options.max_bytes}-byte cap")
+        if size > max_bytes:
+            raise error(f"{what} {path}: {size} bytes is over the {max_bytes}-byte cap")
         return path.read_bytes()
     except FileNotFoundError:
-        raise ImageError(f"image {path}: no such file") from None
+        raise error(f"{what} {path}: no such file") from None
     except IsADirectoryError:
-        raise ImageError(f"image {path}: is a directory") from None
+        raise error(f"{what} {path}: is a directory") from None
     except PermissionError:
-        raise ImageError(f"image {path}: permission denied") from None
+        raise error(f"{what} {path}: permission denied") from None
     except OSError as exc:
-        raise ImageError(f"image {path}: {exc.strerror or exc}") from None
+        raise error(f"{what} {path}: {exc.strerror or exc}") from None
 
 
 def _is_pil(obj: object) -> bool:

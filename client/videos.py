@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ImageError, VideoError
-from .images import ImageOptions, fetch_url, load_image
+from .images import ImageOptions, fetch_url, load_image, read_file
 
 VideoSource = str | os.PathLike | bytes | bytearray | memoryview | list | tuple
 _URL_SCHEMES = ("http", "https", "ftp", "rtsp", "rtmp", "file")
@@ -62,7 +62,7 @@ def load_video(src: VideoSource, options: VideoOptions = VideoOptions()) -> byte
         raise VideoError(f"video {src}: {src.split('://', 1)[0]} URLs are not accepted; give an http(s) URL, "
                          "a path or bytes")
     elif isinstance(src, (str, os.PathLike)):
-        data = _read_file(Path(src), options)
+        data = read_file(Path(src), options.max_bytes, VideoError, "video")
     else:
         raise VideoError(f"video: unsupported type {type(src).__name__} (give a path, bytes, a data: URI or a "
                          f"list of frames)")
@@ -107,19 +107,3 @@ def _frame_list(frames: list | tuple, options: VideoOptions) -> str:
 
 def _is_url(src: object) -> bool:
     return isinstance(src, str) and "://" in src and src.split("://", 1)[0].lower() in _URL_SCHEMES
-
-
-def _read_file(path: Path, options: VideoOptions) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > options.max_bytes:
-            raise VideoError(f"video {path}: {size} bytes is over the {options.max_bytes}-byte cap")
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise VideoError(f"video {path}: no such file") from None
-    except IsADirectoryError:
-        raise VideoError(f"video {path}: is a directory") from None
-    except PermissionError:
-        raise VideoError(f"video {path}: permission denied") from None
-    except OSError as exc:
-        raise VideoError(f"video {path}: {exc.strerror or exc}") from None

@@ -53,3 +53,18 @@ def frame_list(n: int = 4, width: int = 112, height: int = 84, seed: int = 0) ->
         Image.fromarray(f).save(b, format="PNG")
         uris.append("data:image/png;base64," + base64.b64encode(b.getvalue()).decode())
     return json.dumps(uris)
+
+
+def intake(image_processor, limits):
+    """A video element (and its part's keys) -> what the generate() references take: the rows the
+    server's own intake builds (pixel values, grid, second_per_grid_t, frame times)."""
+    from tritonvl.handlers.preprocess.images import ImageLimits
+    from tritonvl.handlers.preprocess.video import Source, load_video, video_geometry
+    from tritonvl.handlers.preprocess.video_rules import options_of
+
+    geo = video_geometry(image_processor)
+
+    def rows(item, part=None):
+        v = load_video(Source(item, options_of(part or {}, "p", limits), "p"), limits, ImageLimits(), geo)
+        return v.pixel_values, v.grid, v.second_per_grid_t, v.frame_times
+    return rows

@@ -199,29 +199,13 @@ def test_unreachable_and_unknown_model(server, protocol):
 
 
 def test_url_image(client):
-    import http.server
+    from helpers import media_host
 
     buf = io.BytesIO()
     picture(4).save(buf, "PNG")
     body = buf.getvalue()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
-    try:
-        fetched = client.generate("Describe.", images=[f"http://127.0.0.1:{web.server_address[1]}/x.png"],
-                                  max_tokens=4)
-    finally:
-        web.shutdown()
+    with media_host({"/x.png": (body, "image/png")}) as (port, _):
+        fetched = client.generate("Describe.", images=[f"http://127.0.0.1:{port}/x.png"], max_tokens=4)
     assert fetched.output_ids == client.generate("Describe.", images=[body], max_tokens=4).output_ids
 
 

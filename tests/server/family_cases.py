@@ -14,11 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from family_ref import FamilyReference
 from helpers import data_uri, infer_http, joined, make_image, running_server, stream_grpc
-from videos import make_video
+from videos import intake, make_video
 
-from tritonvl.handlers.preprocess.images import ImageLimits
-from tritonvl.handlers.preprocess.video import Source, load_video, video_geometry
-from tritonvl.handlers.preprocess.video_rules import VideoLimits, options_of
+from tritonvl.handlers.preprocess.video_rules import VideoLimits
 
 MAX = 10
 # small frame budgets (a few tokens per frame) keep the tiny model's videos short on CPU
@@ -49,12 +47,7 @@ def family_ref(family_dir):
 @pytest.fixture(scope="module")
 def rows(family_ref):
     """A video element (and its part keys) -> what the reference takes: the server intake's rows."""
-    geo = video_geometry(family_ref.ip)
-
-    def make(item, part=None):
-        v = load_video(Source(item, options_of(part or {}, "p", VIDEO_LIMITS), "p"), VIDEO_LIMITS, ImageLimits(), geo)
-        return v.pixel_values, v.grid, v.second_per_grid_t, v.frame_times
-    return make
+    return intake(family_ref.ip, VIDEO_LIMITS)
 
 
 def greedy(**fields):

@@ -9,11 +9,8 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 import pytest
-from helpers import Reference, infer_http, joined, make_image, stream_grpc
+from helpers import Reference, infer_http, joined, make_image, media_host, stream_grpc
 
 PHOTO = make_image(96, 72, seed=5, fmt="JPEG")
 
@@ -36,28 +33,8 @@ def ref(model_dir):
 @pytest.fixture
 def image_host():
     """A local HTTP server with /photo.jpg; counts the requests it gets."""
-    hits = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (http.server's name)
-            hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(PHOTO)))
-            self.end_headers()
-            self.wfile.write(PHOTO)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield httpd.server_address[1], hits
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with media_host({"/photo.jpg": (PHOTO, "image/jpeg")}) as host:
+        yield host
 
 
 def test_generate_backend_is_served_and_equals_generate(srv, ref):

@@ -18,10 +18,9 @@ import pytest
 import requests
 from family_ref import FamilyReference
 from helpers import infer_http, joined, make_image, media_host, metrics, running_server, stream_grpc
-from videos import frame_list, make_video
+from videos import frame_list, intake, make_video
 
-from tritonvl.handlers.preprocess.images import ImageLimits
-from tritonvl.handlers.preprocess.video import Source, VideoLimits, load_video, options_of, video_geometry
+from tritonvl.handlers.preprocess.video_rules import VideoLimits
 
 MAX = 10
 # small budgets so a tiny model's videos stay a few hundred tokens; limits low enough to hit cheaply
@@ -49,13 +48,8 @@ def ref(model_dir):
 
 @pytest.fixture(scope="module")
 def rows(ref):
-    """A video element (and its part keys) -> the reference's (pixel_values_videos, grid, second_per_grid_t)."""
-    geo = video_geometry(ref.ip)
-
-    def make(item, part=None):
-        v = load_video(Source(item, options_of(part or {}, "p", LIMITS), "p"), LIMITS, ImageLimits(), geo)
-        return v.pixel_values, v.grid, v.second_per_grid_t, v.frame_times
-    return make
+    """A video element (and its part keys) -> the reference's rows (the server intake's)."""
+    return intake(ref.ip, LIMITS)
 
 
 def greedy(**fields):

@@ -4,12 +4,9 @@ lets loopback count as public; end to end the refusals are in tests/server/test_
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 import numpy as np
 import pytest
-from helpers import make_image
+from helpers import make_image, media_host
 
 from tritonvl.handlers.preprocess import urlfetch
 from tritonvl.handlers.preprocess.images import ImageLimits
@@ -20,27 +17,8 @@ PHOTO = make_image(96, 72, seed=5, fmt="JPEG")
 
 @pytest.fixture
 def image_host():
-    hits = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            hits.append(self.path)
-            body = PHOTO if self.path == "/photo.jpg" else b""
-            self.send_response(200 if body else 404)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield httpd.server_address[1], hits
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with media_host({"/photo.jpg": (PHOTO, "image/jpeg")}) as host:
+        yield host
 
 
 def test_allow_listed_url_gives_the_same_pixels_as_the_bytes(model_dir, image_host, monkeypatch):
