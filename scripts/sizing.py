@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""What fits on one device: Qwen2.5-VL weights + KV cache per token, from each model's config.json.
+"""What fits on one device: Qwen VL weights + KV cache per token, from each model's config.json.
 
 Each Triton instance of `vision_encoder` + `llm` holds the whole model on ONE device (no tensor or
 pipeline parallelism): a model fits a device only if its weights, a working reserve and a useful KV
@@ -96,6 +96,39 @@ RESERVE_GIB = 4.0
 CONTEXT = 8192  # tokens per sequence used for "sequences in flight"
 
 
+@dataclass(frozen=True)
+class Counted:
+    """Any family's config.json (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL MoE): parameters counted on
+    transformers' own model built on the meta device (exact, experts included, no weights read), KV
+    from the text config (its explicit head_dim where it has one, as Qwen3's)."""
+
+    name: str
+    total: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def params(self) -> int:
+        return self.total
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+
+def count_config(path: str) -> Counted:
+    import torch
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(str(Path(path).parent))
+    model_class = transformers.AutoModelForImageTextToText._model_mapping[type(config)]
+    with torch.device("meta"):
+        model = model_class._from_config(config)
+    text = getattr(config, "text_config", config)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return Counted(Path(path).parent.name or "model", sum(p.numel() for p in model.parameters()),
+                   text.num_hidden_layers, text.num_key_value_heads, head_dim)
+
+
 def shape_from_config(path: str) -> Shape:
     cfg = json.loads(Path(path).read_text())
     text = cfg.get("text_config", cfg)  # transformers 5 nests the decoder; 4.x is flat
@@ -155,13 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     ap.add_argument("--reserve-gib", type=float, default=RESERVE_GIB)
     ap.add_argument("--context", type=int, default=CONTEXT)
-    ap.add_argument("--config", help="a model's config.json: size it instead of the published four")
+    ap.add_argument("--config", help="a model's config.json (any served family): size it instead of the published four")
     ap.add_argument("--device-gib", type=float, help="with --config: the device's memory in GiB")
     ap.add_argument("--write", metavar="DOC", help="replace the table between the sizing markers in DOC")
     ap.add_argument("--check", metavar="DOC", help="exit 1 if DOC's table differs from this script's")
     args = ap.parse_args(argv)
     if args.config:
-        shape = shape_from_config(args.config)
+        shape = count_config(args.config)
         out = {"params": shape.params(), **fit(shape, args.device_gib or 80.0, args.dtype, args.reserve_gib,
                                                args.context)}
         print(json.dumps(out, indent=1))

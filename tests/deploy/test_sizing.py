@@ -75,3 +75,28 @@ def test_verdicts():
 
 def test_doc_table_is_current():
     assert sizing.main(["--check", str(ROOT / "docs" / "DEPLOY.md")]) == 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_config_of_any_family_counts_its_weights(tmp_path, family):
+    """--config on another family: the count equals the tensors a saved checkpoint holds (experts
+    included), and KV uses the text config's own head_dim (Qwen3's is not hidden / heads)."""
+    from safetensors import safe_open
+
+    from tritonvl.handlers.modelinfo import load_model_info
+    from tritonvl.handlers.tools.tiny_model import PRESETS, build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / family, PRESETS[family])
+    counted = sizing.count_config(str(model_dir / "config.json"))
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        stored = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    assert counted.params() == stored
+    info = load_model_info(model_dir)
+    assert counted.kv_bytes_per_token(2) == info.kv_bytes_per_token(2)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
