@@ -68,7 +68,7 @@ def image_spans(input_ids: np.ndarray, image_token_id: int | tuple[int, ...], ha
         if left:
             break
     if r != len(runs) or len(hashes) != len(grid) or len(out) < len(hashes):
-        raise InvalidArgument(f"{len(runs)} image placeholder runs do not match {len(hashes)} images")
+        raise InvalidArgument(f"{len(runs)} image placeholder runs for {len(hashes)} images: they do not match")
     return out
 
 
