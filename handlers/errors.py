@@ -23,3 +23,20 @@ class InvalidArgument(RequestError):
 
 class Unavailable(RequestError):
     code = "UNAVAILABLE"
+
+
+def checked_text(value: bytes | str, where: str) -> str:
+    """A request's text as ``str``: bytes (a STRING tensor's) must be UTF-8, and a ``str`` must have a
+    UTF-8 form (JSON can escape lone surrogates, which have none); else InvalidArgument naming ``where``."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where}: expected a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(f"{where}: not valid Unicode ({exc.reason} at character {exc.start})") from None
+    return value

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass, field, fields
 
 from tritonvl.client.sampling_rules import EMPTY_STOP, from_string, min_tokens_error, range_error, type_error
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument, checked_text
 from tritonvl.handlers.llm.grammar.spec import GrammarSpec, parse_structured_outputs
 
 # Keys accepted in the `sampling_parameters` JSON (vLLM names) and the field each one sets.
@@ -104,18 +104,9 @@ def _coerce(name: str, value, kind):
 
 def _text(name: str, value) -> str:
     """A stop string; bytes (from a STRING tensor) must be UTF-8."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidArgument(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if not isinstance(value, str):
+    if not isinstance(value, (bytes, str)):
         raise InvalidArgument(f"{name}: expected a string or a list of strings, got {value!r}")
-    try:
-        value.encode("utf-8")  # JSON can escape lone surrogates, which have no UTF-8 form
-    except UnicodeEncodeError as exc:
-        raise InvalidArgument(f"{name}: not valid Unicode ({exc.reason} at character {exc.start})") from None
-    return value
+    return checked_text(value, name)
 
 
 _KINDS = {f.name: f.type for f in fields(SamplingParams)}

@@ -55,7 +55,7 @@ class ModelRunner:
         self.lm.config._attn_implementation = name
         for layer in self.lm.layers:
             layer.self_attn.config._attn_implementation = name
-        per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * torch.empty((), dtype=dtype).element_size()
+        per_token = info.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
         if not kv_cache_bytes:
             kv_cache_bytes = free_device_bytes(device, kv_cache_fraction)
         self.num_blocks = max(int(kv_cache_bytes // (per_token * block_size)), 1)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument, checked_text
 from tritonvl.handlers.llm.grammar.spec import GrammarSpec, check_syntax, parse_guide_tensors
 from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions
@@ -65,12 +65,7 @@ class ModelInputs:
 
 
 def utf8(value: bytes | None, name: str) -> str | None:
-    if value is None:
-        return None
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidArgument(f"{name}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return None if value is None else checked_text(value, name)
 
 
 class Preprocessor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument, checked_text
 
 ROLES = ("system", "user", "assistant")
 
@@ -126,14 +126,10 @@ def _part(part, where: str, pending: list, images: list, pixels: list | None, vi
 
 
 def _text(value, where: str) -> str:
-    """A string with a UTF-8 form (JSON can escape lone surrogates, which have none)."""
+    """A message's text: a ``str`` with a UTF-8 form."""
     if not isinstance(value, str):
         raise InvalidArgument(f"{where}: expected a string")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidArgument(f"{where}: not valid Unicode ({exc.reason} at character {exc.start})") from None
-    return value
+    return checked_text(value, where)
 
 
 def text_bytes(messages: list[dict]) -> int:
