@@ -13,6 +13,9 @@ from tritonvl.client.sampling_rules import EMPTY_STOP, from_string, min_tokens_e
 from tritonvl.handlers.errors import InvalidArgument, checked_text
 from tritonvl.handlers.llm.grammar.spec import GrammarSpec, parse_structured_outputs
 
+# The public interface's explicit sampling tensors, each named as the SamplingParams field it sets.
+SAMPLING_TENSORS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
+                    "presence_penalty", "frequency_penalty", "seed", "ignore_eos")
 # Keys accepted in the `sampling_parameters` JSON (vLLM names) and the field each one sets.
 JSON_KEYS = {
     "max_tokens": "max_tokens",

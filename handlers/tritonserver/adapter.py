@@ -17,23 +17,11 @@ from tritonvl.handlers.devices import pick_device
 from tritonvl.handlers.errors import InvalidArgument, RequestError
 from tritonvl.handlers.params import read as read_params
 from tritonvl.handlers.preprocess.preprocessor import RawRequest
+from tritonvl.handlers.sampling import SAMPLING_TENSORS
 
 log = logging.getLogger("tritonvl")
 
 # Explicit sampling tensors of the public interface -> SamplingParams field names.
-SAMPLING_TENSORS = {
-    "max_tokens": "max_tokens",
-    "min_tokens": "min_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "seed": "seed",
-    "ignore_eos": "ignore_eos",
-}
-
 
 class ModelArgs:
     """What Triton passes to initialize(): config, typed parameters and the instance's placement.
@@ -160,7 +148,7 @@ def string_list(request, name: str) -> list:
 
 def read_raw(request) -> RawRequest:
     """The public request tensors (batch dim included) as one RawRequest."""
-    sampling = {field: scalar(request, name) for name, field in SAMPLING_TENSORS.items()}
+    sampling = {name: scalar(request, name) for name in SAMPLING_TENSORS}
     stops = string_list(request, "stop_words")
     if stops:
         sampling["stop"] = stops  # bytes: preprocess decodes them strictly (invalid UTF-8 is an error)
