@@ -48,9 +48,15 @@ def parse_kwargs(text: str | None) -> dict:
         raise InvalidArgument("mm_processor_kwargs: not valid JSON") from None
     if not isinstance(obj, dict):
         raise InvalidArgument("mm_processor_kwargs: expected a JSON object such as {\"max_pixels\": 200704}")
+    # vLLM's snippets for Qwen video send do_sample_frames true: frames are always sampled here
+    sample = obj.pop("do_sample_frames", True)
+    if sample is not True:
+        raise InvalidArgument(f"mm_processor_kwargs.do_sample_frames={json.dumps(sample)}: videos are always "
+                              "sampled here (by fps or num_frames); send a frame list to give the frames yourself")
     unknown = sorted(set(obj) - set(KEYS) - set(VIDEO_KEYS))
     if unknown:
-        raise InvalidArgument(f"mm_processor_kwargs: unknown key(s) {unknown}; known: {list(KEYS + VIDEO_KEYS)}")
+        known = list(KEYS + VIDEO_KEYS) + ["do_sample_frames"]
+        raise InvalidArgument(f"mm_processor_kwargs: unknown key(s) {unknown}; known: {known}")
     return obj
 
 

@@ -76,7 +76,7 @@ def test_mm_processor_kwargs_extra_reaches_the_server(stack, client):
     clip = make_video(n=16, width=112, height=84, fps=8, seed=75)
     messages = turn(video_url(clip), {"type": "text", "text": "Count the frames."})
     out = client.chat.completions.create(model="qwen2_5_vl", messages=messages, max_tokens=MAX, temperature=0,
-                                         extra_body={"mm_processor_kwargs": {"num_frames": 4}})
+                                         extra_body={"mm_processor_kwargs": {"num_frames": 4, "do_sample_frames": True}})
     want = infer_http(srv.http_url, text_input="", messages=json.dumps(messages), temperature=0.0, max_tokens=MAX,
                       exclude_input_in_output=True, mm_processor_kwargs=json.dumps({"num_frames": 4}))
     default = direct(srv, messages)  # the default 2 fps of this 2 s clip: 4 frames

@@ -54,6 +54,9 @@ def test_raising_or_nonsense_is_refused(request_kwargs, part, words):
 
 def test_mm_processor_kwargs_parsing():
     assert parse_kwargs(None) == {} and parse_kwargs('{"max_pixels": 1}') == {"max_pixels": 1}
-    for bad, words in (("[1]", "JSON object"), ("{x", "not valid JSON"), ('{"size": 1}', "unknown key")):
+    # vLLM's Qwen video snippet: {"fps": 2, "do_sample_frames": true}
+    assert parse_kwargs('{"fps": 2, "do_sample_frames": true}') == {"fps": 2}
+    for bad, words in (("[1]", "JSON object"), ("{x", "not valid JSON"), ('{"size": 1}', "unknown key"),
+                       ('{"do_sample_frames": false}', "do_sample_frames=false: videos are always sampled")):
         with pytest.raises(InvalidArgument, match=words):
             parse_kwargs(bad)
