@@ -29,7 +29,7 @@ class ClipCache:
         if isinstance(item, list):
             h.update(b"list:" + json.dumps(item).encode())
         else:
-            h.update(item.encode() if isinstance(item, str) else bytes(item))
+            h.update(item.encode("utf-8", "surrogatepass") if isinstance(item, str) else bytes(item))
         return h.digest()
 
     def snapshot(self):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument, checked_text
 from tritonvl.handlers.params import IMAGE_FORMATS, PreprocessParams
 
 ALLOWED_FORMATS = IMAGE_FORMATS
@@ -50,7 +50,7 @@ def image_bytes(item: bytes | str, index: int, limits: ImageLimits) -> bytes:
     http(s) URL of an allow-listed host (URLs are refused unless ``limits.url_allowlist``)."""
     where = f"image[{index}]"
     if isinstance(item, str):
-        item = item.encode("utf-8")
+        item = checked_text(item, where).encode("utf-8")  # a JSON string may hold lone surrogates
     if not item:
         raise InvalidArgument(f"{where}: empty image")
     if not item.isascii():

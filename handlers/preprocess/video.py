@@ -22,7 +22,7 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.handlers.errors import InvalidArgument, checked_text
 from tritonvl.handlers.params import PreprocessParams
 from tritonvl.handlers.preprocess.clipcache import ClipCache
 from tritonvl.handlers.preprocess.images import ImageLimits, decode_image, image_bytes
@@ -162,7 +162,7 @@ def _decode(data: bytes, where: str, opts: dict, limits: VideoLimits, images: Im
 def _video_bytes(item, where: str, limits: VideoLimits, images: ImageLimits) -> bytes:
     """Container bytes from raw bytes, base64, a data: URI, or an allow-listed http(s) URL."""
     if isinstance(item, str):
-        item = item.encode("utf-8")
+        item = checked_text(item, where).encode("utf-8")  # a JSON string may hold lone surrogates
     if not item:
         raise InvalidArgument(f"{where}: empty video")
     data = item

@@ -93,8 +93,11 @@ class TritonMetrics:
                 self._counters[name].increment(delta)
             self._last[name] = value
         for name, value in snapshot.gauges.items():
-            if name in self._gauges:
+            # only a change goes to Triton: each set is a round trip to the server, and an idle engine
+            # must make none (a stub caught in one when tritonserver is SIGKILLed may never exit)
+            if name in self._gauges and self._last.get(("gauge", name)) != value:
                 self._gauges[name].set(value)
+                self._last[("gauge", name)] = value
         for name, values in snapshot.observations.items():
             for v in values:
                 self._hists[name].observe(v)

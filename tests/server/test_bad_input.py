@@ -229,6 +229,10 @@ HTTP_CASES = [
     ("messages-deeply-nested", {"messages": "[" * 100_000 + "]" * 100_000}, "messages"),
     ("messages-lone-surrogate", {"messages": '[{"role": "user", "content": "bad \\ud800 text"}]'}, "Unicode"),
     ("sp-stop-lone-surrogate", {"sampling_parameters": '{"stop": ["\\udfff"]}'}, "Unicode"),
+    ("image-part-lone-surrogate", {"messages": '[{"role": "user", "content": [{"type": "image", "image": "\\ud800"}]}]'},
+     "Unicode"),
+    ("video-part-lone-surrogate", {"messages": '[{"role": "user", "content": [{"type": "video", "video": "\\ud800"}]}]'},
+     "Unicode"),
     ("messages-image-url-missing", {"messages": msgs(user({"type": "image_url"}, TEXT))}, "image_url"),
     # neither text_input nor messages
     ("no-text-no-messages", {"text_input": None}, "text_input"),

@@ -102,6 +102,8 @@ def test_frame_list_and_num_frames():
     ("data:text/plain;base64,aGVsbG8=", {}, "is not a video"),
     ("https://example.com/a.mp4", {}, "URLs are not accepted"),
     ("[]", {}, "frame list is empty"),
+    ("\ud800", {}, "not valid Unicode"),  # a JSON string may hold a lone surrogate
+    (["\udfff"], {}, "video\\[0\\]\\[0\\]: not valid Unicode"),
     (json.dumps(["not-an-image"]), {}, "video\\[0\\]\\[0\\]"),
     (make_video(n=4, fps=4), {"num_frames": 8}, "8 frames to sample from a video of 4"),
 ])
