@@ -118,6 +118,12 @@ def _sampling_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
 
 
+def _video_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--fps", type=float, help="frames the server samples per second of each video (its default: 2)")
+    g.add_argument("--num-frames", type=int, help="frames the server samples from each video, evenly spread")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonvl", description="Serve and call Qwen2.5-VL on Triton.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image file or http(s) URL")
     p.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="video file (MP4, WebM, GIF, ...) to describe (repeatable)")
+    _video_sampling_options(p)
     _connection_options(p)
     _sampling_options(p)
     p.add_argument("--stream", action="store_true", help="print the answer as it is generated (and measure TTFT)")
@@ -144,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="image file or http(s) URL to talk about")
     p.add_argument("--video", action="append", default=[], metavar="PATH",
                    help="video file to talk about (repeatable; after the image in the first turn)")
+    _video_sampling_options(p)
     p.add_argument("--system", help="system prompt")
     _connection_options(p)
     _sampling_options(p, prompt=False)

@@ -59,6 +59,12 @@ def prompt_for(args: argparse.Namespace, kind: str) -> str:
     return args.prompt or (DEFAULT_VIDEO_PROMPT if kind == "video" else DEFAULT_PROMPT)
 
 
+def video_keys(args: argparse.Namespace) -> dict:
+    """--fps / --num-frames as the keys of a video part (the server samples by them)."""
+    keys = {"fps": getattr(args, "fps", None), "num_frames": getattr(args, "num_frames", None)}
+    return {k: v for k, v in keys.items() if v is not None}
+
+
 def describe(args: argparse.Namespace) -> int:
     items = [("image", p) for p in args.images] + [("video", p) for p in getattr(args, "video", None) or []]
     if not items:
@@ -68,11 +74,14 @@ def describe(args: argparse.Namespace) -> int:
     with open_client(args) as client:
         for kind, path in items:
             try:
-                if kind == "video":
+                prompt = prompt_for(args, kind)
+                if kind == "video" and video_keys(args):  # sampling keys ride on the video's message part
+                    video = load_video(path, client.video_options)
+                    prompt, media = None, {"messages": [_user_turn(prompt, None, [video], video_keys(args))]}
+                elif kind == "video":
                     media = {"videos": [load_video(path, client.video_options)]}
                 else:
                     media = {"images": [load_image(path, client.image_options)]}
-                prompt = prompt_for(args, kind)
                 if args.stream:
                     stream = client.stream(prompt, **media, **params)
                     if not args.json:
@@ -84,6 +93,8 @@ def describe(args: argparse.Namespace) -> int:
                     result = stream.result
                     if not args.json:
                         sys.stdout.write("\n")
+                elif "messages" in media:
+                    result = client.chat(media["messages"], **params)
                 else:
                     result = client.generate(prompt, **media, **params)
                     if not args.json:
@@ -134,7 +145,7 @@ def chat(args: argparse.Namespace) -> int:
                 continue
             if not line:
                 continue
-            turn = _user_turn(line, image if not history else None, videos if not history else [])
+            turn = _user_turn(line, image if not history else None, videos if not history else [], video_keys(args))
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + history + [turn]
             if interactive:
                 sys.stdout.write("assistant> ")
@@ -152,10 +163,10 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_turn(text: str, image: bytes | str | None, videos: list[bytes | str]) -> dict:
+def _user_turn(text: str, image: bytes | str | None, videos: list[bytes | str], keys: dict | None = None) -> dict:
     if image is None and not videos:
         return {"role": "user", "content": text}
     media = ([{"type": "image", "image": image}] if image is not None else []) + [
-        {"type": "video", "video": v} for v in videos]
+        {"type": "video", "video": v, **(keys or {})} for v in videos]
     return {"role": "user", "content": media + [{"type": "text", "text": text}]}
 

@@ -143,6 +143,30 @@ def test_cli_describe_video_json(vserver, tmp_path, capsys):
     assert err.count("\n") == 1 and "bad.mp4" in err
 
 
+def test_cli_video_sampling_options(vserver, tmp_path, capsys, monkeypatch):
+    """--num-frames / --fps go on the video's message part: the server samples by them."""
+    clip = make_video(n=16, width=112, height=84, fps=8, seed=52)  # 2 s: 4 frames at the default 2 fps
+    (tmp_path / "a.mp4").write_bytes(clip)
+    code, out, _ = run_cli(capsys, "describe", "--video", str(tmp_path / "a.mp4"), "--num-frames", "2",
+                           "--url", vserver.grpc_url, "--max-tokens", str(MAX), "--json")
+    few = json.loads(out)
+    msgs = [{"role": "user", "content": [{"type": "video", "num_frames": 2},
+                                         {"type": "text", "text": "Describe this video."}]}]
+    want = direct(vserver, text_input="", messages=json.dumps(msgs), video=[clip])
+    default = direct(vserver, text_input="Describe this video.", video=[clip])
+    assert code == 0 and few["output_ids"] == want["output_ids"]
+    assert few["usage"]["input_tokens"] == want["num_input_tokens"] < default["num_input_tokens"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Go on.\n/exit\n"))
+    code, out, _ = run_cli(capsys, "chat", "--url", vserver.grpc_url, "--video", str(tmp_path / "a.mp4"),
+                           "--fps", "1", "--max-tokens", str(MAX), "--temperature", "0")
+    msgs = [{"role": "user", "content": [{"type": "video", "fps": 1}, {"type": "text", "text": "Go on."}]}]
+    assert code == 0 and out == direct(vserver, text_input="", messages=json.dumps(msgs), video=[clip])[
+        "text_output"] + "\n"
+    with pytest.raises(SystemExit):  # one or the other
+        main(["describe", "--video", "x.mp4", "--fps", "1", "--num-frames", "2"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_cli_chat_with_video(vserver, tmp_path, capsys, monkeypatch):
     (tmp_path / "a.mp4").write_bytes(CLIP)
     monkeypatch.setattr(sys, "stdin", io.StringIO("What moves?\n/exit\n"))
