@@ -6,7 +6,10 @@
   unregistering (a clean unload unregisters in finalize), the watchdog stops the server (SIGTERM,
   then SIGKILL after a grace period) so the orchestrator restarts it.
 - Server gone. A stub whose tritonserver was killed (SIGKILL, crash) is re-parented; it would keep
-  its model (and device memory) forever. It exits on its own within one interval.
+  its model (and device memory) forever. It exits on its own within one interval. A thread cannot
+  do that while another holds the GIL in a call to the dead server (seen: an llm stub stuck for hours
+  in a pb_utils metric update), so a tiny shell process (``MONITOR``, the stub's child) backs it up:
+  it SIGKILLs the stub a few seconds after the server is gone, and ends by itself with the stub.
 - Server stopping. On SIGTERM/SIGINT tritonserver 2.51 closes its HTTP port at once and only
   unloads models after every in-flight request ended, so finalize() comes too late to drain. The
   watchdog polls the server's own ``/v2/health/ready`` and calls ``on_shutdown`` once when it stops
@@ -36,6 +39,25 @@ from pathlib import Path
 log = logging.getLogger("tritonvl.watchdog")
 
 PREFIX = "tritonvl-stubs-"
+
+# $1 server pid, $2 stub pid (this monitor's parent). Builtins and `sleep` only: it must not need the
+# stub's Python. It kills nothing but its own parent (re-parented means the stub is gone: it exits),
+# and tells a dead server from one whose pid was reused by the start time (/proc stat field 22).
+MONITOR = """
+s=$1; p=$2
+read -r line < /proc/$s/stat || exit 0
+set -- $line; start=${22}
+alive() { read -r now < /proc/$s/stat 2>/dev/null || return 1; set -- $now; [ "${22}" = "$start" ]; }
+parent() { read -r me < /proc/$$/stat || return 1; set -- $me; [ "$4" = "$p" ]; }
+while parent; do
+  if ! alive; then
+    sleep 3  # the stub's own watchdog exits cleanly within a second when it can
+    parent && kill -9 $p
+    exit 0
+  fi
+  sleep 1
+done
+"""
 
 
 def start_time(pid: int) -> str | None:
@@ -112,6 +134,21 @@ def _ready(url: str, timeout: float = 2.0) -> bool | None:
         return None
 
 
+def start_monitor(server_pid: int):
+    """The shell backstop of the orphan check (``MONITOR``); None where it cannot start."""
+    import subprocess
+
+    if not Path(f"/proc/{server_pid}/stat").exists():
+        return None
+    try:
+        return subprocess.Popen(["sh", "-c", MONITOR, "tritonvl-stub-monitor", str(server_pid), str(os.getpid())],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                close_fds=True)
+    except OSError:
+        log.warning("could not start the stub monitor", exc_info=True)
+        return None
+
+
 class Watchdog:
     def __init__(self, name: str, server_pid: int | None = None, interval: float = 1.0,
                  grace_seconds: float = 40.0, check_siblings: bool = True,
@@ -131,6 +168,8 @@ class Watchdog:
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tritonvl-watchdog", daemon=True)
         self.thread.start()
+        # only in a stub (the server is its parent): the monitor kills its parent when the server dies
+        self.monitor = start_monitor(self.server_pid) if exit_when_orphaned and self.server_pid == self.parent else None
 
     def serving(self) -> None:
         """The model got a request, so the server is up (its ready probe may not have run yet: a

@@ -3,6 +3,7 @@ reused server pid does not inherit a dead server's registrations; an orphaned st
 server's shutdown is noticed."""
 
 import http.server
+import os
 import subprocess
 import sys
 import tempfile
@@ -160,3 +161,62 @@ def test_a_ready_probe_that_times_out_is_not_a_shutdown(monkeypatch):
     assert wait(lambda: calls == [1], timeout=5)
     dog.stop()
     server.kill()
+
+
+def test_monitor_kills_a_stub_that_cannot_exit_when_the_server_is_gone():
+    """The shell backstop: a "stub" that ignores SIGTERM and never checks anything (as one whose
+    threads are stuck behind the GIL) is SIGKILLed within seconds of its server's death; a stub
+    that ends by itself takes its monitor with it."""
+    import signal as _signal
+    import subprocess
+    import sys
+
+    from tritonvl.handlers.tritonserver.watchdog import MONITOR
+
+    stub = ("import os, signal, subprocess, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            f"m = subprocess.Popen(['sh', '-c', {MONITOR!r}, 'mon', str(os.getppid()), str(os.getpid())])\n"
+            "print(os.getpid(), m.pid, flush=True)\n"
+            "time.sleep(float(sys.argv[1]))\n")
+    server_code = ("import subprocess, sys, time\n"
+                   f"subprocess.Popen([sys.executable, '-c', {stub!r}, sys.argv[1]], stdout=sys.stdout)\n"
+                   "time.sleep(120)\n")
+
+    def gone(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+        except OSError:
+            return True
+
+    def wait_gone(pid: int, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return gone(pid)
+
+    pids = []
+    try:
+        server = subprocess.Popen([sys.executable, "-c", server_code, "120"], stdout=subprocess.PIPE, text=True)
+        stub, monitor = map(int, server.stdout.readline().split())
+        pids += [stub, monitor]
+        time.sleep(1.5)
+        assert not gone(stub) and not gone(monitor)
+        server.kill()
+        server.wait()
+        assert wait_gone(stub, 10), "the stub outlived its server"
+        assert wait_gone(monitor, 5)
+        # a stub that ends on its own: its monitor ends too (and kills nothing)
+        server = subprocess.Popen([sys.executable, "-c", server_code, "1"], stdout=subprocess.PIPE, text=True)
+        stub, monitor = map(int, server.stdout.readline().split())
+        pids += [stub, monitor]
+        assert wait_gone(stub, 10) and wait_gone(monitor, 5)
+        assert server.poll() is None  # the server lives on
+    finally:
+        for proc in (server,):
+            proc.kill()
+            proc.wait()
+        for pid in pids:
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except OSError:
+                pass
