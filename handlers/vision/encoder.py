@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from tritonvl.handlers.lru import BytesLRU
 
 
 def content_hash(*arrays: np.ndarray) -> bytes:
@@ -24,33 +25,7 @@ class EncodedImages:
     hashes: list[bytes]  # one content key per image (for the llm's prefix cache)
 
 
-class EmbeddingCache:
-    """LRU of image embeddings keyed by content hash, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._items: OrderedDict[bytes, object] = OrderedDict()
-
-    def get(self, key: bytes):
-        item = self._items.get(key)
-        if item is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return item
-
-    def put(self, key: bytes, value, nbytes: int) -> None:
-        if nbytes > self.max_bytes or key in self._items:
-            return
-        self._items[key] = (value, nbytes)
-        self.bytes += nbytes
-        while self.bytes > self.max_bytes:
-            _, (_, size) = self._items.popitem(last=False)
-            self.bytes -= size
+EmbeddingCache = BytesLRU  # image embeddings keyed by content hash
 
 
 class TowerRuntime(Protocol):
@@ -150,7 +125,7 @@ class VisionEncoder:
                     continue
                 hit = self.cache.get(key)
                 if hit is not None:
-                    results[key] = hit[0]
+                    results[key] = hit
                 else:
                     todo[key] = (chunk, row)
         if todo:
