@@ -35,7 +35,7 @@ MODELS = {"tiny": None, "bench": "bench"}  # None: the embedded default model; e
 
 
 def build_model(name: str) -> str:
-    from tritonvl.handlers.tools.tiny_model import (
+    from tritonvl.handlers.tiny_model import (
         PRESETS,
         build_tiny_model,
         default_model_dir,

@@ -15,7 +15,7 @@ import time
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer
 
-from tritonvl.handlers.tools.tiny_model import tokenizer_source_dir
+from tritonvl.handlers.tiny_model import tokenizer_source_dir
 
 TEXTS = ["Hello, world!", "你好，世界。这是一个测试", "emoji 🎉🚀 and 😀 mixed", "naïve café déjà vu",
          "好的 🦩 and 龘 <|im_end|> tail", "def f(x):\n    return x  # ok\n\n\tdone"]

@@ -29,7 +29,7 @@ def load_perf():
 
 def bench_model(out: Path) -> str:
     """The "bench" preset with a larger pixel budget (448x336 images -> 768 patches each)."""
-    from tritonvl.handlers.tools.tiny_model import PRESETS, build_tiny_model
+    from tritonvl.handlers.tiny_model import PRESETS, build_tiny_model
 
     if not (out / "model.safetensors").is_file():
         build_tiny_model(out, {**PRESETS["bench"], "max_pixels": 1024 * 28 * 28})

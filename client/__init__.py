@@ -24,7 +24,7 @@ from .images import ImageOptions
 from .params import SamplingParams
 from .parsing import OutputParser, StopRules
 from .result import Result, Usage
-from .stops import StopStringMatcher
+from .rules.stops import StopStringMatcher
 from .stream import AsyncTextStream, TextStream
 from .videos import VideoOptions
 

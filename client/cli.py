@@ -3,68 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
-def _needs_extra(command: str, extras: str, exc: Exception) -> int:
-    """One line naming the missing extra (the server side imports torch & co. lazily); exit status 2."""
-    print(f"{command} needs the {extras.replace(',', ' and ')} extra{'s' if ',' in extras else ''}: "
-          f"pip install 'tritonvl[{extras}]' ({exc})", file=sys.stderr)
-    return 2
+def _server_command(name: str, extras: str):
+    """A server-side verb (serve, gateway, make-tiny-model, export-onnx): run by
+    ``tritonvl.handlers.tools.commands``, imported only when asked, so the client imports no server code."""
 
+    def run(args: argparse.Namespace) -> int:
+        try:
+            commands = importlib.import_module("tritonvl.handlers.tools.commands")
+        except ImportError as exc:
+            print(f"tritonvl {name} needs the {extras} extra: pip install 'tritonvl[{extras}]' ({exc})",
+                  file=sys.stderr)
+            return 2
+        return getattr(commands, name.replace("-", "_"))(args)
 
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        from tritonvl.handlers.params import ParamError
-        from tritonvl.handlers.tools.launcher import serve
-        from tritonvl.handlers.tools.repository import parse_sets
-    except ImportError as exc:
-        return _needs_extra("tritonvl serve", "server", exc)
-    try:  # bad --set values stop here, before tritonserver starts
-        overrides = parse_sets(args.set)
-        return serve(args.model, args.http_port, args.grpc_port, args.metrics_port, args.device, args.extra,
-                     overrides=overrides, openai_port=args.openai_port)
-    except ParamError as exc:
-        print(f"tritonvl serve: {exc}", file=sys.stderr)
-        return 2
-    except ModuleNotFoundError as exc:  # torch & co. are imported lazily, deep inside
-        return _needs_extra("tritonvl serve", "server", exc)
-
-
-def _gateway(args: argparse.Namespace) -> int:
-    try:
-        from tritonvl.handlers.gateway.app import run
-        from tritonvl.handlers.gateway.config import GatewayConfig, served_names
-    except ImportError as exc:
-        return _needs_extra("tritonvl gateway", "gateway", exc)
-    try:
-        config = GatewayConfig(args.triton_url, args.triton_model,
-                               served_names(args.model, args.served_model_name, args.triton_model),
-                               int(args.max_body_mb * 2**20), args.max_concurrent, args.timeout)
-    except ValueError as exc:
-        print(f"tritonvl gateway: {exc}", file=sys.stderr)
-        return 2
-    return run(config, args.host, args.port, args.log_level)
-
-
-def _make_tiny_model(args: argparse.Namespace) -> int:
-    try:
-        from tritonvl.handlers.tools.tiny_model import build_tiny_model
-    except ImportError as exc:
-        return _needs_extra("make-tiny-model", "server", exc)
-    try:
-        print(build_tiny_model(args.dir))
-    except ModuleNotFoundError as exc:  # torch is imported inside
-        return _needs_extra("make-tiny-model", "server", exc)
-    return 0
-
-
-def _export_onnx(args: argparse.Namespace) -> int:
-    try:
-        from tritonvl.handlers.vision.onnx_export import main
-        return main(args.model, args.out, args.opset)
-    except ModuleNotFoundError as exc:  # torch, onnx, onnxscript, onnxruntime are imported inside
-        return _needs_extra("export-onnx", "server,onnx", exc)
+    return run
 
 
 def _client_command(name: str):
@@ -190,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "llm.instance_kind=KIND_GPU, vision_encoder.instance_count=2 (repeatable; serves a "
                         "copy of the repository; keys: docs/PARAMETERS.md)")
     p.add_argument("extra", nargs=argparse.REMAINDER, help="-- extra tritonserver arguments")
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_server_command("serve", "server"))
 
     p = sub.add_parser("gateway", help="OpenAI-compatible HTTP API in front of a Triton server",
                        description="Serve /v1/chat/completions (with image_url and video_url parts), /v1/completions, "
@@ -211,11 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=64, help="request body limit, MiB (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per generation (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.set_defaults(func=_gateway)
+    p.set_defaults(func=_server_command("gateway", "gateway"))
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2.5-VL to DIR")
     p.add_argument("dir")
-    p.set_defaults(func=_make_tiny_model)
+    p.set_defaults(func=_server_command("make-tiny-model", "server"))
 
     p = sub.add_parser("export-onnx", help="export the vision tower of a model to ONNX (docs/ONNX.md)",
                        description="Write the vision tower as an ONNX graph (fp32, dynamic patch count), check it "
@@ -224,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Qwen2.5-VL model directory (default: the embedded tiny model)")
     p.add_argument("--out", metavar="FILE", help="output file (default: DIR/onnx/vision_encoder.onnx)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
-    p.set_defaults(func=_export_onnx)
+    p.set_defaults(func=_server_command("export-onnx", "server,onnx"))
     return parser
 
 

@@ -6,8 +6,8 @@ import json
 from dataclasses import dataclass, field, fields
 
 from .errors import InvalidRequest
-from .sampling_rules import EMPTY_STOP, min_tokens_error, range_error, type_error
-from .structured import structured_error
+from .rules.sampling import EMPTY_STOP, min_tokens_error, range_error, type_error
+from .rules.structured import structured_error
 
 # Fields sent as their own tensor (and JSON key on HTTP); the rest travel in `sampling_parameters`.
 TENSOR_TYPES = {

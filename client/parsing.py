@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .params import SamplingParams
-from .stops import StopStringMatcher
+from .rules.stops import StopStringMatcher
 
 QWEN_EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
 END_MARKERS = ("<|im_end|>", "<|endoftext|>")

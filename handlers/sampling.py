@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 
-from tritonvl.client.sampling_rules import EMPTY_STOP, from_string, min_tokens_error, range_error, type_error
-from tritonvl.handlers.errors import InvalidArgument, checked_text
-from tritonvl.handlers.llm.grammar.spec import GrammarSpec, parse_structured_outputs
+from tritonvl.client.rules.errors import InvalidArgument, checked_text
+from tritonvl.client.rules.sampling import EMPTY_STOP, from_string, min_tokens_error, range_error, type_error
+from tritonvl.client.rules.structured import GrammarSpec, parse_structured_outputs
 
 # The public interface's explicit sampling tensors, each named as the SamplingParams field it sets.
 SAMPLING_TENSORS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "repetition_penalty",

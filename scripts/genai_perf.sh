@@ -30,7 +30,7 @@ fi
 source scripts/env.sh
 command -v perf_analyzer >/dev/null || { echo "no perf_analyzer: run scripts/setup.sh" >&2; exit 1; }
 if [ -z "${TOKENIZER:-}" ]; then
-  TOKENIZER=${TRITONVL_MODEL:-$(python3 -c 'from tritonvl.handlers.tools.tiny_model import ensure_default_model as d; print(d())')}
+  TOKENIZER=${TRITONVL_MODEL:-$(python3 -c 'from tritonvl.handlers.tiny_model import ensure_default_model as d; print(d())')}
 fi
 set -x
 HF_HUB_OFFLINE=1 "$VENV/bin/genai-perf" profile -m qwen2_5_vl --backend tensorrtllm --endpoint-type kserve \

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 def build(args) -> Path:
-    from tritonvl.handlers.tools.tiny_model import PRESETS, build_tiny_model
+    from tritonvl.handlers.tiny_model import PRESETS, build_tiny_model
 
     if args.model:
         return Path(args.model)

@@ -282,7 +282,7 @@ def default_model_dir(serve: str | None) -> str:
         return serve
     if os.environ.get("TRITONVL_MODEL") and not serve:
         return os.environ["TRITONVL_MODEL"]
-    from tritonvl.handlers.tools.tiny_model import ensure_default_model
+    from tritonvl.handlers.tiny_model import ensure_default_model
 
     return str(ensure_default_model())
 

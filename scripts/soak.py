@@ -131,8 +131,8 @@ def main(argv=None) -> int:
     if args.url:
         host, pid = args.url, None
     else:
+        from tritonvl.handlers.tiny_model import ensure_default_model
         from tritonvl.handlers.tools.launcher import ServerProcess
-        from tritonvl.handlers.tools.tiny_model import ensure_default_model
 
         server = ServerProcess(args.model or str(ensure_default_model())).start()
         host, pid = server.http_url, server.proc.pid

@@ -22,7 +22,7 @@ TEST_MODEL_SIZES = {
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
-    from tritonvl.handlers.tools.tiny_model import build_tiny_model
+    from tritonvl.handlers.tiny_model import build_tiny_model
 
     cached = os.environ.get("TRITONVL_TEST_MODEL")
     if cached and (Path(cached) / "model.safetensors").is_file():

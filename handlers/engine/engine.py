@@ -8,21 +8,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from tritonvl.client.rules.errors import InvalidArgument, RequestError, Unavailable
+from tritonvl.client.rules.structured import GrammarSpec
 from tritonvl.handlers.engine.block_manager import BlockManager
 from tritonvl.handlers.engine.config import EngineConfig
+from tritonvl.handlers.engine.grammar.compiler import CompileWaitlist, GrammarCache
+from tritonvl.handlers.engine.grammar.matcher import GrammarMasker, SeqGrammar
+from tritonvl.handlers.engine.job import Job
+from tritonvl.handlers.engine.logprobs import entries as logprob_entries
 from tritonvl.handlers.engine.model_runner import ModelRunner, SeqInputs
+from tritonvl.handlers.engine.sampler import SeqSampler, sample_batch
 from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler
 from tritonvl.handlers.engine.sequence import Sequence
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
+from tritonvl.handlers.engine.textstream import OutputStream
 from tritonvl.handlers.engine.visual import image_spans, timed_spans
-from tritonvl.handlers.errors import InvalidArgument, RequestError, Unavailable
-from tritonvl.handlers.llm.grammar.compiler import CompileWaitlist, GrammarCache
-from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
-from tritonvl.handlers.llm.grammar.spec import GrammarSpec
-from tritonvl.handlers.llm.job import Job
-from tritonvl.handlers.llm.logprobs import entries as logprob_entries
-from tritonvl.handlers.llm.sampler import SeqSampler, sample_batch
-from tritonvl.handlers.llm.textstream import OutputStream
 from tritonvl.handlers.metrics import NullSink
 from tritonvl.handlers.modelinfo import ModelInfo
 
@@ -157,12 +157,12 @@ class LLMEngine:
                                       f"max_model_len is {self.declared_max_len}, so at most {room}")
             params.max_tokens = min(params.max_tokens, self.config.max_model_len - n)
             spans = timed_spans(image_spans(job.input_ids, (self.info.image_token_id, self.info.video_token_id),
-                                            job.image_hashes, job.image_grid_thw, self.info.merge_unit),
+                                            job.media_hashes, job.grid_thw, self.info.merge_unit),
                                 job.input_ids, self.info, job.options.second_per_grid_ts)
             stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
             # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
             grammar = None if compiled is None else SeqGrammar(compiled, stream.stop_ids or self.info.eos_token_ids)
-            state = SeqState(job, self.runner.prepare(job.input_ids, job.image_embeds, job.image_grid_thw,
+            state = SeqState(job, self.runner.prepare(job.input_ids, job.visual_embeds, job.grid_thw,
                                                        job.options.second_per_grid_ts), stream,
                              SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device, grammar,
                                         job.options.logprobs))

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.devices import free_device_bytes
 from tritonvl.handlers.engine.scheduler import ScheduledBatch
-from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.weights import load_full_model
 

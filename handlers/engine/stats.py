@@ -32,7 +32,7 @@ class EngineStats:
         self._ttft: list[float] = []
         self._tpot: list[float] = []
         self._published = 0.0
-        self.grammar = None  # llm.grammar.compiler.GrammarStats once structured outputs are in use
+        self.grammar = None  # engine.grammar.compiler.GrammarStats once structured outputs are in use
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n

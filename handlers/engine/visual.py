@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.modelinfo import ModelInfo
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # transformers' mm_token_type_ids values

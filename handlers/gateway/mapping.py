@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from tritonvl.client.errors import InvalidRequest
 from tritonvl.client.params import SamplingParams
 from tritonvl.client.request import Request
-from tritonvl.client.structured import from_response_format
+from tritonvl.client.rules.structured import from_response_format
 from tritonvl.handlers.gateway.errors import bad_request, unsupported
 
 # OpenAI / vLLM name -> SamplingParams field

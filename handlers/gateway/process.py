@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.request
 
-from tritonvl.handlers.tools.procs import terminate
+from tritonvl.handlers.procs import terminate
 
 
 class GatewayProcess:

@@ -15,10 +15,10 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from tritonvl.handlers.errors import InvalidArgument, Unavailable
-from tritonvl.handlers.llm.job import Job
-from tritonvl.handlers.llm.sampler import SeqSampler
-from tritonvl.handlers.llm.textstream import OutputStream
+from tritonvl.client.rules.errors import InvalidArgument, Unavailable
+from tritonvl.handlers.engine.job import Job
+from tritonvl.handlers.engine.sampler import SeqSampler
+from tritonvl.handlers.engine.textstream import OutputStream
 from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.weights import load_full_model
 
@@ -98,12 +98,12 @@ class GenerateBackend:
         stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
         sampler = SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device)
         kwargs = {}
-        if job.image_grid_thw.shape[0] and (self.info.deepstack_layers or (ids == self.info.video_token_id).any()):
+        if job.grid_thw.shape[0] and (self.info.deepstack_layers or (ids == self.info.video_token_id).any()):
             raise InvalidArgument("videos and Qwen3-VL images need the llm parameter backend=engine (this is generate)")
-        if job.image_grid_thw.shape[0]:
-            embeds = torch.from_numpy(job.image_embeds).to(self.device, self.dtype)
+        if job.grid_thw.shape[0]:
+            embeds = torch.from_numpy(job.visual_embeds).to(self.device, self.dtype)
             kwargs = {
-                "image_grid_thw": torch.from_numpy(job.image_grid_thw).to(self.device),
+                "image_grid_thw": torch.from_numpy(job.grid_thw).to(self.device),
                 "mm_token_type_ids": (ids == self.info.image_token_id).int(),
                 "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=(embeds,))},
             }

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tritonvl.handlers.errors import InvalidArgument, checked_text
+from tritonvl.client.rules.errors import InvalidArgument, checked_text
 from tritonvl.handlers.params import IMAGE_FORMATS, PreprocessParams
 
 ALLOWED_FORMATS = IMAGE_FORMATS

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
 
 KEYS = ("min_pixels", "max_pixels")  # for every image
 VIDEO_KEYS = ("fps", "num_frames", "max_frames", "total_pixels")  # for every video (video_rules.options_of)

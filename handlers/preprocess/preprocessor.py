@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tritonvl.handlers.errors import InvalidArgument, checked_text
-from tritonvl.handlers.llm.grammar.spec import GrammarSpec, check_syntax, parse_guide_tensors
+from tritonvl.client.rules.errors import InvalidArgument, checked_text
+from tritonvl.client.rules.structured import GrammarSpec, parse_guide_tensors
+from tritonvl.handlers.engine.grammar.xgr import check_syntax
 from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions
 from tritonvl.handlers.preprocess.clipcache import ClipCache
@@ -31,7 +32,7 @@ from tritonvl.handlers.preprocess.prompt import (
     text_bytes,
 )
 from tritonvl.handlers.preprocess.video import VideoLimits, in_prompt_order, load_videos, video_geometry
-from tritonvl.handlers.sampling import build_sampling_params, sets_max_tokens
+from tritonvl.handlers.sampling import SAMPLING_TENSORS, build_sampling_params, sets_max_tokens
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default limit
 
@@ -54,6 +55,34 @@ class RawRequest:
     mm_processor_kwargs: bytes | None = None  # JSON {min_pixels, max_pixels} for every image (vLLM's name)
     return_logprobs: bool = False
     top_logprobs: int | None = None
+
+
+def raw_request(inputs) -> RawRequest:
+    """The public request's tensors as one RawRequest. ``inputs`` reads a tensor by name: ``scalar``,
+    ``strings`` (a list of its elements) and ``array`` (tritonserver.adapter.Inputs)."""
+    sampling = {name: inputs.scalar(name) for name in SAMPLING_TENSORS}
+    stops = inputs.strings("stop_words")
+    if stops:
+        sampling["stop"] = stops  # bytes: decoded strictly below (invalid UTF-8 is an error)
+    stop_ids = inputs.array("stop_token_ids")
+    if stop_ids is not None and stop_ids.size:
+        sampling["stop_token_ids"] = [int(x) for x in stop_ids.reshape(-1)]
+    return RawRequest(
+        text_input=inputs.scalar("text_input"),
+        images=inputs.strings("image"),
+        videos=inputs.strings("video"),
+        messages=inputs.scalar("messages"),
+        sampling_parameters=inputs.scalar("sampling_parameters"),
+        sampling=sampling,
+        stream=bool(inputs.scalar("stream") or False),
+        exclude_input_in_output=bool(inputs.scalar("exclude_input_in_output") or False),
+        apply_chat_template=inputs.scalar("apply_chat_template") is not False,  # absent: true
+        guide_type=inputs.scalar("guided_decoding_guide_type"),
+        guide=inputs.scalar("guided_decoding_guide"),
+        mm_processor_kwargs=inputs.scalar("mm_processor_kwargs"),
+        return_logprobs=bool(inputs.scalar("return_logprobs") or False),
+        top_logprobs=inputs.scalar("top_logprobs"),
+    )
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 
-from tritonvl.handlers.errors import InvalidArgument, checked_text
+from tritonvl.client.rules.errors import InvalidArgument, checked_text
 
 ROLES = ("system", "user", "assistant")
 

@@ -22,7 +22,7 @@ from functools import partial
 import numpy as np
 from PIL import Image
 
-from tritonvl.handlers.errors import InvalidArgument, checked_text
+from tritonvl.client.rules.errors import InvalidArgument, checked_text
 from tritonvl.handlers.params import PreprocessParams
 from tritonvl.handlers.preprocess.clipcache import ClipCache
 from tritonvl.handlers.preprocess.images import ImageLimits, decode_image, image_bytes

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
 
 TOKENS = {"min": 128, "max": 768, "total": 24576}  # qwen-vl-utils' VIDEO_MIN/MAX_TOKEN_NUM, total budget
 PART_KEYS = ("fps", "num_frames", "nframes", "max_frames", "min_pixels", "max_pixels", "total_pixels")

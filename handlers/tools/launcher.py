@@ -18,12 +18,11 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tritonvl.handlers.tools.procs import terminate
-from tritonvl.handlers.tools.repository import Overrides, repository_with
+from tritonvl.handlers.procs import terminate
+from tritonvl.handlers.tools.repository import Overrides, default_model_repository, repository_with
 
 __all__ = ["ServerProcess", "free_port", "repository_with", "serve"]
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -31,14 +30,6 @@ class Server:
     binary: str
     backend_dir: str | None
     env: dict = field(default_factory=dict)
-
-
-def default_model_repository() -> Path:
-    """`model_repository/` of this checkout (editable install), else $TRITONVL_MODEL_REPOSITORY."""
-    env = os.environ.get("TRITONVL_MODEL_REPOSITORY")
-    if env:
-        return Path(env)
-    return REPO_ROOT / "model_repository"
 
 
 def bundled_server() -> Server:
@@ -112,7 +103,7 @@ def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int,
         if not (Path(model_dir) / "config.json").is_file():
             raise SystemExit(f"tritonvl serve: {model_dir} has no config.json (not a Hugging Face model directory)")
     else:
-        from tritonvl.handlers.tools.tiny_model import ensure_default_model
+        from tritonvl.handlers.tiny_model import ensure_default_model
 
         print("tritonvl: no --model given: serving the embedded tiny random-weight Qwen2.5-VL", flush=True)
         model_dir = str(ensure_default_model())

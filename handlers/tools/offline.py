@@ -11,13 +11,13 @@ minus Triton's transport.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from dataclasses import dataclass, field
 
 from tritonvl.handlers.devices import parse_dtype, prepare_device
-from tritonvl.handlers.llm.job import job_from_tensors
+from tritonvl.handlers.engine.job import Job
+from tritonvl.handlers.engine.outputs import SeqOutput
 from tritonvl.handlers.modelinfo import load_model_info
 from tritonvl.handlers.preprocess.preprocessor import Preprocessor, RawRequest
 from tritonvl.handlers.vision.encoder import VisionEncoder, load_tower
@@ -67,14 +67,14 @@ class OfflinePipeline:
                     all_done.set()
 
         def make_callbacks(res: Result):
-            def send(out: dict, final: bool) -> None:
-                if not res.first_token and len(out["output_ids"]):
+            def send(record: SeqOutput) -> None:
+                if not res.first_token and record.token_ids:
                     res.first_token = time.perf_counter()
-                res.text += out["text_output"][0].decode("utf-8")
-                res.token_ids.extend(int(t) for t in out["output_ids"])
-                res.logprobs.extend(json.loads(e) for e in out.get("logprobs", ()))
-                if final:
-                    res.finish_reason = out["finish_reason"][0].decode()
+                res.text += record.text
+                res.token_ids.extend(record.token_ids)
+                res.logprobs.extend(record.logprobs or ())
+                if record.finished:
+                    res.finish_reason = record.finish_reason
                     finished(res)
 
             def send_error(exc: Exception) -> None:
@@ -87,8 +87,7 @@ class OfflinePipeline:
             return []
         for m, enc, res in zip(inputs, encoded, results):
             send, send_error = make_callbacks(res)
-            job = job_from_tensors(m.input_ids, enc.embeds, m.image_grid_thw, enc.hashes, m.request, send, send_error,
-                                   lambda: False)  # the llm model's own builder
+            job = Job.create(m.input_ids, enc.embeds, m.image_grid_thw, enc.hashes, m.request, send, send_error)
             res.submitted = time.perf_counter()
             self.engine.submit(job)
         if not all_done.wait(timeout):

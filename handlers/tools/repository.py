@@ -10,12 +10,15 @@ server starts. Torch-free.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from tritonvl.handlers import params as P
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 Overrides = dict[str, dict[str, str]]  # {model: {key: value}}
 
@@ -100,14 +103,18 @@ def edit_config(text: str, values: dict[str, str]) -> str:
     return text
 
 
+def default_model_repository() -> Path:
+    """`model_repository/` of this checkout (editable install), else $TRITONVL_MODEL_REPOSITORY."""
+    env = os.environ.get("TRITONVL_MODEL_REPOSITORY")
+    return Path(env) if env else REPO_ROOT / "model_repository"
+
+
 def repository_with(dest: str | Path, overrides: Overrides, repo: Path | None = None) -> Path:
     """Copy the model repository (default: this checkout's) to ``dest`` with ``overrides`` applied.
 
     Raises ParamError, before writing anything, for an unknown model or key or a bad value; and after
     the copy when a model's resulting parameters (the repository's own included) break the table.
     """
-    from tritonvl.handlers.tools.launcher import default_model_repository
-
     check_overrides(overrides)
     dest = Path(dest)
     shutil.copytree(repo or default_model_repository(), dest, ignore=shutil.ignore_patterns("__pycache__"))

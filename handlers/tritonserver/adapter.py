@@ -13,15 +13,11 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from tritonvl.client.rules.errors import InvalidArgument, RequestError
 from tritonvl.handlers.devices import pick_device
-from tritonvl.handlers.errors import InvalidArgument, RequestError
 from tritonvl.handlers.params import read as read_params
-from tritonvl.handlers.preprocess.preprocessor import RawRequest
-from tritonvl.handlers.sampling import SAMPLING_TENSORS
 
 log = logging.getLogger("tritonvl")
-
-# Explicit sampling tensors of the public interface -> SamplingParams field names.
 
 class ModelArgs:
     """What Triton passes to initialize(): config, typed parameters and the instance's placement.
@@ -45,7 +41,7 @@ class ModelArgs:
         path = self.params.model_path or os.environ.get("TRITONVL_MODEL", "")
         if path:
             return path
-        from tritonvl.handlers.tools.tiny_model import ensure_default_model
+        from tritonvl.handlers.tiny_model import ensure_default_model
 
         return str(ensure_default_model())
 
@@ -149,31 +145,21 @@ def string_list(request, name: str) -> list:
     return [] if arr is None else list(arr.reshape(-1))
 
 
-def read_raw(request) -> RawRequest:
-    """The public request tensors (batch dim included) as one RawRequest."""
-    sampling = {name: scalar(request, name) for name in SAMPLING_TENSORS}
-    stops = string_list(request, "stop_words")
-    if stops:
-        sampling["stop"] = stops  # bytes: preprocess decodes them strictly (invalid UTF-8 is an error)
-    stop_ids = tensor(request, "stop_token_ids")
-    if stop_ids is not None and stop_ids.size:
-        sampling["stop_token_ids"] = [int(x) for x in stop_ids.reshape(-1)]
-    return RawRequest(
-        text_input=scalar(request, "text_input"),
-        images=string_list(request, "image"),
-        videos=string_list(request, "video"),
-        messages=scalar(request, "messages"),
-        sampling_parameters=scalar(request, "sampling_parameters"),
-        sampling=sampling,
-        stream=bool(scalar(request, "stream") or False),
-        exclude_input_in_output=bool(scalar(request, "exclude_input_in_output") or False),
-        apply_chat_template=scalar(request, "apply_chat_template") is not False,  # absent: true
-        guide_type=scalar(request, "guided_decoding_guide_type"),
-        guide=scalar(request, "guided_decoding_guide"),
-        mm_processor_kwargs=scalar(request, "mm_processor_kwargs"),
-        return_logprobs=bool(scalar(request, "return_logprobs") or False),
-        top_logprobs=scalar(request, "top_logprobs"),
-    )
+class Inputs:
+    """One request's input tensors, read by name (batch dim included): what the handlers' readers take
+    (``preprocess.preprocessor.raw_request``)."""
+
+    def __init__(self, request) -> None:
+        self.request = request
+
+    def array(self, name: str) -> np.ndarray | None:
+        return tensor(self.request, name)
+
+    def scalar(self, name: str):
+        return scalar(self.request, name)
+
+    def strings(self, name: str) -> list:
+        return string_list(self.request, name)
 
 
 def response(outputs: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
@@ -184,20 +170,23 @@ def response(outputs: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
 
 class StreamSender:
     """Responses of one decoupled request. ``send``/``send_error`` only enqueue on the model's
-    ResponsePump (handlers/tritonserver/pump.py), so the engine thread never waits on response IPC."""
+    ResponsePump (handlers/tritonserver/pump.py), so the engine thread never waits on response IPC.
+    ``send`` takes a record (``.finished``, ``.merged()``: engine.outputs.SeqOutput); ``encode`` turns
+    it into the output tensors when it goes out."""
 
     _pump = None
 
-    def __init__(self, request) -> None:
+    def __init__(self, request, encode) -> None:
         from tritonvl.handlers.tritonserver.pump import ResponsePump
 
         if StreamSender._pump is None:
             StreamSender._pump = ResponsePump()
         self.sender = request.get_response_sender()
         self.request = request
+        self.encode = encode
 
-    def send(self, outputs: dict, final: bool) -> None:
-        self._pump.data(self, self._send_now, outputs, final)
+    def send(self, record) -> None:
+        self._pump.data(self, self._send_now, record)
 
     def send_error(self, exc: Exception) -> None:
         self._pump.error(self, self._send_error_now, exc)
@@ -207,9 +196,9 @@ class StreamSender:
         if cls._pump is not None:
             cls._pump.flush()
 
-    def _send_now(self, outputs: dict, final: bool) -> None:
-        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        self.sender.send(response(outputs), flags=flags)
+    def _send_now(self, record) -> None:
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if record.finished else 0
+        self.sender.send(response(self.encode(record)), flags=flags)
 
     def _send_error_now(self, exc: Exception) -> None:
         self.sender.send(error(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

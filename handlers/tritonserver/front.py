@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from tritonvl.handlers.errors import Unavailable
+from tritonvl.client.rules.errors import Unavailable
 
 log = logging.getLogger("tritonvl.front")
 

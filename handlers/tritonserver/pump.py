@@ -2,9 +2,10 @@
 
 The engine thread must not wait on response IPC: sending one response per token per sequence from
 it serialized the sends with the compute (at 64 streams, sends took most of a step). Here the
-engine enqueues and goes on; one thread sends, in order. When it lags, consecutive deltas of one
-request are merged into one response (text and ids concatenated, counts from the newest), so the
-send rate adapts to load and nothing is lost or reordered.
+engine enqueues and goes on; one thread sends, in order. When it lags, consecutive records of one
+request are merged into one response (``older.merged(newer)``: text, ids and logprobs joined, usage
+and finish reason from the newest; engine/outputs.SeqOutput), so the send rate adapts to load and
+nothing is lost or reordered. A record with ``.finished`` set is the request's last.
 """
 
 from __future__ import annotations
@@ -14,19 +15,9 @@ import queue
 import threading
 from collections.abc import Callable
 
-import numpy as np
-
 log = logging.getLogger("tritonvl.pump")
 
-Send = Callable[[dict, bool], None]
-
-
-def merge(older: dict, newer: dict) -> dict:
-    """Two consecutive responses of one request as one."""
-    out = dict(newer)
-    out["text_output"] = np.array([older["text_output"][0] + newer["text_output"][0]], dtype=np.object_)
-    out["output_ids"] = np.concatenate([older["output_ids"], newer["output_ids"]])
-    return out
+Send = Callable[[object], None]  # sends one record (its own final flag: record.finished)
 
 
 class ResponsePump:
@@ -38,16 +29,16 @@ class ResponsePump:
     # `key` names the request (its sender object): deltas and errors of one request meet under it.
     # Not the callables: a bound method is a new object on every attribute access, and a request's
     # `send` and `send_error` are different callables anyway.
-    def data(self, key: object, send: Send, outputs: dict, final: bool) -> None:
-        self.q.put((key, send, outputs, final, None))
+    def data(self, key: object, send: Send, record) -> None:
+        self.q.put((key, send, record, None))
 
     def error(self, key: object, send_error: Callable[[Exception], None], exc: Exception) -> None:
-        self.q.put((key, send_error, None, True, exc))
+        self.q.put((key, send_error, None, exc))
 
     def flush(self, timeout: float = 10.0) -> None:
         """Wait until everything queued so far is sent."""
         done = threading.Event()
-        self.q.put((None, None, None, False, done))
+        self.q.put((None, None, None, done))
         done.wait(timeout)
 
     def _run(self) -> None:
@@ -58,26 +49,25 @@ class ResponsePump:
                     batch.append(self.q.get_nowait())
                 except queue.Empty:
                     break
-            pending: dict = {}  # key -> [send, outputs, final], in first-seen order
-            for key, send, outputs, final, extra in batch:
+            pending: dict = {}  # key -> [send, record], in first-seen order
+            for key, send, record, extra in batch:
                 if key is None:  # a flush marker: everything before it goes out first
                     self._send_all(pending)
                     pending = {}
                     extra.set()
-                elif extra is not None:  # an error ends its request: its queued deltas go out first
+                elif extra is not None:  # an error ends its request: its queued records go out first
                     if key in pending:
                         self._call(*pending.pop(key))
                     self._call(send, extra)
                 elif key in pending:
-                    prev = pending[key]
-                    prev[1], prev[2] = merge(prev[1], outputs), prev[2] or final
+                    pending[key][1] = pending[key][1].merged(record)
                 else:
-                    pending[key] = [send, outputs, final]
+                    pending[key] = [send, record]
             self._send_all(pending)
 
     def _send_all(self, pending: dict) -> None:
-        for send, outputs, final in pending.values():
-            self._call(send, outputs, final)
+        for send, record in pending.values():
+            self._call(send, record)
 
     @staticmethod
     def _call(fn, *args) -> None:

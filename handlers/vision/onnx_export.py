@@ -191,7 +191,7 @@ def relative_difference(got: np.ndarray, ref: np.ndarray) -> float:
 def main(model_dir: str | None, out: str | None, opset: int = DEFAULT_OPSET, tolerance: float = 1e-4) -> int:
     """``tritonvl export-onnx``: export, check, compare with torch; 1 when the graph drifts."""
     if not model_dir:
-        from tritonvl.handlers.tools.tiny_model import ensure_default_model
+        from tritonvl.handlers.tiny_model import ensure_default_model
 
         model_dir = str(ensure_default_model())
     path = export(model_dir, out, opset)

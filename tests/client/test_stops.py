@@ -6,7 +6,7 @@ import pytest
 
 from tritonvl.client.params import SamplingParams
 from tritonvl.client.parsing import OutputParser, StopRules
-from tritonvl.client.stops import StopStringMatcher
+from tritonvl.client.rules.stops import StopStringMatcher
 
 
 def run(matcher: StopStringMatcher, chunks: list[str]) -> tuple[list[str], str]:

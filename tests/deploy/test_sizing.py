@@ -84,7 +84,7 @@ def test_config_of_any_family_counts_its_weights(tmp_path, family):
     from safetensors import safe_open
 
     from tritonvl.handlers.modelinfo import load_model_info
-    from tritonvl.handlers.tools.tiny_model import PRESETS, build_tiny_model
+    from tritonvl.handlers.tiny_model import PRESETS, build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / family, PRESETS[family])
     counted = sizing.count_config(str(model_dir / "config.json"))

@@ -27,7 +27,7 @@ CLIP = make_video(n=8, width=112, height=84, fps=8, seed=1)  # 4 frames sampled:
 
 @pytest.fixture(scope="module")
 def family_dir(request, tmp_path_factory):
-    from tritonvl.handlers.tools.tiny_model import PRESETS, build_tiny_model
+    from tritonvl.handlers.tiny_model import PRESETS, build_tiny_model
 
     family = request.module.FAMILY
     return build_tiny_model(tmp_path_factory.mktemp(family) / family, PRESETS[family])

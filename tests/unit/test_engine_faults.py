@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tritonvl.handlers.llm.sampler import SeqSampler
+from tritonvl.handlers.engine.sampler import SeqSampler
 from tritonvl.handlers.preprocess.preprocessor import RawRequest
 from tritonvl.handlers.tools.offline import OfflinePipeline
 
@@ -37,16 +37,16 @@ def test_device_fault_at_admission_is_internal_not_invalid_arg(pipe, monkeypatch
 
 
 def test_request_error_at_admission_keeps_its_code(pipe):
-    from tritonvl.handlers.errors import InvalidArgument, RequestError
-    from tritonvl.handlers.llm.job import Job
-    from tritonvl.handlers.llm.responder import Responder
+    from tritonvl.client.rules.errors import InvalidArgument, RequestError
+    from tritonvl.handlers.engine.job import Job
+    from tritonvl.handlers.engine.outputs import Responder
     from tritonvl.handlers.options import RequestOptions
     from tritonvl.handlers.sampling import SamplingParams
 
     inputs = pipe.pre.process(RawRequest(text_input=b"Hello", sampling={"max_tokens": 4}))
     errors = []
     options = RequestOptions(SamplingParams(max_tokens=4))
-    responder = Responder(options, len(inputs.input_ids), lambda out, final: None, errors.append)
+    responder = Responder(options, len(inputs.input_ids), lambda record: None, errors.append)
     enc = pipe.vision.encode([(inputs.pixel_values, inputs.image_grid_thw)])[0]
     # one image hash but no image placeholder in the prompt: the request's own fault
     pipe.engine.submit(Job(inputs.input_ids, enc.embeds, inputs.image_grid_thw, [b"x" * 16], options, responder))

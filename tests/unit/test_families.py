@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.engine.visual import grid_kinds, mm_token_types
-from tritonvl.handlers.errors import InvalidArgument
 from tritonvl.handlers.modelinfo import load_model_info
 
 TEXT_CFG = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 151936}

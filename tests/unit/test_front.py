@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.tritonserver.front import Calls, Front
 
 

@@ -9,13 +9,9 @@ import time
 
 import pytest
 
-from tritonvl.handlers.errors import InvalidArgument
-from tritonvl.handlers.llm.grammar.spec import (
-    GrammarSpec,
-    check_syntax,
-    parse_guide_tensors,
-    parse_structured_outputs,
-)
+from tritonvl.client.rules.errors import InvalidArgument
+from tritonvl.client.rules.structured import GrammarSpec, parse_guide_tensors, parse_structured_outputs
+from tritonvl.handlers.engine.grammar.xgr import check_syntax
 
 pytest.importorskip("xgrammar")
 torch = pytest.importorskip("torch")
@@ -31,14 +27,14 @@ SCHEMA = {"type": "object", "properties": {"caption": {"type": "string", "maxLen
 def tok():
     from transformers import AutoTokenizer
 
-    from tritonvl.handlers.tools.tiny_model import tokenizer_source_dir
+    from tritonvl.handlers.tiny_model import tokenizer_source_dir
 
     return AutoTokenizer.from_pretrained(str(tokenizer_source_dir()))
 
 
 @pytest.fixture(scope="module")
 def cache(tok):
-    from tritonvl.handlers.llm.grammar.compiler import GrammarCache
+    from tritonvl.handlers.engine.grammar.compiler import GrammarCache
 
     c = GrammarCache(tok, VOCAB, workers=1)
     yield c
@@ -115,7 +111,7 @@ def test_one_compile_per_distinct_spec(cache):
 
 
 def test_lru_keeps_the_bytes_bounded(tok):
-    from tritonvl.handlers.llm.grammar.compiler import GrammarCache
+    from tritonvl.handlers.engine.grammar.compiler import GrammarCache
 
     small = GrammarCache(tok, VOCAB, max_bytes=1, workers=1)
     try:
@@ -131,7 +127,7 @@ def test_lru_keeps_the_bytes_bounded(tok):
 def test_slow_compile_times_out_and_the_queue_keeps_moving(tok):
     """A pattern that compiles for seconds fails its request (INVALID_ARG) at the time limit, and a
     fresh worker compiles the next spec at once instead of queueing behind it."""
-    from tritonvl.handlers.llm.grammar.compiler import CompileWaitlist, GrammarCache
+    from tritonvl.handlers.engine.grammar.compiler import CompileWaitlist, GrammarCache
 
     one = GrammarCache(tok, VOCAB, workers=1)
     one.wait_ready(120)
@@ -164,7 +160,7 @@ def test_compile_error_is_invalid_argument_and_not_cached(cache):
 # ---- matchers and the batched mask ----
 def _decode_constrained(tok, cache, spec: GrammarSpec, eos: int, steps: int = 80, seed: int = 0) -> tuple[str, bool]:
     """Random logits, masked, argmax: returns the text and whether it ended with eos."""
-    from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
+    from tritonvl.handlers.engine.grammar.matcher import GrammarMasker, SeqGrammar
 
     g = SeqGrammar(cache.get(spec).future.result(timeout=120), [eos])
     masker = GrammarMasker(VOCAB)
@@ -205,7 +201,7 @@ def test_masked_decoding_follows_a_regex_and_a_choice(tok, cache):
 
 def test_mask_on_a_transposed_view(tok, cache):
     """The runner's CPU logits can be a transposed view (W @ h.T).T: the mask must land on the right rows."""
-    from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
+    from tritonvl.handlers.engine.grammar.matcher import GrammarMasker, SeqGrammar
 
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     g = SeqGrammar(cache.get(GrammarSpec("regex", "[0-9]")).future.result(timeout=60), [eos])
@@ -220,7 +216,7 @@ def test_mask_on_a_transposed_view(tok, cache):
 
 
 def test_end_token_only_when_the_grammar_accepts(tok, cache):
-    from tritonvl.handlers.llm.grammar.matcher import GrammarMasker, SeqGrammar
+    from tritonvl.handlers.engine.grammar.matcher import GrammarMasker, SeqGrammar
 
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     g = SeqGrammar(cache.get(GrammarSpec("regex", "ab")).future.result(timeout=60), [eos])
@@ -238,7 +234,7 @@ def test_end_token_only_when_the_grammar_accepts(tok, cache):
 
 # ---- the client's side: response_format and the structured_outputs option ----
 def test_response_format_maps_onto_structured_outputs():
-    from tritonvl.client.structured import from_response_format
+    from tritonvl.client.rules.structured import from_response_format
 
     assert from_response_format({"type": "text"}) is None
     assert from_response_format({"type": "json_object"}) == {"json_object": True}

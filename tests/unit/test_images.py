@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.params import read as read_params
 from tritonvl.handlers.preprocess import urlfetch
 from tritonvl.handlers.preprocess.images import (

@@ -45,7 +45,7 @@ def test_other_shapes_untied_padded_vocab_mha(tmp_path):
     plain multi-head attention, head_dim 32; engine output equals generate() (ids the tokenizer does
     not know decode to nothing, they do not break the stream)."""
     from tests.helpers import assert_offline_equals_generate, make_image
-    from tritonvl.handlers.tools.tiny_model import build_tiny_model
+    from tritonvl.handlers.tiny_model import build_tiny_model
 
     model = build_tiny_model(tmp_path / "m", {
         "text": {"hidden_size": 128, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.preprocess.prompt import messages_from_text, parse_messages, text_bytes
 
 TEXT = {"type": "text", "text": "What is this?"}

@@ -6,20 +6,47 @@ import threading
 import time
 import types
 
-import numpy as np
+from tritonvl.handlers.engine.outputs import SeqOutput
+from tritonvl.handlers.llm.tensors import output_tensors
+from tritonvl.handlers.tritonserver.pump import ResponsePump
 
-from tritonvl.handlers.tritonserver.pump import ResponsePump, merge
+
+def out(text: str, ids: list[int], n: int, final: bool = False, logprobs=None) -> SeqOutput:
+    return SeqOutput(text, ids, logprobs, "stop" if final else None, num_input_tokens=5, num_output_tokens=n)
 
 
-def out(text: str, ids: list[int], n: int) -> dict:
-    return {"text_output": np.array([text.encode()], dtype=np.object_), "output_ids": np.array(ids, np.int32),
-            "num_output_tokens": np.array([n], np.uint32)}
+def entry(token: int) -> dict:
+    return {"token": str(token), "token_id": token, "logprob": -0.5, "top_logprobs": []}
 
 
 def test_merge_concatenates_text_and_ids_and_keeps_newest_counts():
-    m = merge(out("ab", [1, 2], 2), {**out("c", [3], 3), "finish_reason": np.array([b"stop"], np.object_)})
-    assert m["text_output"][0] == b"abc" and m["output_ids"].tolist() == [1, 2, 3]
-    assert m["num_output_tokens"][0] == 3 and m["finish_reason"][0] == b"stop"
+    m = out("ab", [1, 2], 2).merged(out("c", [3], 3, final=True))
+    assert m.text == "abc" and m.token_ids == [1, 2, 3]
+    assert m.num_output_tokens == 3 and m.finish_reason == "stop" and m.logprobs is None
+
+
+def test_merge_keeps_every_logprob_entry():
+    """Two deltas that carry logprobs merge into one with an entry per token (the dict merge dropped them)."""
+    m = out("a", [1], 1, logprobs=[entry(1)]).merged(out("bc", [2, 3], 3, final=True, logprobs=[entry(2), entry(3)]))
+    assert [e["token_id"] for e in m.logprobs] == m.token_ids == [1, 2, 3]
+    tensors = output_tensors(m)
+    assert len(tensors["logprobs"]) == len(tensors["output_ids"]) == 3
+
+
+def test_pump_merges_logprobs_while_it_lags():
+    pump = ResponsePump()
+    gate, got = threading.Event(), []
+
+    def send(record):
+        gate.wait(5)
+        got.append(record)
+
+    for i in range(20):
+        pump.data("x", send, out("t", [i], i + 1, final=i == 19, logprobs=[entry(i)]))
+    gate.set()
+    pump.flush()
+    assert len(got) < 20  # merged
+    assert [e["token_id"] for r in got for e in r.logprobs] == [i for r in got for i in r.token_ids] == list(range(20))
 
 
 def test_pump_delivers_everything_in_order_even_when_it_lags():
@@ -28,15 +55,15 @@ def test_pump_delivers_everything_in_order_even_when_it_lags():
     gate = threading.Event()
 
     def sender(key):
-        def send(outputs, final):
+        def send(record):
             gate.wait(5)  # the first send blocks, so later deltas pile up and merge
-            got[key].append((outputs["text_output"][0].decode(), outputs["output_ids"].tolist(), final))
+            got[key].append((record.text, record.token_ids, record.finished))
         return send
 
     sx, sy = sender("x"), sender("y")
     for i in range(50):
-        pump.data("x", sx, out(str(i % 10), [i], i + 1), final=i == 49)
-        pump.data("y", sy, out("y", [100 + i], i + 1), final=False)
+        pump.data("x", sx, out(str(i % 10), [i], i + 1, final=i == 49))
+        pump.data("y", sy, out("y", [100 + i], i + 1))
     errors = []
     pump.error("z", lambda exc: errors.append(str(exc)), ValueError("boom"))
     gate.set()
@@ -92,12 +119,12 @@ def test_stream_sender_error_goes_out_after_the_queued_deltas(monkeypatch):
         gate = threading.Event()
         blocker, victim = (_Sender(gate) for _ in range(2))
         adapter.StreamSender._pump = ResponsePump()
-        a = adapter.StreamSender(types.SimpleNamespace(get_response_sender=lambda: blocker))
-        b = adapter.StreamSender(types.SimpleNamespace(get_response_sender=lambda: victim))
-        a.send(out("a", [1], 1), False)  # the pump thread blocks on this one: the rest piles up
+        a = adapter.StreamSender(types.SimpleNamespace(get_response_sender=lambda: blocker), output_tensors)
+        b = adapter.StreamSender(types.SimpleNamespace(get_response_sender=lambda: victim), output_tensors)
+        a.send(out("a", [1], 1))  # the pump thread blocks on this one: the rest piles up
         time.sleep(0.2)
-        b.send(out("x", [2], 1), False)
-        b.send(out("y", [3], 2), False)
+        b.send(out("x", [2], 1))
+        b.send(out("y", [3], 2))
         b.send_error(ValueError("deadline"))
         gate.set()
         adapter.StreamSender.flush()

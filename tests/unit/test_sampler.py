@@ -16,7 +16,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from tritonvl.handlers.llm.sampler import SeqSampler
+from tritonvl.handlers.engine.sampler import SeqSampler
 from tritonvl.handlers.sampling import SamplingParams
 
 V = 24

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.sampling import build_sampling_params
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from tritonvl.handlers.llm.textstream import IncrementalDetokenizer, OutputStream
+from tritonvl.handlers.engine.textstream import IncrementalDetokenizer, OutputStream
 from tritonvl.handlers.sampling import SamplingParams
-from tritonvl.handlers.tools.tiny_model import tokenizer_source_dir
+from tritonvl.handlers.tiny_model import tokenizer_source_dir
 
 
 @pytest.fixture(scope="module")

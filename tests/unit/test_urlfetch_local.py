@@ -30,7 +30,7 @@ def test_allow_listed_url_gives_the_same_pixels_as_the_bytes(model_dir, image_ho
     assert hits == ["/photo.jpg"]
     np.testing.assert_array_equal(by_url.pixel_values, by_bytes.pixel_values)
     assert by_url.input_ids.tolist() == by_bytes.input_ids.tolist()
-    from tritonvl.handlers.errors import InvalidArgument
+    from tritonvl.client.rules.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="HTTP 404"):
         pre.process(RawRequest(text_input=b"x", images=[f"http://localhost:{port}/missing.jpg".encode()]))

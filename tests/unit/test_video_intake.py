@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from videos import frame_list, make_video
 
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.preprocess.images import ImageLimits
 from tritonvl.handlers.preprocess.video import Source, load_video
 from tritonvl.handlers.preprocess.video_rules import (

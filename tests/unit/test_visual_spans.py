@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.engine.visual import image_spans
-from tritonvl.handlers.errors import InvalidArgument
 
 IMG, VID, T = 5, 6, 1  # placeholder ids and a text token
 

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from tritonvl.client.sampling_rules import from_string
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
+from tritonvl.client.rules.sampling import from_string
 from tritonvl.handlers.preprocess.pixels import PixelBudget, budget_for, parse_kwargs
 from tritonvl.handlers.sampling import build_sampling_params
 

@@ -7,8 +7,8 @@ text delta when streaming, else exactly one; the last one carries the FINAL flag
 """
 
 from tritonvl.handlers.llm.backend import make_backend
-from tritonvl.handlers.llm.job import job_from_tensors
 from tritonvl.handlers.llm.stops import StopRegistry
+from tritonvl.handlers.llm.tensors import INPUTS, job_from_tensors, output_tensors
 from tritonvl.handlers.tritonserver import adapter as ta
 
 
@@ -34,10 +34,9 @@ class TritonPythonModel:
                 self.stops.stop(key)
                 ta.send_final(request)
                 continue
-            sender = ta.StreamSender(request)
+            sender = ta.StreamSender(request, output_tensors)
             try:
-                job = job_from_tensors(*(ta.required(request, n)[0] for n in (
-                    "input_ids", "image_embeds", "image_grid_thw", "image_hashes")),
+                job = job_from_tensors([ta.required(request, n)[0] for n in INPUTS],
                     ta.scalar(request, "request"), sender.send, sender.send_error,
                     lambda k=key, s=sender: self.stops.stopped(k) or s.is_cancelled())
                 self.backend.submit(job)

@@ -9,7 +9,7 @@ Bad input is a per-request INVALID_ARG error; the rest of the batch carries on.
 import numpy as np
 
 from tritonvl.handlers.preprocess.images import limits_from_params
-from tritonvl.handlers.preprocess.preprocessor import Preprocessor
+from tritonvl.handlers.preprocess.preprocessor import Preprocessor, raw_request
 from tritonvl.handlers.preprocess.video import video_limits_from_params
 from tritonvl.handlers.tritonserver import adapter as ta
 
@@ -30,7 +30,7 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                m = self.pre.process(ta.read_raw(request))
+                m = self.pre.process(raw_request(ta.Inputs(request)))
                 responses.append(ta.response({
                     "input_ids": m.input_ids,
                     "pixel_values": m.pixel_values,

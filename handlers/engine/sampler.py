@@ -17,7 +17,7 @@ class SeqSampler:
     def __init__(self, params: SamplingParams, prompt_ids: list[int], stop_ids: set[int], device,
                  grammar=None, logprobs: int = -1) -> None:
         self.params = params
-        self.grammar = grammar  # llm.grammar.SeqGrammar of a structured-output request, else None
+        self.grammar = grammar  # grammar.matcher.SeqGrammar of a structured-output request, else None
         # -1: off; k >= 0: book each chosen token's logprob and the k most likely (sample_batch)
         self.logprobs = logprobs
         self.booked_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
@@ -93,7 +93,7 @@ def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None, masker
     token (its parameters broke sampling: the caller fails that sequence alone).
 
     Rows with a grammar (structured outputs) are masked first, all in one ``masker.apply``
-    (llm.grammar.GrammarMasker), and their matchers advance with the token; other rows are untouched."""
+    (grammar.matcher.GrammarMasker), and their matchers advance with the token; other rows are untouched."""
     out: list[int | Exception | None] = [None] * len(samplers)
     wants = [i for i, s in enumerate(samplers) if s.logprobs >= 0]
     # vLLM's default: log-probabilities of the raw logits, before grammar masks, penalties, temperature

@@ -114,7 +114,7 @@ def _merge(base: dict, overrides: dict | None) -> dict:
 
 
 def chat_template() -> str:
-    return (Path(__file__).parent / "chat_template.jinja").read_text(encoding="utf-8")
+    return (Path(__file__).parent / "tiny_chat_template.jinja").read_text(encoding="utf-8")
 
 
 def write_tokenizer(dst: Path) -> None:

@@ -19,8 +19,9 @@ from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from tritonvl.handlers.errors import InvalidArgument
-from tritonvl.handlers.llm.grammar.spec import GrammarSpec, to_grammar, xgrammar_message
+from tritonvl.client.rules.errors import InvalidArgument
+from tritonvl.client.rules.structured import GrammarSpec
+from tritonvl.handlers.engine.grammar.xgr import to_grammar, xgrammar_message
 
 log = logging.getLogger("tritonvl.grammar")
 

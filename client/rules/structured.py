@@ -1,21 +1,59 @@
-"""What a request asks the answer to look like: one ``GrammarSpec`` from any of the interfaces.
-
-Sources: vLLM's ``structured_outputs`` object (``json``, ``regex``, ``choice``, ``grammar``,
+"""What a request asks the answer to look like, parsed the same way by client, gateway and server (no
+torch): vLLM's ``structured_outputs`` object (``json``, ``regex``, ``choice``, ``grammar``,
 ``json_object``), TensorRT-LLM's tensor pair ``guided_decoding_guide_type`` / ``guided_decoding_guide``
-(``json``, ``json_schema``, ``regex``, ``ebnf_grammar``), and OpenAI's ``response_format`` (the
-gateway maps it onto ``structured_outputs``). ``check_syntax`` parses the grammar without a tokenizer
-(milliseconds), so preprocess can refuse a bad schema, regex or grammar with INVALID_ARG naming it
-before the request reaches the llm step.
+(``json``, ``json_schema``, ``regex``, ``ebnf_grammar``) and OpenAI's ``response_format`` (mapped onto
+``structured_outputs``) all become one ``GrammarSpec``. The server then checks the schema / regex /
+grammar itself with xgrammar (``handlers/engine/grammar/xgr.py``).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
+from typing import Any
 
-from tritonvl.client.structured import STRUCTURED_KEYS, structured_error
-from tritonvl.handlers.errors import InvalidArgument
+from tritonvl.client.rules.errors import InvalidArgument
+
+# vLLM's keys: exactly one per request
+STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def structured_error(value: Any) -> str | None:
+    """What is wrong with the shape of a ``structured_outputs`` object, or None."""
+    if not isinstance(value, dict):
+        return f"expected an object with one of {list(STRUCTURED_KEYS)}"
+    unknown = sorted(set(value) - set(STRUCTURED_KEYS))
+    if unknown:
+        return f"unknown key(s) {unknown}; known: {list(STRUCTURED_KEYS)}"
+    given = [k for k in STRUCTURED_KEYS if value.get(k) not in (None, False)]
+    if len(given) > 1:
+        return f"give exactly one of {list(STRUCTURED_KEYS)}, got {given}"
+    return None
+
+
+def from_response_format(response_format: Any) -> dict | None:
+    """OpenAI's ``response_format`` -> a ``structured_outputs`` object (None for ``{"type": "text"}``).
+
+    ``{"type": "json_object"}`` -> ``{"json_object": True}``;
+    ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` -> ``{"json": {...}}``.
+    Raises ValueError naming the problem.
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise ValueError("response_format: expected an object with a 'type'")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"json_object": True}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), (dict, bool)):
+            raise ValueError("response_format.json_schema.schema: required (a JSON schema object)")
+        return {"json": spec["schema"]}
+    raise ValueError(f"response_format.type={kind!r}: expected 'text', 'json_object' or 'json_schema'")
+
 
 # Internal kinds. "json" is a JSON schema (canonical JSON text); "json_object" any JSON object;
 # "json_value" any JSON value (TensorRT-LLM's guide type "json"); "grammar" is EBNF (choices become one).
@@ -126,42 +164,3 @@ def parse_guide_tensors(guide_type, guide, where: str = "guided_decoding_guide_t
     if kind == "json":
         return GrammarSpec("json", _schema_text(guide, "guided_decoding_guide"))
     return GrammarSpec(kind, _string(guide, "guided_decoding_guide"))
-
-
-_XGR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
-
-
-def xgrammar_message(exc: Exception) -> str:
-    """xgrammar's error text without its '[time] file.cc:line:' prefix."""
-    return _XGR_PREFIX.sub("", str(exc).strip()).splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
-def to_grammar(spec: GrammarSpec):
-    """The xgrammar Grammar of a spec (no tokenizer needed). Raises InvalidArgument naming the problem."""
-    import xgrammar as xgr
-
-    label = {"json": "json schema", "regex": "regex", "grammar": "grammar"}.get(spec.kind, spec.kind)
-    try:
-        if spec.kind == "json":
-            # compact separators: the answer has no free whitespace to wander in
-            return xgr.Grammar.from_json_schema(spec.text, any_whitespace=False)
-        if spec.kind == "json_object":
-            return xgr.Grammar.from_json_schema('{"type":"object"}', any_whitespace=False, strict_mode=False)
-        if spec.kind == "json_value":
-            return xgr.Grammar.builtin_json_grammar()
-        if spec.kind == "regex":
-            return xgr.Grammar.from_regex(spec.text)
-        if spec.kind == "grammar":
-            return xgr.Grammar.from_ebnf(spec.text)
-    except RecursionError:
-        raise InvalidArgument(f"structured output {label}: nested too deeply") from None
-    except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the parser's reason
-        raise InvalidArgument(f"structured output {label}: {xgrammar_message(exc)}") from None
-    raise InvalidArgument(f"structured output: unknown kind {spec.kind!r}; known: {list(KINDS)}")
-
-
-def check_syntax(spec: GrammarSpec | None) -> GrammarSpec | None:
-    """Parse the spec's grammar once (fast, no tokenizer): a bad schema/regex/grammar is INVALID_ARG."""
-    if spec is not None:
-        to_grammar(spec)
-    return spec

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tokenizers.decoders import DecodeStream
 
-from tritonvl.client.stops import StopStringMatcher
+from tritonvl.client.rules.stops import StopStringMatcher
 from tritonvl.handlers.sampling import SamplingParams
 
 

@@ -1,0 +1,39 @@
+"""The llm model's Triton edge: its input tensors -> a Job, the engine's records -> its output tensors.
+
+Outputs (docs/INTERFACE.md): text_output, output_ids, num_input_tokens, num_output_tokens,
+num_image_tokens (the visual tokens of the request's images and videos together), finish_reason (the
+last response only), logprobs (one JSON object per token of output_ids, when asked).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from tritonvl.handlers.engine.job import Job
+from tritonvl.handlers.engine.outputs import SeqOutput
+
+INPUTS = ("input_ids", "image_embeds", "image_grid_thw", "image_hashes")
+
+
+def job_from_tensors(arrays: list[np.ndarray], request_json, emit, emit_error, is_cancelled) -> Job:
+    """``arrays``: the INPUTS tensors in that order, batch dim removed."""
+    input_ids, embeds, grid, hashes = arrays
+    return Job.create(input_ids, embeds, grid, hashes, request_json, emit, emit_error, is_cancelled)
+
+
+def output_tensors(record: SeqOutput) -> dict[str, np.ndarray]:
+    """One record as the llm's output tensors (no batch dim)."""
+    out = {
+        "text_output": np.array([record.text.encode("utf-8")], dtype=np.object_),
+        "output_ids": np.asarray(record.token_ids, dtype=np.int32),
+        "num_input_tokens": np.array([record.num_input_tokens], dtype=np.uint32),
+        "num_output_tokens": np.array([record.num_output_tokens], dtype=np.uint32),
+        "num_image_tokens": np.array([record.num_visual_tokens], dtype=np.uint32),
+    }
+    if record.finish_reason is not None:
+        out["finish_reason"] = np.array([record.finish_reason.encode()], dtype=np.object_)
+    if record.logprobs is not None:
+        out["logprobs"] = np.array([json.dumps(e).encode() for e in record.logprobs], dtype=np.object_)
+    return out
