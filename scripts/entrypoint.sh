@@ -8,9 +8,31 @@
 #   TRITONVL_SET          whitespace-separated MODEL.KEY=VALUE overrides, each a `--set`
 #                         (e.g. "llm.instance_kind=KIND_GPU llm.kv_cache_bytes=21474836480")
 #   TRITONVL_HTTP_PORT, TRITONVL_GRPC_PORT, TRITONVL_METRICS_PORT   (8000, 8001, 8002)
-#   TRITONVL_OPENAI_PORT  also serve the OpenAI-compatible gateway on this port
-# Arguments are passed on to `tritonvl serve`; tritonserver's own go after `--`.
+#   TRITONVL_OPENAI_PORT  also serve the OpenAI-compatible gateway on this port (unset or empty: no
+#                         gateway). Refused without TRITONVL_API_KEY unless TRITONVL_OPENAI_HOST is
+#                         a loopback address: the gateway must not answer anyone who reaches it.
+#   TRITONVL_API_KEY      the gateway's key (from a Secret); the gateway, a child of `tritonvl serve`,
+#                         reads it from the environment
+#   TRITONVL_OPENAI_HOST  the gateway's address (default 0.0.0.0: a container's loopback is
+#                         unreachable from outside it)
+#   TRITONVL_ADMIN_KEY    the value of the `tritonvl-admin-key` header (gRPC metadata
+#                         `triton-grpc-protocol-tritonvl-admin-key`) that Triton's management APIs
+#                         require; letters, digits and . _ ~ - only. Unset: a random key per start,
+#                         so nobody can use them.
+# Always passed to tritonserver: --model-control-mode=none, and the model-repository, model-config,
+# shared-memory, statistics, trace and logging APIs restricted to that header on HTTP and gRPC
+# (docs/SECURITY.md). Arguments are passed on to `tritonvl serve`; tritonserver's own go after `--`
+# and come after these (a second --model-control-mode there wins; a restricted API cannot be named
+# twice, tritonserver refuses that).
 set -euo pipefail
+
+die() { echo "tritonvl entrypoint: $*" >&2; exit 2; }
+
+serve_args=() server_args=() after=0
+for a in "$@"; do
+  if [ "$after" = 0 ] && [ "$a" = "--" ]; then after=1; continue; fi
+  if [ "$after" = 0 ]; then serve_args+=("$a"); else server_args+=("$a"); fi
+done
 
 args=(--http-port "${TRITONVL_HTTP_PORT:-8000}" --grpc-port "${TRITONVL_GRPC_PORT:-8001}"
       --metrics-port "${TRITONVL_METRICS_PORT:-8002}")
@@ -18,6 +40,30 @@ if [ -n "${TRITONVL_MODEL:-}" ]; then args+=(--model "$TRITONVL_MODEL"); fi
 if [ -n "${TRITONVL_DEVICE:-}" ]; then args+=(--device "$TRITONVL_DEVICE"); fi
 read -r -a sets <<< "${TRITONVL_SET:-}"
 for s in "${sets[@]}"; do args+=(--set "$s"); done
-if [ -n "${TRITONVL_OPENAI_PORT:-}" ]; then args+=(--openai-port "$TRITONVL_OPENAI_PORT"); fi
 
-exec tritonvl serve "${args[@]}" "$@"
+if [ -n "${TRITONVL_OPENAI_PORT:-}" ] && [ "$TRITONVL_OPENAI_PORT" != 0 ]; then
+  host=${TRITONVL_OPENAI_HOST:-0.0.0.0}
+  case "$host" in
+    127.*|localhost|::1) ;;
+    *) [ -n "${TRITONVL_API_KEY:-}" ] || die "TRITONVL_OPENAI_PORT=$TRITONVL_OPENAI_PORT starts the OpenAI gateway on $host" \
+         "without a key, so it would answer anyone: set TRITONVL_API_KEY (from a Secret; clients send" \
+         "'Authorization: Bearer <key>'), or TRITONVL_OPENAI_HOST=127.0.0.1, or leave TRITONVL_OPENAI_PORT unset" ;;
+  esac
+  args+=(--openai-port "$TRITONVL_OPENAI_PORT")
+  # `tritonvl serve` releases with --openai-host bind the gateway to loopback unless told otherwise;
+  # earlier ones bind 0.0.0.0 and have no such flag.
+  if tritonvl serve --help 2>/dev/null | grep -q -- '--openai-host'; then
+    args+=(--openai-host "$host")
+  elif [ "$host" != 0.0.0.0 ]; then
+    die "TRITONVL_OPENAI_HOST=$host: this tritonvl serve has no --openai-host (it binds the gateway to 0.0.0.0)"
+  fi
+fi
+
+admin_key=${TRITONVL_ADMIN_KEY:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}
+[[ "$admin_key" =~ ^[A-Za-z0-9._~-]+$ ]] || die "TRITONVL_ADMIN_KEY: letters, digits and . _ ~ - only"
+restricted=model-repository,model-config,shared-memory,statistics,trace,logging
+triton=(--model-control-mode=none
+        "--http-restricted-api=$restricted:tritonvl-admin-key=$admin_key"
+        "--grpc-restricted-protocol=$restricted:tritonvl-admin-key=$admin_key")
+
+exec tritonvl serve "${args[@]}" "${serve_args[@]}" -- "${triton[@]}" "${server_args[@]}"

@@ -1,6 +1,7 @@
 """The containers' entrypoint (scripts/entrypoint.sh), run here without Docker: configured from the
-environment as in deploy/, it serves the test model (Triton and the OpenAI gateway), answers, and on
-SIGTERM leaves no process behind."""
+environment as in deploy/, it serves the test model (Triton and the OpenAI gateway), answers, keeps
+Triton's management APIs behind the admin key and its models fixed, and on SIGTERM leaves no process
+behind; it refuses to start the gateway without a key."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,13 +34,40 @@ def session_members(sid: int) -> list[psutil.Process]:
     return out
 
 
+ENTRYPOINT = ROOT / "scripts" / "entrypoint.sh"
+API_KEY, ADMIN_KEY = "test-gateway-key", "test-admin-key"
+ADMIN = {"tritonvl-admin-key": ADMIN_KEY}  # HTTP; gRPC prefixes the name with triton-grpc-protocol-
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("TRITONVL_")}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TRITONVL_OPENAI_PORT": "9999"}, "set TRITONVL_API_KEY"),
+    ({"TRITONVL_OPENAI_PORT": "9999", "TRITONVL_OPENAI_HOST": "10.0.0.1"}, "set TRITONVL_API_KEY"),
+    ({"TRITONVL_ADMIN_KEY": "a:b=c"}, "TRITONVL_ADMIN_KEY"),
+])
+def test_entrypoint_refuses_unsafe_settings(env, message, tmp_path):
+    """Before anything starts: exit status 2 and a message naming what to set."""
+    fake = tmp_path / "tritonvl"  # stands in for the real command: it must never be reached
+    fake.write_text("#!/bin/sh\n[ \"$2\" = --help ] && exit 0\necho started >> \"$0.log\"\n")
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(ENTRYPOINT)], env={**clean_env(), **env, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "tritonvl.log").exists()
+
+
 def test_entrypoint_serves_and_stops_cleanly(model_dir, tmp_path):
     from tritonvl.handlers.tools.launcher import free_port
 
     http, grpc, metrics, openai = free_port(), free_port(), free_port(), free_port()
-    env = {"TRITONVL_OPENAI_PORT": str(openai), **os.environ, "TRITONVL_MODEL": str(model_dir), "TRITONVL_DEVICE": "cpu",
+    env = {**clean_env(), "TRITONVL_OPENAI_PORT": str(openai), "TRITONVL_MODEL": str(model_dir), "TRITONVL_DEVICE": "cpu",
            "TRITONVL_SET": "llm.max_num_seqs=5  vision_encoder.num_threads=1",
-           "TRITONVL_HTTP_PORT": str(http), "TRITONVL_GRPC_PORT": str(grpc), "TRITONVL_METRICS_PORT": str(metrics)}
+           "TRITONVL_HTTP_PORT": str(http), "TRITONVL_GRPC_PORT": str(grpc), "TRITONVL_METRICS_PORT": str(metrics),
+           # as deploy/ passes them, from the tritonvl-keys Secret
+           "TRITONVL_API_KEY": API_KEY, "TRITONVL_ADMIN_KEY": ADMIN_KEY}
     log_path = tmp_path / "entrypoint.log"
     log = open(log_path, "wb")
     # Its own session, as PID 1's children are in a container: everything it starts is findable.
@@ -60,9 +89,12 @@ def test_entrypoint_serves_and_stops_cleanly(model_dir, tmp_path):
                           json={"text_input": "Hello", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200, r.text
         assert r.json()["num_output_tokens"] == 4
-        # The gateway the images start beside Triton (TRITONVL_OPENAI_PORT), on the Service's `openai` port.
-        r = requests.get(f"http://localhost:{openai}/v1/models", timeout=30, headers=CLOSE)
+        # The gateway the images start beside Triton (TRITONVL_OPENAI_PORT), on the Service's `openai` port,
+        # with the key its clients send.
+        r = requests.get(f"http://localhost:{openai}/v1/models", timeout=30,
+                         headers={**CLOSE, "Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 200 and r.json()["data"], r.text
+        check_restricted_apis(http, grpc)
         # TRITONVL_SET reached the engine (a --set per word), on the metrics port the Service scrapes.
         text = requests.get(f"http://localhost:{metrics}/metrics", timeout=5, headers=CLOSE).text
         assert re.search(r'tritonvl_engine_info\{[^}]*max_num_seqs="5"', text), text[-2000:]
@@ -94,3 +126,37 @@ def test_entrypoint_serves_and_stops_cleanly(model_dir, tmp_path):
     assert rc == 0, log_path.read_text()[-3000:]
     assert not left, [(p.pid, p.name()) for p in left]
     assert stop_s < 25, f"stopping took {stop_s:.0f} s (Triton's exit timeout is 30 s)"
+
+
+def check_restricted_apis(http: int, grpc: int) -> None:
+    """Health, metadata and inference open; the management APIs need the admin key; with it, the
+    model control mode `none` still refuses to load or unload a model."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    base = f"http://localhost:{http}/v2"
+    assert requests.get(f"{base}/models/qwen2_5_vl", timeout=5, headers=CLOSE).status_code == 200  # metadata
+    for method, path in [("post", "/repository/index"), ("get", "/models/llm/config"), ("get", "/models/stats"),
+                         ("get", "/systemsharedmemory/status"), ("get", "/trace/setting"), ("get", "/logging")]:
+        denied = requests.request(method, base + path, timeout=5, headers=CLOSE)
+        assert denied.status_code == 403 and "restricted" in denied.text, (path, denied.status_code, denied.text)
+        wrong = requests.request(method, base + path, timeout=5, headers={**CLOSE, "tritonvl-admin-key": "nope"})
+        assert wrong.status_code == 403, (path, wrong.status_code)
+        allowed = requests.request(method, base + path, timeout=5, headers={**CLOSE, **ADMIN})
+        assert allowed.status_code == 200, (path, allowed.status_code, allowed.text)
+    r = requests.post(f"{base}/repository/models/llm/unload", timeout=5, headers={**CLOSE, **ADMIN})
+    assert r.status_code != 200 and "not allowed" in r.text, (r.status_code, r.text)
+    assert requests.get(f"{base}/models/llm/ready", timeout=5, headers=CLOSE).status_code == 200
+
+    client = grpcclient.InferenceServerClient(f"localhost:{grpc}")
+    try:
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_inference_statistics("llm")
+        with pytest.raises(InferenceServerException, match="restricted"):
+            client.get_model_repository_index()
+        grpc_admin = {"triton-grpc-protocol-tritonvl-admin-key": ADMIN_KEY}
+        assert client.get_inference_statistics("llm", headers=grpc_admin, as_json=True)["model_stats"]
+        assert client.get_model_repository_index(headers=grpc_admin, as_json=True)["models"]
+        assert client.is_model_ready("qwen2_5_vl")  # health stays open
+    finally:
+        client.close()
