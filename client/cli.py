@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from .rules.sampling import CLI_FIELDS
+
 
 def _server_command(name: str, extras: str):
     """A server-side verb (serve, gateway, make-tiny-model, export-onnx): run by
@@ -66,12 +68,12 @@ def _sampling_options(p: argparse.ArgumentParser, prompt: bool = True) -> None:
     if prompt:
         g.add_argument("--prompt", help="question about each image or video (default: 'Describe this image.', "
                                         "for a video 'Describe this video.')")
-    g.add_argument("--max-tokens", type=int, help="most tokens to generate (server default: 256)")
-    g.add_argument("--temperature", type=float, help="0 = greedy (the server's default)")
-    g.add_argument("--top-p", type=float)
-    g.add_argument("--top-k", type=int)
-    g.add_argument("--seed", type=int, help="for reproducible sampling")
-    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    for f in CLI_FIELDS:  # the sampling table's fields that have a flag
+        flag = "--" + f.name.replace("_", "-")
+        if f.kind == "strs":
+            g.add_argument(flag, action="append", default=[], metavar="TEXT", help=f.cli)
+        else:
+            g.add_argument(flag, type=f.python_type, help=f.cli)
 
 
 def _video_sampling_options(p: argparse.ArgumentParser) -> None:

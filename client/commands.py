@@ -11,6 +11,7 @@ from .client import Client
 from .errors import ModelNotReady, ServerUnavailable, TritonVLError
 from .images import describe_source, load_image
 from .params import SamplingParams
+from .rules.sampling import CLI_FIELDS
 from .videos import describe_video, load_video
 
 DEFAULT_PROMPT = "Describe this image."
@@ -41,8 +42,7 @@ def client_options(args: argparse.Namespace) -> dict:
 
 def sampling(args: argparse.Namespace) -> dict:
     """SamplingParams keyword arguments from the common options (unset ones left out), checked."""
-    names = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-    kwargs = {n: getattr(args, n) for n in names if getattr(args, n, None) not in (None, [])}
+    kwargs = {f.name: getattr(args, f.name) for f in CLI_FIELDS if getattr(args, f.name, None) not in (None, [])}
     SamplingParams.from_kwargs(**kwargs)  # fail before connecting, once
     return kwargs
 

@@ -3,63 +3,39 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import field, make_dataclass
 
 from .errors import InvalidRequest
-from .rules.sampling import EMPTY_STOP, min_tokens_error, range_error, type_error
+from .rules.sampling import (
+    EMPTY_STOP,
+    FIELDS,
+    TENSOR_FIELDS,
+    SamplingField,
+    min_tokens_error,
+    range_error,
+    type_error,
+)
 from .rules.structured import structured_error
 
-# Fields sent as their own tensor (and JSON key on HTTP); the rest travel in `sampling_parameters`.
-TENSOR_TYPES = {
-    "max_tokens": "INT32",
-    "min_tokens": "INT32",
-    "temperature": "FP32",
-    "top_p": "FP32",
-    "top_k": "INT32",
-    "repetition_penalty": "FP32",
-    "presence_penalty": "FP32",
-    "frequency_penalty": "FP32",
-    "seed": "UINT64",
-    "ignore_eos": "BOOL",
-}
-JSON_ONLY = ("min_p", "include_stop_str_in_output", "skip_special_tokens", "structured_outputs")
 
-
-@dataclass
-class SamplingParams:
-    """What to generate. ``None`` leaves a field to the server's default (greedy, 256 tokens).
+class _Checks:
+    """What to generate. ``None`` leaves a field to the server's default (greedy, 256 tokens); the fields
+    are the table's (``rules/sampling.py`` FIELDS).
 
     The same ranges as the server (vLLM's): ``validate()`` raises ``InvalidRequest`` naming the
-    field and the rule, so a mistake fails before the request is sent.
+    field and the rule, so a mistake fails before the request is sent. ``structured_outputs``
+    constrains the answer (vLLM's object): {"json": schema}, {"regex": ...}, {"choice": [...]},
+    {"grammar": EBNF} or {"json_object": True}; ``rules.structured.from_response_format`` maps OpenAI's.
     """
-
-    max_tokens: int | None = None
-    min_tokens: int | None = None
-    temperature: float | None = None  # 0 = greedy
-    top_p: float | None = None
-    top_k: int | None = None  # 0 or -1 = off
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool | None = None
-    include_stop_str_in_output: bool | None = None
-    skip_special_tokens: bool | None = None
-    # constrain the answer (vLLM's object): {"json": schema}, {"regex": ...}, {"choice": [...]},
-    # {"grammar": EBNF} or {"json_object": True}; client.structured.from_response_format maps OpenAI's
-    structured_outputs: dict | None = None
 
     @classmethod
     def from_kwargs(cls, base: SamplingParams | None = None, **kwargs) -> SamplingParams:
         """``base`` (or defaults) updated with keyword arguments; unknown names are a TypeError."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in FIELDS}
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown sampling parameter(s) {unknown}; known: {sorted(known)}")
-        values = {f.name: getattr(base, f.name) for f in fields(cls)} if base else {}
+        values = {f.name: getattr(base, f.name) for f in FIELDS} if base else {}
         values.update(kwargs)
         if isinstance(values.get("stop"), str):
             values["stop"] = [values["stop"]]
@@ -70,7 +46,7 @@ class SamplingParams:
     def validate(self) -> SamplingParams:
         """Raise InvalidRequest naming the field and the rule (the server's, ``sampling_rules``); return self."""
         self._check_types()
-        for f in fields(self):
+        for f in FIELDS:
             rule = range_error(f.name, getattr(self, f.name))
             if rule:
                 raise InvalidRequest(f"{f.name}={getattr(self, f.name)!r}: {rule}")
@@ -88,10 +64,9 @@ class SamplingParams:
         return self
 
     def _check_types(self) -> None:
-        kinds = {"bool": bool, "int": int, "float": float}
-        for f in fields(self):
+        for f in FIELDS:
             value = getattr(self, f.name)
-            kind = kinds.get(str(f.type).split(" |")[0])
+            kind = f.python_type if f.kind in ("int", "float", "bool") else None
             if value is None or kind is None:
                 continue
             problem = type_error(kind, value)
@@ -106,12 +81,11 @@ class SamplingParams:
 
     def tensors(self) -> dict[str, tuple[object, str]]:
         """Explicit tensors to send: name -> (value, Triton datatype); unset fields left out."""
-        out: dict[str, tuple[object, str]] = {
-            name: (getattr(self, name), dtype) for name, dtype in TENSOR_TYPES.items() if getattr(self, name) is not None}
-        if self.stop:
-            out["stop_words"] = (list(self.stop), "BYTES")
-        if self.stop_token_ids:
-            out["stop_token_ids"] = (list(self.stop_token_ids), "INT32")
+        out: dict[str, tuple[object, str]] = {}
+        for name, f in TENSOR_FIELDS.items():
+            value = getattr(self, f.name)
+            if value is not None and value != []:
+                out[name] = (list(value) if isinstance(value, list) else value, f.tensor)
         extra = self.json_only()
         if extra:
             out["sampling_parameters"] = (json.dumps(extra), "BYTES")
@@ -119,4 +93,15 @@ class SamplingParams:
 
     def json_only(self) -> dict:
         """The set fields that have no tensor of their own (sent in `sampling_parameters`)."""
-        return {name: getattr(self, name) for name in JSON_ONLY if getattr(self, name) is not None}
+        return {f.name: getattr(self, f.name) for f in FIELDS if not f.tensor and getattr(self, f.name) is not None}
+
+
+def _client_field(f: SamplingField):
+    if f.kind in ("strs", "ints"):
+        return f.name, list, field(default_factory=list)
+    return f.name, f.python_type | None, field(default=None)
+
+
+SamplingParams = make_dataclass("SamplingParams", [_client_field(f) for f in FIELDS], bases=(_Checks,),
+                                namespace={"__module__": __name__})
+SamplingParams.__doc__ = _Checks.__doc__

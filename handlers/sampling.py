@@ -7,58 +7,25 @@ Sources, in increasing priority: the model's generation_config defaults, the vLL
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import field, make_dataclass
 
 from tritonvl.client.rules.errors import InvalidArgument, checked_text
-from tritonvl.client.rules.sampling import EMPTY_STOP, from_string, min_tokens_error, range_error, type_error
+from tritonvl.client.rules.sampling import (
+    BY_NAME,
+    EMPTY_STOP,
+    FIELDS,
+    JSON_KEYS,
+    SamplingField,
+    from_string,
+    min_tokens_error,
+    range_error,
+    type_error,
+)
 from tritonvl.client.rules.structured import GrammarSpec, parse_structured_outputs
 
-# The public interface's explicit sampling tensors, each named as the SamplingParams field it sets.
-SAMPLING_TENSORS = ("max_tokens", "min_tokens", "temperature", "top_p", "top_k", "repetition_penalty",
-                    "presence_penalty", "frequency_penalty", "seed", "ignore_eos")
-# Keys accepted in the `sampling_parameters` JSON (vLLM names) and the field each one sets.
-JSON_KEYS = {
-    "max_tokens": "max_tokens",
-    "min_tokens": "min_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "repetition_penalty": "repetition_penalty",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-    "seed": "seed",
-    "stop": "stop",
-    "stop_words": "stop",
-    "stop_token_ids": "stop_token_ids",
-    "ignore_eos": "ignore_eos",
-    "include_stop_str_in_output": "include_stop_str_in_output",
-    "skip_special_tokens": "skip_special_tokens",
-    "n": "n",
-    "structured_outputs": "structured_outputs",
-}
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 256
-    min_tokens: int = 0
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    n: int = 1
-    # the answer's constraint as GrammarSpec.to_dict() (handlers/llm/grammar); None: free text
-    structured_outputs: dict | None = None
+class _Rules:
+    """What the server's SamplingParams does beyond holding the table's fields."""
 
     @property
     def greedy(self) -> bool:
@@ -66,12 +33,24 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> SamplingParams:
         """Raise InvalidArgument naming the field and the rule; return self."""
-        for f in fields(self):
+        for f in FIELDS:
             check_field(f.name, getattr(self, f.name), vocab_size)
         rule = min_tokens_error(self.min_tokens, self.max_tokens)
         if rule:
             raise InvalidArgument(f"min_tokens={self.min_tokens}: {rule}")
         return self
+
+
+def _server_field(f: SamplingField):
+    if f.kind in ("strs", "ints"):  # lists: a fresh one per object
+        return f.name, f.python_type, field(default_factory=lambda d=f.default: list(d))
+    return f.name, f.python_type | None if f.default is None else f.python_type, field(default=f.default)
+
+
+# The sampling fields of one request with the server's defaults, from the one table (client/rules/sampling.py).
+# ``structured_outputs`` holds the answer's constraint as GrammarSpec.to_dict() (None: free text).
+SamplingParams = make_dataclass("SamplingParams", [_server_field(f) for f in FIELDS], bases=(_Rules,),
+                                namespace={"__module__": __name__})
 
 
 # Numerically safe bounds applied after validation: outside them the sampler's float32 logits
@@ -82,7 +61,7 @@ REPETITION_PENALTY_RANGE = (1e-2, 1e2)
 
 
 def check_field(name: str, value, vocab_size: int, where: str = "") -> None:
-    """The rule of one field (``client/sampling_rules.py``, shared with the client), raising
+    """The rule of one field (``client/rules/sampling.py``, shared with the client), raising
     InvalidArgument naming ``where + name``."""
     rule = range_error(name, value)
     if rule:
@@ -112,16 +91,12 @@ def _text(name: str, value) -> str:
     return checked_text(value, name)
 
 
-_KINDS = {f.name: f.type for f in fields(SamplingParams)}
-_SCALAR = {"int": int, "float": float, "bool": bool, "int | None": int}
-
-
 def _normalize(values: dict, vocab_size: int, where: str) -> dict:
     """Type-check one source of values and apply each field's own range rule."""
     out = {}
     for name, value in values.items():
-        label = "stop_words" if name == "stop" else name
-        kind = _SCALAR.get(str(_KINDS[name]))
+        label = BY_NAME[name].input_name
+        kind = BY_NAME[name].python_type if BY_NAME[name].kind in ("int", "float", "bool") else None
         if kind is not None:
             value = _coerce(where + label, value, kind)
         elif name == "stop":
@@ -154,7 +129,7 @@ def _parse_json(json_text: str) -> dict:
     unknown = sorted(set(parsed) - set(JSON_KEYS))
     if unknown:
         raise InvalidArgument(f"sampling_parameters: unknown key(s) {unknown}; known: {sorted(JSON_KEYS)}")
-    # numbers and booleans written as strings, where vLLM's backend takes them (sampling_rules.FROM_STRING)
+    # numbers and booleans written as strings, where vLLM's backend takes them (SamplingField.from_string)
     return {JSON_KEYS[key]: from_string(JSON_KEYS[key], value) for key, value in parsed.items() if value is not None}
 
 

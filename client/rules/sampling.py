@@ -1,48 +1,112 @@
-"""The sampling parameters' rules (vLLM's ranges) and their messages: one table that the client checks
-before sending and the server (``handlers/sampling.py``) checks on arrival. No torch, no numpy."""
+"""The sampling fields: one table (``FIELDS``) from which the client's and the server's parameters, the
+public tensors, the ``sampling_parameters`` JSON keys, the gateway's OpenAI mapping and the CLI flags are
+derived, with vLLM's ranges and their messages (the client checks them before sending, the server
+``handlers/sampling.py`` on arrival). No torch, no numpy."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
-# Numbers that must be finite (nan/inf) before any range applies.
-FINITE = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
-# name -> (is the value allowed, the rule as errors state it: "<name>=<value>: <rule>")
-RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v == 1, "only n=1 is supported"),
-    "max_tokens": (lambda v: v >= 1, "must be at least 1"),
-    "min_tokens": (lambda v: v >= 0, "must be between 0 and max_tokens"),
-    "temperature": (lambda v: v >= 0, "must be >= 0"),
-    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "top_k": (lambda v: v >= -1, "must be -1 or 0 (off) or a positive integer"),
-    "min_p": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
-    "repetition_penalty": (lambda v: v > 0, "must be > 0"),
-    "presence_penalty": (lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
-    "frequency_penalty": (lambda v: -2 <= v <= 2, "must be in [-2, 2]"),
-    "seed": (lambda v: 0 <= v < 2**64, "must be in [0, 2**64)"),
-}
+@dataclass(frozen=True)
+class SamplingField:
+    """One sampling field, everywhere it appears: the client's and the server's ``SamplingParams``,
+    the public tensor (declared in the qwen2_5_vl, qwen2_5_vl_ensemble and preprocess config.pbtxt:
+    tests/unit/test_sampling_table.py), the ``sampling_parameters`` JSON keys, the OpenAI body keys the
+    gateway maps, and the `tritonvl describe/chat` flag."""
+
+    name: str
+    kind: str  # "int", "float", "bool", "strs" (list of str), "ints" (list of int), "object" (a JSON object)
+    default: Any  # the server's default (the model's generation_config may change it)
+    tensor: str | None = None  # Triton datatype of its own public input; None: `sampling_parameters` JSON only
+    wire: str = ""  # that input's name when it is not the field's
+    aliases: tuple[str, ...] = ()  # other `sampling_parameters` keys for it (vLLM's Triton backend names)
+    openai: tuple[str, ...] = ()  # OpenAI request keys the gateway maps onto it (vLLM's extras included)
+    check: Callable[[Any], bool] | None = None  # the range rule (vLLM's)...
+    rule: str = ""  # ...as errors state it: "<name>=<value>: <rule>"
+    finite: bool = False  # nan / inf refused before any range applies
+    from_string: bool = False  # "0.1" / "100" / "false" taken in the JSON, as vLLM's Triton backend does
+    cli: str | None = None  # help of the CLI flag --<name-with-dashes>; None: no flag
+    doc: str = ""
+
+    @property
+    def input_name(self) -> str:
+        return self.wire or self.name
+
+    @property
+    def python_type(self) -> type:
+        return {"int": int, "float": float, "bool": bool, "strs": list, "ints": list, "object": dict}[self.kind]
+
+
+FIELDS: tuple[SamplingField, ...] = (
+    SamplingField("max_tokens", "int", 256, "INT32", openai=("max_tokens", "max_completion_tokens"),
+                  check=lambda v: v >= 1, rule="must be at least 1", from_string=True,
+                  cli="most tokens to generate (server default: 256)", doc="tokens to generate at most"),
+    SamplingField("min_tokens", "int", 0, "INT32", openai=("min_tokens",), check=lambda v: v >= 0,
+                  rule="must be between 0 and max_tokens", from_string=True,
+                  doc="tokens to generate before eos or a stop may end the answer"),
+    SamplingField("temperature", "float", 0.0, "FP32", openai=("temperature",), check=lambda v: v >= 0,
+                  rule="must be >= 0", finite=True, from_string=True, cli="0 = greedy (the server's default)",
+                  doc="0 = greedy"),
+    SamplingField("top_p", "float", 1.0, "FP32", openai=("top_p",), check=lambda v: 0 < v <= 1,
+                  rule="must be in (0, 1]", finite=True, from_string=True, cli="nucleus sampling mass",
+                  doc="nucleus sampling: the smallest set of tokens whose probability reaches it"),
+    SamplingField("top_k", "int", 0, "INT32", openai=("top_k",), check=lambda v: v >= -1,
+                  rule="must be -1 or 0 (off) or a positive integer", from_string=True,
+                  cli="sample among the k most likely tokens", doc="0 or -1 = off"),
+    SamplingField("min_p", "float", 0.0, openai=("min_p",), check=lambda v: 0 <= v <= 1, rule="must be in [0, 1]",
+                  finite=True, doc="drop tokens below min_p times the most likely one's probability"),
+    SamplingField("repetition_penalty", "float", 1.0, "FP32", openai=("repetition_penalty",),
+                  check=lambda v: v > 0, rule="must be > 0", finite=True, doc="1 = off (transformers' rule)"),
+    SamplingField("presence_penalty", "float", 0.0, "FP32", openai=("presence_penalty",),
+                  check=lambda v: -2 <= v <= 2, rule="must be in [-2, 2]", finite=True, from_string=True,
+                  doc="OpenAI's"),
+    SamplingField("frequency_penalty", "float", 0.0, "FP32", openai=("frequency_penalty",),
+                  check=lambda v: -2 <= v <= 2, rule="must be in [-2, 2]", finite=True, from_string=True,
+                  doc="OpenAI's"),
+    SamplingField("seed", "int", None, "UINT64", openai=("seed",), check=lambda v: 0 <= v < 2**64,
+                  rule="must be in [0, 2**64)", cli="for reproducible sampling", doc="per-request generator"),
+    SamplingField("stop", "strs", (), "BYTES", wire="stop_words", aliases=("stop_words",), openai=("stop",),
+                  cli="stop string (repeatable)", doc="strings that end the answer (cut from it)"),
+    SamplingField("stop_token_ids", "ints", (), "INT32", openai=("stop_token_ids",),
+                  doc="token ids that end the answer"),
+    SamplingField("ignore_eos", "bool", False, "BOOL", openai=("ignore_eos",), from_string=True,
+                  doc="go on past the model's eos (benchmarks)"),
+    SamplingField("include_stop_str_in_output", "bool", False, openai=("include_stop_str_in_output",),
+                  doc="keep the stop string that ended the answer"),
+    SamplingField("skip_special_tokens", "bool", True, openai=("skip_special_tokens",), from_string=True,
+                  doc="leave special tokens out of the text"),
+    SamplingField("n", "int", 1, check=lambda v: v == 1, rule="only n=1 is supported", from_string=True,
+                  doc="answers per request"),
+    SamplingField("structured_outputs", "object", None,
+                  doc="vLLM's object: {json | regex | choice | grammar | json_object} (rules.structured)"),
+)
+BY_NAME = {f.name: f for f in FIELDS}
+# every `sampling_parameters` key (field names and aliases) -> the field it sets
+JSON_KEYS = {key: f.name for f in FIELDS for key in (f.name, *f.aliases)}
+# the public inputs that carry a field of their own: input name -> field
+TENSOR_FIELDS = {f.input_name: f for f in FIELDS if f.tensor}
+# OpenAI request keys -> field (the gateway's mapping)
+OPENAI_KEYS = {key: f for f in FIELDS for key in f.openai}
+# the fields `tritonvl describe/chat/batch` take as flags
+CLI_FIELDS = tuple(f for f in FIELDS if f.cli is not None)
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token at most (OpenAI's and vLLM's limit)
 
 EMPTY_STOP = "empty strings are not allowed"
 
 _KINDS = {bool: "a boolean", int: "an integer", float: "a number"}
 
-# Keys of the `sampling_parameters` JSON whose value may also be written as a string, as vLLM's Triton
-# backend converts them (its samples/client.py sends "temperature": "0.1", "max_tokens": "100").
-# Unlike its bool("false") (true), "false" is false here; other words are refused.
-FROM_STRING: dict[str, type] = {
-    "temperature": float, "top_p": float, "presence_penalty": float, "frequency_penalty": float,
-    "max_tokens": int, "min_tokens": int, "top_k": int, "n": int,
-    "ignore_eos": bool, "skip_special_tokens": bool,
-}
 _WORDS = {"true": True, "false": False, "1": True, "0": False}
 
 
 def from_string(name: str, value):
-    """A JSON string value of a FROM_STRING key as that key's type ("0.1" -> 0.1, "100" -> 100,
+    """A JSON string value of a ``from_string`` field as that field's type ("0.1" -> 0.1, "100" -> 100,
     "false" -> False); any other value comes back unchanged (the type check then judges it)."""
-    kind = FROM_STRING.get(name)
+    f = BY_NAME.get(name)
+    kind = f.python_type if f is not None and f.from_string else None
     if kind is None or not isinstance(value, str):
         return value
     text = value.strip()
@@ -59,10 +123,12 @@ def range_error(name: str, value) -> str | None:
     """The rule ``value`` breaks as field ``name``, or None (also for None: the field is unset)."""
     if value is None:
         return None
-    if name in FINITE and not math.isfinite(value):
+    f = BY_NAME.get(name)
+    if f is None:
+        return None
+    if f.finite and not math.isfinite(value):
         return "must be a finite number"
-    allowed, rule = RANGES.get(name, (None, ""))
-    return rule if allowed is not None and not allowed(value) else None
+    return f.rule if f.check is not None and not f.check(value) else None
 
 
 def min_tokens_error(min_tokens: int, max_tokens: int) -> str | None:

@@ -16,22 +16,12 @@ from dataclasses import dataclass, field
 from tritonvl.client.errors import InvalidRequest
 from tritonvl.client.params import SamplingParams
 from tritonvl.client.request import Request
+from tritonvl.client.rules.sampling import MAX_TOP_LOGPROBS, OPENAI_KEYS
 from tritonvl.client.rules.structured import from_response_format
 from tritonvl.handlers.gateway.errors import bad_request, unsupported
 
-# OpenAI / vLLM name -> SamplingParams field
-SAMPLING = {
-    "max_tokens": "max_tokens", "max_completion_tokens": "max_tokens", "min_tokens": "min_tokens",
-    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
-    "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
-    "repetition_penalty": "repetition_penalty", "stop": "stop", "stop_token_ids": "stop_token_ids",
-    "ignore_eos": "ignore_eos", "skip_special_tokens": "skip_special_tokens",
-    "include_stop_str_in_output": "include_stop_str_in_output",
-}
-_TYPES = {"max_tokens": int, "max_completion_tokens": int, "min_tokens": int, "top_k": int, "seed": int,
-          "temperature": float, "top_p": float, "min_p": float, "presence_penalty": float,
-          "frequency_penalty": float, "repetition_penalty": float, "ignore_eos": bool,
-          "skip_special_tokens": bool, "include_stop_str_in_output": bool}
+# OpenAI / vLLM name -> SamplingParams field (the sampling table's ``openai`` keys)
+SAMPLING = {key: f.name for key, f in OPENAI_KEYS.items()}
 # Accepted and without effect on the answer (they describe the caller or the billing).
 IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 # Accepted only at a value that asks for nothing we lack (null is always fine).
@@ -66,7 +56,6 @@ class Parsed:
     logprobs: bool = False  # the answer carries OpenAI's logprobs object
 
 
-MAX_TOP_LOGPROBS = 20  # the server's limit (OpenAI's too)
 
 
 def logprobs_inputs(body: dict, chat: bool) -> dict[str, tuple[object, str]]:
@@ -169,7 +158,8 @@ def sampling(body: dict) -> SamplingParams:
 
 
 def _typed(name: str, value):
-    kind = _TYPES.get(name)
+    f = OPENAI_KEYS[name]
+    kind = f.python_type if f.kind in ("int", "float", "bool") else None
     if kind is bool and not isinstance(value, bool):
         raise bad_request(name, f"{name}: expected a boolean, got {value!r}")
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -178,13 +168,13 @@ def _typed(name: str, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad_request(name, f"{name}: expected a number, got {value!r}")
         return float(value)
-    if name == "stop":
+    if f.kind == "strs":
         value = [value] if isinstance(value, str) else value
         if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-            raise bad_request(name, "stop: expected a non-empty string or a list of them")
-    if name == "stop_token_ids" and (not isinstance(value, list) or not all(
+            raise bad_request(name, f"{name}: expected a non-empty string or a list of them")
+    if f.kind == "ints" and (not isinstance(value, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in value)):
-        raise bad_request(name, "stop_token_ids: expected a list of integers")
+        raise bad_request(name, f"{name}: expected a list of integers")
     return value
 
 

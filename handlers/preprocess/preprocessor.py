@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tritonvl.client.rules.errors import InvalidArgument, checked_text
+from tritonvl.client.rules.sampling import MAX_TOP_LOGPROBS, TENSOR_FIELDS
 from tritonvl.client.rules.structured import GrammarSpec, parse_guide_tensors
 from tritonvl.handlers.engine.grammar.xgr import check_syntax
 from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions
 from tritonvl.handlers.preprocess.clipcache import ClipCache
-from tritonvl.handlers.preprocess.images import ImageLimits, load_images
+from tritonvl.handlers.preprocess.images import ImageLimits, each_image
 from tritonvl.handlers.preprocess.pixels import (
     VIDEO_KEYS,
     PixelBudget,
@@ -32,9 +33,7 @@ from tritonvl.handlers.preprocess.prompt import (
     text_bytes,
 )
 from tritonvl.handlers.preprocess.video import VideoLimits, in_prompt_order, load_videos, video_geometry
-from tritonvl.handlers.sampling import SAMPLING_TENSORS, build_sampling_params, sets_max_tokens
-
-MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default limit
+from tritonvl.handlers.sampling import build_sampling_params, sets_max_tokens
 
 
 @dataclass
@@ -60,13 +59,15 @@ class RawRequest:
 def raw_request(inputs) -> RawRequest:
     """The public request's tensors as one RawRequest. ``inputs`` reads a tensor by name: ``scalar``,
     ``strings`` (a list of its elements) and ``array`` (tritonserver.adapter.Inputs)."""
-    sampling = {name: inputs.scalar(name) for name in SAMPLING_TENSORS}
-    stops = inputs.strings("stop_words")
-    if stops:
-        sampling["stop"] = stops  # bytes: decoded strictly below (invalid UTF-8 is an error)
-    stop_ids = inputs.array("stop_token_ids")
-    if stop_ids is not None and stop_ids.size:
-        sampling["stop_token_ids"] = [int(x) for x in stop_ids.reshape(-1)]
+    sampling = {}  # the fields with a tensor of their own (client/rules/sampling.py FIELDS), by field name
+    for name, f in TENSOR_FIELDS.items():
+        if f.kind == "strs":  # bytes: decoded strictly below (invalid UTF-8 is an error)
+            sampling[f.name] = inputs.strings(name) or None
+        elif f.kind == "ints":
+            ids = inputs.array(name)
+            sampling[f.name] = None if ids is None or not ids.size else [int(x) for x in ids.reshape(-1)]
+        else:
+            sampling[f.name] = inputs.scalar(name)
     return RawRequest(
         text_input=inputs.scalar("text_input"),
         images=inputs.strings("image"),
@@ -148,10 +149,10 @@ class Preprocessor:
         sampling_json = utf8(raw.sampling_parameters, "sampling_parameters")
         sampling = build_sampling_params(raw.sampling, sampling_json, self.sampling_defaults, self.info.vocab_size)
         check_syntax(GrammarSpec.from_dict(sampling.structured_outputs))  # the llm step compiles it
-        images = load_images(sources, self.limits)
-        pixel_values, grid = self.pixels(images, budgets)
+        pixel_values, grid = self.pixels(each_image(sources, self.limits), budgets)  # one decoded at a time
         clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry,
-                            {k: v for k, v in request_pixels.items() if k in VIDEO_KEYS}, self.clips)
+                            {k: v for k, v in request_pixels.items() if k in VIDEO_KEYS}, self.clips,
+                            max_tokens=self.max_model_len)
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
         timed = self.info.timestamps_videos  # Qwen3-VL: a <t seconds> text before each temporal patch
         clip_texts = [self.prompts.video_text(int(np.prod(c.grid)) // self.info.merge_unit,
@@ -192,19 +193,21 @@ class Preprocessor:
             return -1
         return top or 0
 
-    def pixels(self, images: list, budgets: list[PixelBudget] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Qwen's image processor (its smart_resize) with each image's pixel budget; images that share
-        a budget go through in one call, the rest one by one (rows concatenated in image order)."""
-        if not images:
-            return np.zeros((0, self.info.patch_dim), np.float32), np.zeros((0, 3), np.int64)
-        budgets = budgets or [self.budget] * len(images)
-        groups = [(images, budgets[0])] if len(set(budgets)) == 1 else [([im], b) for im, b in zip(images, budgets)]
+    def pixels(self, images, budgets: list[PixelBudget] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Qwen's image processor (its smart_resize) with each image's pixel budget, one image at a time
+        (rows concatenated in image order: the processor treats images one by one, so they are one
+        call's). ``images`` may be an iterator that decodes each only when asked (``each_image``): the
+        decoded image is dropped before the next is asked for, so one is held at a time."""
         values, grids = [], []
-        for group, budget in groups:
+        for i, image in enumerate(images):
+            budget = budgets[i] if budgets else self.budget
             try:
-                out = self.image_processor(images=group, size=budget.size(), return_tensors="np")
+                out = self.image_processor(images=[image], size=budget.size(), return_tensors="np")
             except ValueError as exc:
                 raise InvalidArgument(f"image: refused by Qwen's size rules ({exc})") from None
+            del image
             values.append(np.asarray(out["pixel_values"], dtype=np.float32))
             grids.append(np.asarray(out["image_grid_thw"], dtype=np.int64))
+        if not values:
+            return np.zeros((0, self.info.patch_dim), np.float32), np.zeros((0, 3), np.int64)
         return np.ascontiguousarray(np.concatenate(values)), np.concatenate(grids)
