@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from tritonvl.handlers.devices import cpu_threads
 
@@ -55,18 +55,20 @@ class Float(Rule):
     min: float = 0.0
     max: float | None = None
     open_min: bool = False  # min itself refused
+    finite: bool = False  # inf refused (a time limit: inf passed, then failed every use as INTERNAL)
 
     def parse(self, text: str) -> float:
         value = float(text)
         if value != value or value < self.min or (self.open_min and value == self.min):
             raise ValueError
-        if self.max is not None and value > self.max:
+        if (self.max is not None and value > self.max) or (self.finite and value == float("inf")):
             raise ValueError
         return value
 
     def describe(self) -> str:
         low = f"{'>' if self.open_min else '>='} {self.min:g}"
-        return f"a number {low}" + (f" and <= {self.max:g}" if self.max is not None else "")
+        return f"a {'finite ' if self.finite else ''}number {low}" + (
+            f" and <= {self.max:g}" if self.max is not None else "")
 
 
 class Bool(Rule):
@@ -180,10 +182,18 @@ class PreprocessParams(CommonParams):
         "hosts whose http(s) image and video URLs are "
         "fetched (`img.example.com`, `*.cdn.example`); empty: URLs refused",
     )
-    image_url_timeout_s: float = param(Float(0, open_min=True), "10", "seconds per image (or video) URL fetch")
+    image_url_timeout_s: float = param(
+        Float(0, open_min=True, finite=True), "10", "seconds per image (or video) URL fetch in all: name lookup, "
+        "connect, headers and body of every redirect"
+    )
     image_url_allow_private: bool = param(
-        Bool(), "false", "allow-listed hosts may resolve to private, loopback or link-local addresses (an "
-        "in-cluster media store); false: refused, so a URL cannot reach the server's own network"
+        Bool(), "false", "allow-listed hosts may resolve to private addresses (RFC 1918, IPv6 unique-local: an "
+        "in-cluster media store); loopback, link-local (169.254.169.254 metadata), CGNAT, unspecified, multicast "
+        "and reserved addresses stay refused; false: public addresses only"
+    )
+    image_url_allow_loopback: bool = param(
+        Bool(), "false", "for tests and a media server on this machine only: allow-listed hosts may resolve to "
+        "loopback (127.0.0.0/8, ::1); link-local and metadata addresses stay refused"
     )
     # video (docs/VIDEO.md): sampling like qwen-vl-utils; a request's part keys may lower these, not raise them
     max_videos_per_request: int = param(Int(0), "2", "videos per request")
@@ -191,6 +201,15 @@ class PreprocessParams(CommonParams):
     max_video_seconds: float = param(Float(0, open_min=True), "600", "longest video, from its header")
     max_video_frames: int = param(
         Int(1), "4096", "frames a video (or frame list) may hold before sampling (counted before decoding)"
+    )
+    max_video_decoded_pixels: int = param(
+        Int(1), "8493465600", "pixels the videos of one request may decode (frames decoded x frame area, from the "
+        "headers before any frame is decoded: a container decodes every frame up to its last sampled one, a "
+        "frame list only its sampled frames); default: 4096 frames of 1920x1080"
+    )
+    video_decode_timeout_s: float = param(
+        Float(0, open_min=True, finite=True), "60", "seconds the videos of one request may take to decode "
+        "(checked between frames); past it the request is INVALID_ARG"
     )
     video_fps: float = param(Float(0, open_min=True), "2", "frames sampled per second when the request gives no fps")
     video_min_frames: int = param(Int(2), "4", "fewest frames sampled by fps")
@@ -374,6 +393,12 @@ def read(model: str, raw: Mapping[str, str]):
         rule = f.metadata["rule"]
         values[name] = rule.empty if text == "" else parse_value(model, name, rule, text)
     return cls(**values)
+
+
+def typed(model: str, **values):
+    """The typed parameters of ``model``: the defaults, with ``values`` (already typed) in place
+    (the offline pipeline and tests; a misspelt name is a TypeError)."""
+    return replace(read(model, {}), **values)
 
 
 def check(model: str, key: str, value: str) -> None:

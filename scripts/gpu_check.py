@@ -187,21 +187,21 @@ def main() -> int:
     if not backends:
         print("none of the backends can run here:", args.attention)
         return 1
-    kw = {"attention": backends[0], "max_num_seqs": 64}
+    kw = {"attention_backend": backends[0], "max_num_seqs": 64}
     on_cpu = args.device.startswith("cpu")
     if on_cpu:
         kw["kv_cache_bytes"] = 1 << 28
     report = {"device": args.device, "model": str(model_dir)}
     report["parity_fp32"] = []
     for backend in backends:
-        report["parity_fp32"] += parity(model_dir, args.device, "float32", {**kw, "attention": backend}, args.quick)
+        report["parity_fp32"] += parity(model_dir, args.device, "float32", {**kw, "attention_backend": backend}, args.quick)
     if not on_cpu:
         report["agreement_bf16"] = parity(model_dir, args.device, "bfloat16", kw, args.quick)
     batches = [1, 4] if args.quick else [int(b) for b in args.batches.split(",")]
     report["decode"] = []
     for backend in backends:
         report["decode"] += decode_speed(model_dir, args.device, "float32" if on_cpu else "bfloat16",
-                                         {**kw, "attention": backend}, batches, 8 if args.quick else args.tokens)
+                                         {**kw, "attention_backend": backend}, batches, 8 if args.quick else args.tokens)
 
     for name in ("parity_fp32", "agreement_bf16"):
         for r in report.get(name, []):

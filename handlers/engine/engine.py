@@ -8,7 +8,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from tritonvl.client.rules.errors import InvalidArgument, RequestError, Unavailable
+from tritonvl.client.rules.errors import (
+    DeadlineExceeded,
+    Overloaded,
+    RequestError,
+    Unavailable,
+)
 from tritonvl.client.rules.structured import GrammarSpec
 from tritonvl.handlers.engine.block_manager import BlockManager
 from tritonvl.handlers.engine.config import EngineConfig
@@ -19,12 +24,14 @@ from tritonvl.handlers.engine.logprobs import entries as logprob_entries
 from tritonvl.handlers.engine.model_runner import ModelRunner, SeqInputs
 from tritonvl.handlers.engine.sampler import SeqSampler, sample_batch
 from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler
-from tritonvl.handlers.engine.sequence import Sequence
+from tritonvl.handlers.engine.sequence import Sequence, stop_ids_for
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
 from tritonvl.handlers.engine.textstream import OutputStream
 from tritonvl.handlers.engine.visual import image_spans, timed_spans
 from tritonvl.handlers.metrics import NullSink
 from tritonvl.handlers.modelinfo import ModelInfo
+from tritonvl.handlers.options import fit_to_context
+from tritonvl.handlers.params import LLMParams
 
 log = logging.getLogger("tritonvl.engine")
 
@@ -41,31 +48,28 @@ class SeqState:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype, kv_cache_bytes: int,
-                 block_size: int | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 max_model_len: int | None = None, enable_prefix_caching: bool = True, max_waiting: int = 1024,
-                 attention: str = "auto", metrics=None, deadline_s: float = 0.0,
-                 kv_cache_fraction: float = 0.5, grammar_compile_timeout_s: float = 30.0,
-                 grammar_cache_bytes: int = 512 << 20) -> None:
+    def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype, params: LLMParams,
+                 metrics=None) -> None:
+        """``params``: the llm model's typed parameters (handlers/params.py), taken whole."""
+        p = params
         self.info, self.tokenizer, self.device = info, tokenizer, device
-        self.runner = ModelRunner(model_dir, info, device, dtype, kv_cache_bytes, block_size, attention,
-                                  kv_cache_fraction)
+        self.runner = ModelRunner(model_dir, info, device, dtype, p.kv_cache_bytes or 0, p.block_size,
+                                  p.attention_backend, p.kv_cache_fraction)
         block_size = self.runner.block_size
         capacity = self.runner.num_blocks * block_size
-        self.declared_max_len = max_model_len or info.max_position_embeddings  # before the KV cache's cap
-        max_len = min(self.declared_max_len, capacity)
-        self.config = EngineConfig(num_blocks=self.runner.num_blocks, max_model_len=max_len, block_size=block_size,
-                                   max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max(max_num_batched_tokens, max_num_seqs),
-                                   enable_prefix_caching=enable_prefix_caching, max_waiting=max_waiting)
+        self.declared_max_len = p.max_model_len or info.max_position_embeddings  # before the KV cache's cap
+        self.config = EngineConfig(num_blocks=self.runner.num_blocks, max_model_len=min(self.declared_max_len, capacity),
+                                   block_size=block_size, max_num_seqs=p.max_num_seqs,
+                                   max_num_batched_tokens=max(p.max_num_batched_tokens, p.max_num_seqs),
+                                   enable_prefix_caching=p.enable_prefix_caching, max_waiting=p.max_waiting)
         self.blocks = BlockManager.from_config(self.config)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.metrics = metrics or NullSink()
         self.metrics.info("engine_info", "The llm engine's configuration (labels); value 1", self.describe())
-        self.deadline_s = deadline_s  # 0 = none
+        self.deadline_s = p.request_deadline_s  # 0 = none
         self.stats = EngineStats(self.metrics, self.scheduler, self.blocks)
         # structured outputs, set up on the first constrained request (xgrammar loads in the background)
-        self._grammar_limits = (grammar_compile_timeout_s, grammar_cache_bytes)
+        self._grammar_limits = (p.grammar_compile_timeout_s, p.grammar_cache_bytes)
         self._grammar_wait: CompileWaitlist | None = None
         self._masker: GrammarMasker | None = None
         self._drain_until = 0.0
@@ -94,6 +98,11 @@ class LLMEngine:
         end with finish_reason ``cancelled`` (a final response, before Triton's exit timeout)."""
         if not self._drain_at:
             self._drain_at = time.monotonic() + seconds
+
+    def end_drain(self) -> None:
+        """A drain begun by mistake (the server answers again): take new jobs again; those in flight
+        are no longer cut off at the drain deadline."""
+        self._drain_at = 0.0
 
     def stop(self, drain_seconds: float = 20.0) -> None:
         """Finish what is in flight (up to ``drain_seconds``), then end the rest with an error.
@@ -143,36 +152,21 @@ class LLMEngine:
             if self._drain_at:
                 raise Unavailable("the server is shutting down")
             n = int(job.input_ids.shape[0])
-            if n >= self.config.max_model_len:
-                raise InvalidArgument(f"prompt: {n} tokens does not fit max_model_len={self.config.max_model_len}")
             params = job.options.sampling
+            # more than the llm's max_model_len allows is refused (unless the request may be cut); a KV cache
+            # too small for max_model_len cuts answers at its capacity (engine_info shows the effective one)
+            fit_to_context(n, params, self.declared_max_len, job.options.clamp_max_tokens)
+            fit_to_context(n, params, self.config.max_model_len, may_cut=True)
             if params.structured_outputs and compiled is None:
                 self._grammars().add(job, GrammarSpec.from_dict(params.structured_outputs))
                 return
-            # more than the llm's max_model_len allows is refused (unless the request may be cut); a KV cache
-            # too small for max_model_len cuts answers at its capacity (engine_info shows the effective one)
-            room = self.declared_max_len - n
-            if params.max_tokens > room and not job.options.clamp_max_tokens:
-                raise InvalidArgument(f"max_tokens={params.max_tokens} does not fit: the prompt has {n} tokens and "
-                                      f"max_model_len is {self.declared_max_len}, so at most {room}")
-            params.max_tokens = min(params.max_tokens, self.config.max_model_len - n)
-            spans = timed_spans(image_spans(job.input_ids, (self.info.image_token_id, self.info.video_token_id),
-                                            job.media_hashes, job.grid_thw, self.info.merge_unit),
-                                job.input_ids, self.info, job.options.second_per_grid_ts)
-            stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
-            # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
-            grammar = None if compiled is None else SeqGrammar(compiled, stream.stop_ids or self.info.eos_token_ids)
-            state = SeqState(job, self.runner.prepare(job.input_ids, job.visual_embeds, job.grid_thw,
-                                                       job.options.second_per_grid_ts), stream,
-                             SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device, grammar,
-                                        job.options.logprobs))
-            seq = Sequence(job.input_ids.tolist(), params.max_tokens, mm_hashes=spans, payload=state)
+            seq = self._sequence(job, compiled)
             self.scheduler.add(seq)
             self.stats.count("prompt_tokens", n)
-            self.stats.count("image_tokens", sum(s[1] for s in spans))
+            self.stats.count("image_tokens", sum(span[1] for span in seq.mm_hashes))
         except QueueFullError:
             self.stats.count("requests_rejected")
-            job.responder.fail(Unavailable("server overloaded: the waiting queue is full, retry later"))
+            job.responder.fail(Overloaded("server overloaded: the waiting queue is full, retry later"))
         except RequestError as exc:  # the request's fault (InvalidArgument, ...): its own code
             self.stats.count("requests_rejected")
             job.responder.fail(exc)
@@ -180,6 +174,22 @@ class LLMEngine:
             log.exception("admitting a request failed")
             self.stats.count("requests_rejected")
             job.responder.fail(exc)
+
+    def _sequence(self, job: Job, compiled) -> Sequence:
+        """The scheduler's sequence of a job: its prompt, stop ids and visual spans (keyed by content for
+        the prefix cache); the engine's own per-sequence state rides along as its payload."""
+        params = job.options.sampling
+        spans = timed_spans(image_spans(job.input_ids, (self.info.image_token_id, self.info.video_token_id),
+                                        job.media_hashes, job.grid_thw, self.info.merge_unit),
+                            job.input_ids, self.info, job.options.second_per_grid_ts)
+        stop_ids = stop_ids_for(params.stop_token_ids, params.ignore_eos, self.info.eos_token_ids)
+        # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
+        grammar = None if compiled is None else SeqGrammar(compiled, stop_ids or self.info.eos_token_ids)
+        inputs = self.runner.prepare(job.input_ids, job.visual_embeds, job.grid_thw, job.options.second_per_grid_ts)
+        sampler = SeqSampler(params, job.input_ids.tolist(), stop_ids, self.device, grammar, job.options.logprobs)
+        state = SeqState(job, inputs, OutputStream(self.tokenizer, params), sampler)
+        return Sequence(job.input_ids.tolist(), params.max_tokens, mm_hashes=spans, payload=state,
+                        stop_ids=stop_ids, min_tokens=params.min_tokens)
 
     def _grammars(self) -> CompileWaitlist:
         if self._grammar_wait is None:
@@ -215,7 +225,7 @@ class LLMEngine:
             elif self.deadline_s and now - st.times.arrived > self.deadline_s:
                 self.scheduler.abort(seq.seq_id)
                 self.stats.count("requests_finished")
-                st.job.responder.fail(Unavailable(
+                st.job.responder.fail(DeadlineExceeded(
                     f"request exceeded the {self.deadline_s:g}-second deadline (llm parameter request_deadline_s)"))
 
     def step(self) -> None:
@@ -248,7 +258,7 @@ class LLMEngine:
             st: SeqState = seq.payload
             token = sampled[seq.seq_id]
             self.stats.token(st.times, now)
-            text = st.stream.add(token)
+            text = st.stream.add(token, seq.finish_reason)  # the scheduler's verdict (stop id, length)
             booked, st.sampler.booked_logprobs = st.sampler.booked_logprobs, []
             logprobs = logprob_entries(self.tokenizer, booked) if booked else ()
             grammar = st.sampler.grammar

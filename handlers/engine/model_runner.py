@@ -8,7 +8,7 @@ written to the paged cache, logits only for the rows that sample.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,9 +29,33 @@ class SeqInputs:
 
     prompt_positions: torch.Tensor  # [3, L] long (CPU)
     rope_delta: int
-    image_positions: torch.Tensor  # [n_visual_tokens] long: prompt positions of image/video placeholders (sorted)
-    image_embeds: torch.Tensor | None  # [n_visual_tokens, hidden] on the device
+    visual_positions: torch.Tensor  # [n_visual_tokens] long: prompt positions of image/video placeholders (sorted)
+    visual_embeds: torch.Tensor | None  # [n_visual_tokens, hidden] on the device
     deepstack: torch.Tensor | None = None  # Qwen3-VL: [n_visual_tokens, layers, hidden] on the device
+
+
+@dataclass
+class PackedStep:
+    """One step's sequences as a single row of T tokens (ModelRunner.pack)."""
+
+    positions: torch.Tensor  # [3, T] long: mRoPE positions
+    tokens: list[int] = field(default_factory=list)  # [T]
+    parts: list = field(default_factory=list)  # attn.SeqStep per sequence: its rows, start and blocks
+    visual_rows: list[torch.Tensor] = field(default_factory=list)  # rows of the step that take visual embeds
+    visual_src: list[torch.Tensor] = field(default_factory=list)  # ...and those embeds, in the same order
+    deep_src: list[torch.Tensor] = field(default_factory=list)  # Qwen3-VL deepstack features of those rows
+    sample_rows: list[int] = field(default_factory=list)  # the last row of each sequence that samples
+    sample_ids: list[int] = field(default_factory=list)  # ...and its seq_id
+
+    def add_visual(self, inputs: SeqInputs, row: int, start: int, end: int) -> None:
+        """The sequence's visual rows among prompt positions [start, end), placed at step row ``row``."""
+        vp = inputs.visual_positions
+        lo, hi = torch.searchsorted(vp, start), torch.searchsorted(vp, end)
+        if hi > lo:
+            self.visual_rows.append(vp[lo:hi] - start + row)
+            self.visual_src.append(inputs.visual_embeds[lo:hi])
+            if inputs.deepstack is not None:
+                self.deep_src.append(inputs.deepstack[lo:hi])
 
 
 class ModelRunner:
@@ -63,15 +87,15 @@ class ModelRunner:
                                     info.head_dim, dtype=dtype, device=device)
 
     # ---- per sequence, once ----
-    def prepare(self, input_ids: np.ndarray, image_embeds: np.ndarray, image_grid_thw: np.ndarray,
+    def prepare(self, input_ids: np.ndarray, visual_embeds: np.ndarray, grid_thw: np.ndarray,
                 second_per_grid_ts: list[float] | tuple = ()) -> SeqInputs:
-        """``image_grid_thw``: one row per image or video in prompt order; ``image_embeds``: their rows
+        """``grid_thw``: one row per image or video in prompt order; ``visual_embeds``: their rows
         ([tokens, hidden * (1 + deepstack layers)]); ``second_per_grid_ts``: one per video (Qwen2.5-VL)."""
         info = self.info
         ids = torch.from_numpy(input_ids.astype(np.int64))[None]
         types = mm_token_types(input_ids, info)
-        kinds = grid_kinds(types, image_grid_thw, info.merge_unit)
-        grid = torch.from_numpy(image_grid_thw.astype(np.int64))
+        kinds = grid_kinds(types, grid_thw, info.merge_unit)
+        grid = torch.from_numpy(grid_thw.astype(np.int64))
         rope = {"image_grid_thw": grid[kinds == 1] if (kinds == 1).any() else None,
                 "video_grid_thw": grid[kinds == 2] if (kinds == 2).any() else None}
         if info.family == "qwen2_5_vl" and rope["video_grid_thw"] is not None:
@@ -82,8 +106,8 @@ class ModelRunner:
         with torch.inference_mode():
             positions, _ = self.model.model.get_rope_index(ids, torch.from_numpy(types)[None], **rope)
         embeds = deepstack = None
-        if image_embeds.shape[0]:
-            rows = torch.from_numpy(image_embeds).to(self.device, self.dtype)
+        if visual_embeds.shape[0]:
+            rows = torch.from_numpy(visual_embeds).to(self.device, self.dtype)
             hidden = info.text_hidden
             embeds = rows[:, :hidden]
             if info.deepstack_layers:
@@ -99,63 +123,72 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor | None]:
         """Forward the step; return the ids of the sequences that sample and their logits [n, vocab]."""
+        step = self.pack(batch)
+        hidden = self.forward(step)  # [T, hidden]
+        if not step.sample_rows:
+            return [], None
+        return step.sample_ids, self._logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
+
+    def pack(self, batch: ScheduledBatch) -> PackedStep:
+        """The step's sequences as one packed row: their new tokens, mRoPE positions, attention spans,
+        the visual embedding rows that land in it and the rows whose logits are sampled."""
         total = sum(entry.num_new_tokens for entry in batch)
-        positions = torch.empty(3, total, dtype=torch.long)
-        tokens, parts, gen_rows, gen_pos = [], [], [], []
-        image_rows, image_src, deep_src = [], [], []
-        sample_rows, sample_ids = [], []
+        step = PackedStep(torch.empty(3, total, dtype=torch.long))
+        decode_rows, decode_pos = [], []
         row = 0
         for entry in batch:
             seq, start, n = entry.seq, entry.start, entry.num_new_tokens
             inputs: SeqInputs = seq.payload.inputs
-            end = start + n
-            tokens.extend(seq.token_ids[start:end])
-            prompt_len = seq.num_prompt_tokens
-            if start >= prompt_len and n == 1:  # the common decode row: filled in one op below
-                gen_rows.append(row)
-                gen_pos.append(start + inputs.rope_delta)
+            step.tokens.extend(seq.token_ids[start:start + n])
+            if start >= seq.num_prompt_tokens and n == 1:  # the common decode row: filled in one op below
+                decode_rows.append(row)
+                decode_pos.append(start + inputs.rope_delta)
             else:
-                later = (torch.arange(start, end) + inputs.rope_delta).expand(3, n)
-                if start < prompt_len:
-                    split = min(end, prompt_len) - start
-                    positions[:, row:row + split] = inputs.prompt_positions[:, start:start + split]
-                    positions[:, row + split:row + n] = later[:, split:]
-                else:
-                    positions[:, row:row + n] = later
-            parts.append(attn.SeqStep(row, start, n, seq.block_table))
-            if inputs.image_embeds is not None and start < prompt_len:
-                ip = inputs.image_positions
-                lo, hi = torch.searchsorted(ip, start), torch.searchsorted(ip, end)
-                if hi > lo:
-                    image_rows.append(ip[lo:hi] - start + row)
-                    image_src.append(inputs.image_embeds[lo:hi])
-                    if inputs.deepstack is not None:
-                        deep_src.append(inputs.deepstack[lo:hi])
+                self._place_positions(step.positions, row, start, n, seq.num_prompt_tokens, inputs)
+            step.parts.append(attn.SeqStep(row, start, n, seq.block_table))
+            if inputs.visual_embeds is not None and start < seq.num_prompt_tokens:
+                step.add_visual(inputs, row, start, start + n)
             if entry.sample:
-                sample_rows.append(row + n - 1)
-                sample_ids.append(seq.seq_id)
+                step.sample_rows.append(row + n - 1)
+                step.sample_ids.append(seq.seq_id)
             row += n
-        if gen_rows:
-            positions[:, gen_rows] = torch.tensor(gen_pos)
+        if decode_rows:
+            step.positions[:, decode_rows] = torch.tensor(decode_pos)
+        return step
+
+    @staticmethod
+    def _place_positions(positions: torch.Tensor, row: int, start: int, n: int, prompt_len: int,
+                         inputs: SeqInputs) -> None:
+        """Positions of a chunk: the rope index's inside the prompt, position + rope_delta after it."""
+        end = start + n
+        later = (torch.arange(start, end) + inputs.rope_delta).expand(3, n)
+        if start < prompt_len:
+            split = min(end, prompt_len) - start
+            positions[:, row:row + split] = inputs.prompt_positions[:, start:start + split]
+            positions[:, row + split:row + n] = later[:, split:]
+        else:
+            positions[:, row:row + n] = later
+
+    def forward(self, step: PackedStep) -> torch.Tensor:
+        """The decoder over the packed row: token embeddings with the visual rows scattered in (and
+        Qwen3-VL's deepstack features), K/V written to the paged cache; the last hidden states [T, hidden]."""
         dev = self.device
-        meta = attn.build_meta(self.backend, self.kv_cache, self.block_size, parts, dev)
-        x = self.lm.embed_tokens(torch.tensor(tokens, device=dev))
+        meta = attn.build_meta(self.backend, self.kv_cache, self.block_size, step.parts, dev)
+        x = self.lm.embed_tokens(torch.tensor(step.tokens, device=dev))
         deep = {}
-        if image_rows:
-            rows = torch.cat(image_rows).to(dev)
-            x[rows] = torch.cat(image_src).to(x.dtype)
-            if deep_src:  # Qwen3-VL: added after decoder layer j to the step's visual rows (ascending order)
-                mask = torch.zeros(1, total, dtype=torch.bool, device=dev)
+        if step.visual_rows:
+            rows = torch.cat(step.visual_rows).to(dev)
+            x[rows] = torch.cat(step.visual_src).to(x.dtype)
+            if step.deep_src:  # Qwen3-VL: added after decoder layer j to the step's visual rows (ascending order)
+                mask = torch.zeros(1, x.shape[0], dtype=torch.bool, device=dev)
                 mask[0, rows] = True
-                feats = torch.cat(deep_src)  # [visual rows of the step, layers, hidden]
+                feats = torch.cat(step.deep_src)  # [visual rows of the step, layers, hidden]
                 deep = {"visual_pos_masks": mask,
                         "deepstack_visual_embeds": [feats[:, j] for j in range(feats.shape[1])]}
-        pos = positions[:, None, :].to(dev)  # [3, 1, T]
+        pos = step.positions[:, None, :].to(dev)  # [3, 1, T]
         hidden = self.lm(inputs_embeds=x[None], position_ids=pos, attention_mask={"full_attention": None},
                          use_cache=False, tvl_meta=meta, **deep).last_hidden_state
-        if not sample_rows:
-            return [], None
-        return sample_ids, self._logits(hidden[0, torch.tensor(sample_rows, device=dev)])
+        return hidden[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """[n, hidden] -> [n, vocab] float. On CPU, for 2..16 rows, W @ h.T runs MKL's tall GEMM, up to

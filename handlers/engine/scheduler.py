@@ -146,9 +146,10 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, sampled: dict[int, int]) -> list[Sequence]:
         """Book a computed step; ``sampled`` maps seq_id to its token for every ``sample`` entry.
 
-        Returns the sequences that got a new token, in batch order. A sequence reaching
-        ``max_tokens`` or ``max_model_len`` is finished here with reason "length"; other stop
-        decisions are the caller's, through ``finish``.
+        Returns the sequences that got a new token, in batch order. A sequence whose new token is one
+        of its stop ids (past min_tokens) is finished here with reason "stop", one reaching
+        ``max_tokens`` or ``max_model_len`` with "length" (``Sequence.ending``); stop strings and
+        grammars are the caller's, through ``finish``.
         """
         out: list[Sequence] = []
         for entry in batch:
@@ -161,8 +162,9 @@ class Scheduler:
                 continue
             seq.append_token(sampled[seq.seq_id])
             out.append(seq)
-            if seq.num_generated >= seq.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                self.finish(seq.seq_id, "length")
+            reason = seq.ending(self.config.max_model_len)
+            if reason is not None:
+                self.finish(seq.seq_id, reason)
         return out
 
     def finish(self, seq_id: int, reason: str = "stop") -> Sequence | None:

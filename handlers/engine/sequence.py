@@ -14,6 +14,20 @@ _seq_id_counter = itertools.count()
 MMSpan = tuple[int, int, bytes]
 
 
+def stop_ids_for(stop_token_ids, ignore_eos: bool, eos_ids) -> frozenset[int]:
+    """The tokens that end a sequence: the request's stop_token_ids and, unless ignore_eos, the model's eos."""
+    return frozenset(stop_token_ids) | (frozenset() if ignore_eos else frozenset(eos_ids))
+
+
+def token_ending(token: int, num_generated: int, stop_ids, min_tokens: int, max_tokens: int) -> str | None:
+    """Whether the newest token ends its sequence: "stop" (a stop id past min_tokens; its text is not
+    shown), "length" (max_tokens reached), else None. The one rule every backend applies; stop strings
+    are the detokenizer's (engine.textstream), a complete grammar ends it in the engine."""
+    if num_generated > min_tokens and token in stop_ids:
+        return "stop"
+    return "length" if num_generated >= max_tokens else None
+
+
 class SequenceStatus(Enum):
     WAITING = auto()
     RUNNING = auto()
@@ -41,6 +55,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # Chained hashes of the leading full, computed blocks; owned by the BlockManager.
     block_hashes: list[bytes] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # stop_ids_for(): tokens that end it (after min_tokens)
+    min_tokens: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     # Monotonic admission stamp: FCFS order and the preemption victim (newest first).
@@ -93,6 +109,11 @@ class Sequence:
     def num_blocks_needed(self, block_size: int) -> int:
         """Blocks that hold KV for all ``num_tokens`` tokens."""
         return -(-len(self.token_ids) // block_size)
+
+    def ending(self, max_model_len: int) -> str | None:
+        """Whether the token just appended ends the sequence (token_ending), or the context is full."""
+        reason = token_ending(self.last_token, self.num_generated, self.stop_ids, self.min_tokens, self.max_tokens)
+        return "length" if reason is None and self.num_tokens >= max_model_len else reason
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

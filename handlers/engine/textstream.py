@@ -1,9 +1,10 @@
-"""Per-sequence output bookkeeping: incremental detokenization and stop decisions.
+"""Per-sequence text: incremental detokenization and stop strings.
 
-Shared by every llm backend so that the text, the ids and the finish reason follow one set of
-rules: eos (from generation_config, unless ignore_eos) and stop_token_ids end with "stop" and the
-stop token's text is not shown; stop strings end with "stop" and are cut from the text; max_tokens
-ends with "length". Before min_tokens no stop applies (the sampler also masks stop ids then).
+Shared by every llm backend. Whether a token ends the sequence by id or length is decided once, in
+``engine.sequence.token_ending`` (the scheduler's post-step applies it; generate() too), and passed
+in with the token: a stop id ends with "stop" and its text is not shown, max_tokens with "length".
+Stop strings are decided here: they end with "stop" and are cut from the text. Before min_tokens no
+stop applies (the sampler also masks stop ids then).
 """
 
 from __future__ import annotations
@@ -53,9 +54,8 @@ class IncrementalDetokenizer:
 class OutputStream:
     """Feed sampled tokens; read text deltas, ids and the finish reason."""
 
-    def __init__(self, tokenizer, params: SamplingParams, eos_ids: tuple[int, ...] | list[int]) -> None:
+    def __init__(self, tokenizer, params: SamplingParams) -> None:
         self.params = params
-        self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_ids))
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
         self.matcher = StopStringMatcher(params.stop, params.include_stop_str_in_output)
         self.ids: list[int] = []
@@ -65,20 +65,20 @@ class OutputStream:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def add(self, token_id: int) -> str:
-        """Book one token; return the text delta that may be shown now."""
+    def add(self, token_id: int, ending: str | None = None) -> str:
+        """Book one token and its ``ending`` (``token_ending``: "stop" for a stop id, "length", or None);
+        return the text delta that may be shown now."""
         self.ids.append(token_id)
-        n = len(self.ids)
-        if n > self.params.min_tokens and token_id in self.stop_ids:
+        if ending == "stop":  # a stop id: its text is not shown
             self.finish_reason = "stop"
             return self._tail()
         delta = self.detok.add(token_id)
-        if n > self.params.min_tokens or not self.params.stop:
+        if len(self.ids) > self.params.min_tokens or not self.params.stop:
             delta = self.matcher.feed(delta)
             if self.matcher.stopped is not None:
                 self.finish_reason = "stop"
                 return delta
-        if n >= self.params.max_tokens:
+        if ending is not None:
             delta += self._tail()
             self.finish_reason = "stop" if self.matcher.stopped is not None else "length"
         return delta

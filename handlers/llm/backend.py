@@ -22,9 +22,4 @@ def make_backend(cfg, metrics=None):
         return GenerateBackend(model_dir, info, tokenizer, device, dtype)
     from tritonvl.handlers.engine.engine import LLMEngine
 
-    return LLMEngine(model_dir, info, tokenizer, device, dtype, p.kv_cache_bytes or 0,
-                     kv_cache_fraction=p.kv_cache_fraction, block_size=p.block_size, max_num_seqs=p.max_num_seqs,
-                     max_num_batched_tokens=p.max_num_batched_tokens, max_model_len=p.max_model_len,
-                     enable_prefix_caching=p.enable_prefix_caching, max_waiting=p.max_waiting,
-                     deadline_s=p.request_deadline_s, attention=p.attention_backend, metrics=metrics,
-                     grammar_compile_timeout_s=p.grammar_compile_timeout_s, grammar_cache_bytes=p.grammar_cache_bytes)
+    return LLMEngine(model_dir, info, tokenizer, device, dtype, p, metrics=metrics)

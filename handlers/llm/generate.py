@@ -18,6 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from tritonvl.client.rules.errors import InvalidArgument, Unavailable
 from tritonvl.handlers.engine.job import Job
 from tritonvl.handlers.engine.sampler import SeqSampler
+from tritonvl.handlers.engine.sequence import stop_ids_for, token_ending
 from tritonvl.handlers.engine.textstream import OutputStream
 from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.weights import load_full_model
@@ -39,12 +40,14 @@ class _Pick(LogitsProcessor):
 
 
 class _Book(StoppingCriteria):
-    def __init__(self, job: Job, stream: OutputStream, stopping: threading.Event) -> None:
-        self.job, self.stream, self.stopping = job, stream, stopping
+    def __init__(self, job: Job, stream: OutputStream, stop_ids: frozenset[int], stopping: threading.Event) -> None:
+        self.job, self.stream, self.stop_ids, self.stopping = job, stream, stop_ids, stopping
 
     def __call__(self, input_ids, scores, **kwargs):
         token = int(input_ids[0, -1])
-        text = self.stream.add(token)
+        p = self.stream.params
+        text = self.stream.add(token, token_ending(token, len(self.stream.ids) + 1, self.stop_ids, p.min_tokens,
+                                                   p.max_tokens))
         if self.stream.finished:
             self.job.responder.finish(self.stream.finish_reason, text, [token])
         elif self.job.is_cancelled() or self.stopping.is_set():
@@ -95,8 +98,9 @@ class GenerateBackend:
         if job.options.logprobs >= 0:
             raise InvalidArgument("logprobs need the llm parameter backend=engine (this is generate)")
         ids = torch.from_numpy(job.input_ids.astype("int64"))[None].to(self.device)
-        stream = OutputStream(self.tokenizer, params, self.info.eos_token_ids)
-        sampler = SeqSampler(params, job.input_ids.tolist(), stream.stop_ids, self.device)
+        stream = OutputStream(self.tokenizer, params)
+        stop_ids = stop_ids_for(params.stop_token_ids, params.ignore_eos, self.info.eos_token_ids)
+        sampler = SeqSampler(params, job.input_ids.tolist(), stop_ids, self.device)
         kwargs = {}
         if job.grid_thw.shape[0] and (self.info.deepstack_layers or (ids == self.info.video_token_id).any()):
             raise InvalidArgument("videos and Qwen3-VL images need the llm parameter backend=engine (this is generate)")
@@ -111,7 +115,7 @@ class GenerateBackend:
                                   eos_token_id=None, pad_token_id=self.info.eos_token_ids[-1])
         with torch.inference_mode():
             self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config,
-                                logits_processor=[_Pick(sampler)], stopping_criteria=[_Book(job, stream, self.stopping)],
+                                logits_processor=[_Pick(sampler)], stopping_criteria=[_Book(job, stream, stop_ids, self.stopping)],
                                 **kwargs)
         if not job.responder.done:  # generate() stopped on its own (max_new_tokens reached)
             job.responder.finish(stream.finish_reason or "length")

@@ -15,7 +15,7 @@ from tritonvl.client.rules.sampling import MAX_TOP_LOGPROBS, TENSOR_FIELDS
 from tritonvl.client.rules.structured import GrammarSpec, parse_guide_tensors
 from tritonvl.handlers.engine.grammar.xgr import check_syntax
 from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
-from tritonvl.handlers.options import RequestOptions
+from tritonvl.handlers.options import RequestOptions, fit_to_context
 from tritonvl.handlers.preprocess.clipcache import ClipCache
 from tritonvl.handlers.preprocess.images import ImageLimits, each_image
 from tritonvl.handlers.preprocess.pixels import (
@@ -33,7 +33,7 @@ from tritonvl.handlers.preprocess.prompt import (
     text_bytes,
 )
 from tritonvl.handlers.preprocess.video import VideoLimits, in_prompt_order, load_videos, video_geometry
-from tritonvl.handlers.sampling import build_sampling_params, sets_max_tokens
+from tritonvl.handlers.sampling import SamplingParams, build_sampling_params, sets_max_tokens
 
 
 @dataclass
@@ -122,8 +122,37 @@ class Preprocessor:
         self.budget = deployment_budget(self.image_processor.size, min_pixels, max_pixels)
 
     def process(self, raw: RawRequest) -> ModelInputs:
-        messages_json = utf8(raw.messages, "messages")
+        """One request's tensors -> the llm's prompt ids, the vision step's pixel rows and the options."""
         text = utf8(raw.text_input, "text_input")
+        messages, sources, parts, videos = self.conversation(raw, text)
+        request_pixels = parse_kwargs(utf8(raw.mm_processor_kwargs, "mm_processor_kwargs"))
+        budgets = [budget_for(self.budget, request_pixels, p, p["where"]) for p in parts]
+        logprobs = self.logprobs(raw)
+        size = text_bytes(messages)
+        if size > self.limits.max_prompt_bytes:  # refused before the tokenizer spends seconds on it
+            raise InvalidArgument(f"prompt: {size} bytes of text is over the max_prompt_bytes limit "
+                                  f"({self.limits.max_prompt_bytes}; max_model_len={self.max_model_len} tokens)")
+        sampling, sampling_json = self.sampling(raw)
+        pixel_values, grid = self.pixels(each_image(sources, self.limits), budgets)  # one decoded at a time
+        clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry,
+                            {k: v for k, v in request_pixels.items() if k in VIDEO_KEYS}, self.clips,
+                            max_tokens=self.max_model_len)
+        ids = self.prompt_ids(raw, messages, text, grid, clips)
+        if clips:  # the vision step's rows in prompt order: images and videos as their placeholders come
+            pixel_values, grid = in_prompt_order(np.asarray(ids), self.info, pixel_values, grid, clips)
+        # a max_tokens the request set is never cut silently (vLLM's rule), unless the deployment says so
+        clamp = self.clamp_max_tokens or not sets_max_tokens(raw.sampling, sampling_json)
+        fit_to_context(len(ids), sampling, self.max_model_len, clamp,
+                       " (preprocess parameter clamp_max_tokens=true cuts it instead)")
+        # second_per_grid_ts: Qwen2.5-VL's mRoPE time step per video (other families' positions ignore it)
+        options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "", clamp, logprobs,
+                                 [c.second_per_grid_t for c in clips] if self.info.family == "qwen2_5_vl" else [])
+        return ModelInputs(np.asarray(ids, dtype=np.int32), pixel_values, grid, options.to_json())
+
+    def conversation(self, raw: RawRequest, text: str | None) -> tuple[list, list, list[dict], VideoParts]:
+        """The request's messages (from ``messages``, else one user turn of ``text_input``), its image
+        sources with each one's message-part keys, and its videos."""
+        messages_json = utf8(raw.messages, "messages")
         if not raw.apply_chat_template and messages_json:
             raise InvalidArgument("apply_chat_template=false takes a raw text_input, not messages")
         parts: list[dict] = []  # per image: its message part's pixel keys
@@ -136,50 +165,30 @@ class Preprocessor:
             messages, sources = messages_from_text(text, len(raw.images), len(raw.videos)), list(raw.images)
             parts = [{"where": f"image[{i}]"} for i in range(len(sources))]
             videos.found = [(v, {}, f"video[{i}]") for i, v in enumerate(videos.pending)]
-        request_pixels = parse_kwargs(utf8(raw.mm_processor_kwargs, "mm_processor_kwargs"))
-        budgets = [budget_for(self.budget, request_pixels, p, p["where"]) for p in parts]
-        logprobs = self.logprobs(raw)
-        size = text_bytes(messages)
-        if size > self.limits.max_prompt_bytes:  # refused before the tokenizer spends seconds on it
-            raise InvalidArgument(f"prompt: {size} bytes of text is over the max_prompt_bytes limit "
-                                  f"({self.limits.max_prompt_bytes}; max_model_len={self.max_model_len} tokens)")
+        return messages, sources, parts, videos
+
+    def sampling(self, raw: RawRequest) -> tuple[SamplingParams, str | None]:
+        """The request's sampling fields (defaults < JSON < tensors, structured output checked) and its
+        ``sampling_parameters`` JSON text."""
         guide = parse_guide_tensors(raw.guide_type, raw.guide)
         if guide is not None:
             raw.sampling["structured_outputs"] = guide
         sampling_json = utf8(raw.sampling_parameters, "sampling_parameters")
         sampling = build_sampling_params(raw.sampling, sampling_json, self.sampling_defaults, self.info.vocab_size)
         check_syntax(GrammarSpec.from_dict(sampling.structured_outputs))  # the llm step compiles it
-        pixel_values, grid = self.pixels(each_image(sources, self.limits), budgets)  # one decoded at a time
-        clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry,
-                            {k: v for k, v in request_pixels.items() if k in VIDEO_KEYS}, self.clips,
-                            max_tokens=self.max_model_len)
+        return sampling, sampling_json
+
+    def prompt_ids(self, raw: RawRequest, messages: list, text: str | None, grid: np.ndarray, clips: list) -> list[int]:
+        """Token ids with each image's and video's placeholders expanded to its visual token count."""
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
         timed = self.info.timestamps_videos  # Qwen3-VL: a <t seconds> text before each temporal patch
         clip_texts = [self.prompts.video_text(int(np.prod(c.grid)) // self.info.merge_unit,
                                               c.patch_seconds() if timed else None) for c in clips]
         ids = (self.prompts.build(messages, tokens, clip_texts) if raw.apply_chat_template
                else self.prompts.expand(text, tokens, clip_texts))
-        if clips:  # the vision step's rows in prompt order: images and videos as their placeholders come
-            pixel_values, grid = in_prompt_order(np.asarray(ids), self.info, pixel_values, grid, clips)
         if not ids:
             raise InvalidArgument("text_input: an empty raw prompt (apply_chat_template=false) has no tokens")
-        if len(ids) >= self.max_model_len:
-            raise InvalidArgument(
-                f"prompt: {len(ids)} tokens does not fit max_model_len={self.max_model_len} (with room to generate)")
-        # a max_tokens the request set is never cut silently (vLLM's rule), unless the deployment says so
-        clamp = self.clamp_max_tokens or not sets_max_tokens(raw.sampling, sampling_json)
-        room = self.max_model_len - len(ids)
-        if sampling.max_tokens > room and not clamp:
-            raise InvalidArgument(
-                f"max_tokens={sampling.max_tokens} does not fit: the prompt has {len(ids)} tokens and "
-                f"max_model_len is {self.max_model_len}, so at most {room} (preprocess parameter "
-                "clamp_max_tokens=true cuts it instead)")
-        sampling.max_tokens = min(sampling.max_tokens, room)
-        sampling.min_tokens = min(sampling.min_tokens, sampling.max_tokens)
-        # second_per_grid_ts: Qwen2.5-VL's mRoPE time step per video (other families' positions ignore it)
-        options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "", clamp, logprobs,
-                                 [c.second_per_grid_t for c in clips] if self.info.family == "qwen2_5_vl" else [])
-        return ModelInputs(np.asarray(ids, dtype=np.int32), pixel_values, grid, options.to_json())
+        return ids
 
     @staticmethod
     def logprobs(raw: RawRequest) -> int:

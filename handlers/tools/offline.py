@@ -19,6 +19,7 @@ from tritonvl.handlers.devices import parse_dtype, prepare_device
 from tritonvl.handlers.engine.job import Job
 from tritonvl.handlers.engine.outputs import SeqOutput
 from tritonvl.handlers.modelinfo import load_model_info
+from tritonvl.handlers.params import typed
 from tritonvl.handlers.preprocess.preprocessor import Preprocessor, RawRequest
 from tritonvl.handlers.vision.encoder import VisionEncoder, load_tower
 
@@ -37,7 +38,8 @@ class Result:
 
 
 class OfflinePipeline:
-    """``engine_kwargs`` go to LLMEngine (kv_cache_bytes, block_size, max_num_seqs, attention, ...)."""
+    """``engine_kwargs`` are llm parameters (handlers/params.py LLMParams: kv_cache_bytes, block_size,
+    max_num_seqs, attention_backend, ...); the rest keep their defaults."""
 
     def __init__(self, model_dir: str, device: str = "cpu", dtype: str = "auto", **engine_kwargs) -> None:
         from tritonvl.handlers.engine.engine import LLMEngine
@@ -47,8 +49,8 @@ class OfflinePipeline:
         self.pre = Preprocessor(str(model_dir))
         self.vision = VisionEncoder(load_tower(str(model_dir), device, self.dtype))
         info = load_model_info(model_dir)
-        kv = engine_kwargs.pop("kv_cache_bytes", 0)
-        self.engine = LLMEngine(str(model_dir), info, self.pre.tokenizer, device, self.dtype, kv, **engine_kwargs)
+        params = typed("llm", **engine_kwargs)
+        self.engine = LLMEngine(str(model_dir), info, self.pre.tokenizer, device, self.dtype, params)
 
     def generate(self, requests: list[RawRequest], timeout: float = 3600.0) -> list[Result]:
         """Run every request to its end (all in flight together); results in request order."""

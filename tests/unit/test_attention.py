@@ -242,7 +242,7 @@ def test_engine_through_kernel_contract_equals_generate(fake_kernels, monkeypatc
     specs = [("Tell me a story.", [], 12), ("What is shown?", [make_image(224, 168, 1)], 10),
              ("Compare them.", [make_image(224, 168, 1), make_image(120, 260, 2)], 8)]
     # a 24-token step budget: the image prompts are prefilled in several chunks
-    used = assert_offline_equals_generate(model_dir, specs, attention=name, max_num_seqs=4,
+    used = assert_offline_equals_generate(model_dir, specs, attention_backend=name, max_num_seqs=4,
                                           max_num_batched_tokens=24)
     assert used == name
 

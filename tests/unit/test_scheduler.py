@@ -191,3 +191,15 @@ def test_simulated_serving_loop_under_memory_pressure(seed, prefix_caching):
         assert q.generated_ids == [(q.seq_id * 7919 + n * 31) % 50000 for n in range(p, q.num_tokens)]
     if prefix_caching:
         assert s.block_manager.prefix_hits_tokens > 0
+
+
+@pytest.mark.parametrize("min_tokens, expected", [(0, (1, "stop")), (1, (2, "stop")), (5, (5, "length"))])
+def test_post_step_ends_on_a_stop_id_after_min_tokens(min_tokens, expected):
+    """The scheduler's post-step is where a stop id ends a sequence (not before min_tokens)."""
+    s = make()
+    seq = Sequence(list(range(6)), max_tokens=5, stop_ids=frozenset({99}), min_tokens=min_tokens)
+    s.add(seq)
+    while s.has_work():
+        batch = s.schedule()
+        s.postprocess(batch, {e.seq.seq_id: 99 for e in batch if e.sample})  # always the stop id
+    assert (seq.num_generated, seq.finish_reason) == expected

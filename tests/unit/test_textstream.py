@@ -2,6 +2,7 @@
 
 import pytest
 
+from tritonvl.handlers.engine.sequence import stop_ids_for, token_ending
 from tritonvl.handlers.engine.textstream import IncrementalDetokenizer, OutputStream
 from tritonvl.handlers.sampling import SamplingParams
 from tritonvl.handlers.tiny_model import tokenizer_source_dir
@@ -34,8 +35,20 @@ def test_multibyte_tokens_are_held_until_complete(tok):
     assert [detok.add(t) for t in ids][:-1] == [""] * (len(ids) - 1)
 
 
+class Stream(OutputStream):
+    """An OutputStream fed as the engine feeds it: each token with its token_ending verdict."""
+
+    def __init__(self, tok, params, eos_ids=(151645,)):
+        super().__init__(tok, params)
+        self.stop_ids = stop_ids_for(params.stop_token_ids, params.ignore_eos, eos_ids)
+
+    def add(self, token):
+        p = self.params
+        return super().add(token, token_ending(token, len(self.ids) + 1, self.stop_ids, p.min_tokens, p.max_tokens))
+
+
 def run(tok, text, **params):
-    stream = OutputStream(tok, SamplingParams(**{"max_tokens": 1000, **params}), eos_ids=(151645,))
+    stream = Stream(tok, SamplingParams(**{"max_tokens": 1000, **params}))
     out = []
     for t in tok.encode(text):
         out.append(stream.add(t))
@@ -56,10 +69,10 @@ def test_include_stop_string(tok):
 
 def test_eos_stops_without_text_and_ignore_eos(tok):
     ids = tok.encode("hi") + [151645] + tok.encode(" more")
-    s = OutputStream(tok, SamplingParams(max_tokens=50), (151645,))
+    s = Stream(tok, SamplingParams(max_tokens=50))
     text = "".join(s.add(t) for t in ids[: len(tok.encode("hi")) + 1])
     assert s.finish_reason == "stop" and text == "hi"
-    s = OutputStream(tok, SamplingParams(max_tokens=50, ignore_eos=True), (151645,))
+    s = Stream(tok, SamplingParams(max_tokens=50, ignore_eos=True))
     for t in ids:
         s.add(t)
     assert not s.finished
@@ -72,7 +85,7 @@ def test_max_tokens_is_length(tok):
 
 def test_min_tokens_delays_stops(tok):
     ids = [151645] + tok.encode("x")
-    s = OutputStream(tok, SamplingParams(max_tokens=10, min_tokens=1), (151645,))
+    s = Stream(tok, SamplingParams(max_tokens=10, min_tokens=1))
     s.add(ids[0])
     assert not s.finished
 
@@ -85,11 +98,11 @@ def test_a_partial_last_character_is_emitted_as_a_full_decode_gives_it(tok, end)
     full = tok.decode(ids)
     assert full.endswith(" \ufffd")
     if end == "length":
-        s, feed = OutputStream(tok, SamplingParams(max_tokens=len(ids)), (151645,)), ids
+        s, feed = Stream(tok, SamplingParams(max_tokens=len(ids))), ids
     elif end == "eos":
-        s, feed = OutputStream(tok, SamplingParams(max_tokens=50), (151645,)), ids + [151645]
+        s, feed = Stream(tok, SamplingParams(max_tokens=50)), ids + [151645]
     else:
-        s, feed = OutputStream(tok, SamplingParams(max_tokens=50, stop_token_ids=[13]), (151645,)), ids + [13]
+        s, feed = Stream(tok, SamplingParams(max_tokens=50, stop_token_ids=[13])), ids + [13]
     text = "".join(s.add(t) for t in feed)
     assert s.finished and s.finish_reason == ("length" if end == "length" else "stop")
     assert text == full

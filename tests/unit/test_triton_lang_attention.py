@@ -66,7 +66,7 @@ def test_engine_through_triton_kernel_equals_generate(model_dir):
         from tests.helpers import assert_offline_equals_generate, make_image
         specs = [("Tell me a story.", [], 10), ("What is shown?", [make_image(224, 168, 1)], 8),
                  ("Compare them.", [make_image(224, 168, 1), make_image(120, 260, 2)], 6)]
-        used = assert_offline_equals_generate({str(model_dir)!r}, specs, attention="triton", max_num_seqs=4,
+        used = assert_offline_equals_generate({str(model_dir)!r}, specs, attention_backend="triton", max_num_seqs=4,
                                               max_num_batched_tokens=24)
         assert used == "triton", used
         print("OK")
