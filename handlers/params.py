@@ -152,7 +152,8 @@ class CommonParams:
 @dataclass(frozen=True, kw_only=True)
 class PreprocessParams(CommonParams):
     max_model_len: int | None = param(
-        Int(2), "", "longest prompt + output in tokens; empty: the model's max_position_embeddings"
+        Int(2), "", "longest prompt + output in tokens, refused here before the vision step runs; empty: the "
+        "model's max_position_embeddings; `tritonvl serve --set llm.max_model_len=N` sets it too"
     )
     default_max_tokens: int = param(Int(1), "256", "max_tokens of a request that sets none")
     clamp_max_tokens: bool = param(

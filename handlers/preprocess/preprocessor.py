@@ -16,8 +16,9 @@ from tritonvl.client.rules.structured import GrammarSpec, parse_guide_tensors
 from tritonvl.handlers.engine.grammar.xgr import check_syntax
 from tritonvl.handlers.modelinfo import ModelInfo, load_model_info
 from tritonvl.handlers.options import RequestOptions, fit_to_context
+from tritonvl.handlers.params import PreprocessParams, typed
 from tritonvl.handlers.preprocess.clipcache import ClipCache
-from tritonvl.handlers.preprocess.images import ImageLimits, each_image
+from tritonvl.handlers.preprocess.images import each_image, limits_from_params
 from tritonvl.handlers.preprocess.pixels import (
     VIDEO_KEYS,
     PixelBudget,
@@ -32,7 +33,12 @@ from tritonvl.handlers.preprocess.prompt import (
     parse_messages,
     text_bytes,
 )
-from tritonvl.handlers.preprocess.video import VideoLimits, in_prompt_order, load_videos, video_geometry
+from tritonvl.handlers.preprocess.video import (
+    in_prompt_order,
+    load_videos,
+    video_geometry,
+    video_limits_from_params,
+)
 from tritonvl.handlers.sampling import SamplingParams, build_sampling_params, sets_max_tokens
 
 
@@ -99,10 +105,9 @@ def utf8(value: bytes | None, name: str) -> str | None:
 
 
 class Preprocessor:
-    def __init__(self, model_dir: str, limits: ImageLimits | None = None, max_model_len: int | None = None,
-                 default_max_tokens: int = 256, clamp_max_tokens: bool = False,
-                 min_pixels: int | None = None, max_pixels: int | None = None,
-                 video_limits: VideoLimits | None = None, video_cache_bytes: int = 0) -> None:
+    def __init__(self, model_dir: str, params: PreprocessParams | None = None) -> None:
+        """``params``: the preprocess model's typed parameters (handlers/params.py), taken whole; None: the
+        defaults (``params.typed("preprocess", ...)`` changes some)."""
         from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -113,13 +118,14 @@ class Preprocessor:
         self.prompts = PromptBuilder(self.tokenizer, info.image_token_id, info.video_token_id,
                                      info.vision_start_token_id, info.vision_end_token_id)
         self.video_geometry = geo = video_geometry(self.image_processor)
-        self.video_limits = (video_limits or VideoLimits()).resolved(geo.patch * geo.merge)
-        self.clips = ClipCache(video_cache_bytes)
-        self.limits = limits or ImageLimits()
-        self.max_model_len = max_model_len or self.info.max_position_embeddings
-        self.sampling_defaults = {"max_tokens": default_max_tokens, **self.info.sampling_defaults}
-        self.clamp_max_tokens = clamp_max_tokens
-        self.budget = deployment_budget(self.image_processor.size, min_pixels, max_pixels)
+        p = params or typed("preprocess")
+        self.video_limits = video_limits_from_params(p).resolved(geo.patch * geo.merge)
+        self.clips = ClipCache(p.video_cache_bytes)
+        self.limits = limits_from_params(p)
+        self.max_model_len = p.max_model_len or self.info.max_position_embeddings
+        self.sampling_defaults = {"max_tokens": p.default_max_tokens, **self.info.sampling_defaults}
+        self.clamp_max_tokens = p.clamp_max_tokens
+        self.budget = deployment_budget(self.image_processor.size, p.min_pixels, p.max_pixels)
 
     def process(self, raw: RawRequest) -> ModelInputs:
         """One request's tensors -> the llm's prompt ids, the vision step's pixel rows and the options."""

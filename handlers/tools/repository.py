@@ -44,6 +44,15 @@ def check_overrides(overrides: Overrides) -> None:
             P.check(model, key, str(value))
 
 
+def shared_max_model_len(overrides: Overrides) -> Overrides:
+    """One max_model_len: ``llm.max_model_len`` also sets preprocess's (which refuses what cannot fit
+    before the vision step runs), unless preprocess is given its own."""
+    value = overrides.get("llm", {}).get("max_model_len")
+    if value is None or "max_model_len" in overrides.get("preprocess", {}):
+        return overrides
+    return {**overrides, "preprocess": {**overrides.get("preprocess", {}), "max_model_len": value}}
+
+
 def _quote(value: str) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
@@ -116,6 +125,7 @@ def repository_with(dest: str | Path, overrides: Overrides, repo: Path | None = 
     the copy when a model's resulting parameters (the repository's own included) break the table.
     """
     check_overrides(overrides)
+    overrides = shared_max_model_len(overrides)
     dest = Path(dest)
     shutil.copytree(repo or default_model_repository(), dest, ignore=shutil.ignore_patterns("__pycache__"))
     for model in P.MODELS:

@@ -185,3 +185,14 @@ def test_attention_backend_choices_are_the_engines_registry():
 
     rule = next(f.metadata["rule"] for f in fields(P.LLMParams) if f.name == "attention_backend")
     assert set(rule.choices) == {"auto", *BACKENDS}
+
+
+def test_llm_max_model_len_is_preprocess_too(tmp_path):
+    """One max_model_len: --set llm.max_model_len reaches preprocess (unless it is given its own)."""
+    from tritonvl.handlers.tools.repository import config_parameters, repository_with
+
+    repo = repository_with(tmp_path / "a", {"llm": {"max_model_len": "512"}})
+    for model in ("llm", "preprocess"):
+        assert config_parameters((repo / model / "config.pbtxt").read_text())["max_model_len"] == "512"
+    repo = repository_with(tmp_path / "b", {"llm": {"max_model_len": "512"}, "preprocess": {"max_model_len": "256"}})
+    assert config_parameters((repo / "preprocess" / "config.pbtxt").read_text())["max_model_len"] == "256"

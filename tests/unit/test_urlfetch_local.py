@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from helpers import make_image, media_host
 
+from tritonvl.handlers.params import typed
 from tritonvl.handlers.preprocess import urlfetch
-from tritonvl.handlers.preprocess.images import ImageLimits
 from tritonvl.handlers.preprocess.preprocessor import Preprocessor, RawRequest
 
 PHOTO = make_image(96, 72, seed=5, fmt="JPEG")
@@ -24,7 +24,7 @@ def image_host():
 def test_allow_listed_url_gives_the_same_pixels_as_the_bytes(model_dir, image_host, monkeypatch):
     port, hits = image_host
     monkeypatch.setattr(urlfetch, "public_address", lambda addr: True)  # loopback stands in for a public host
-    pre = Preprocessor(str(model_dir), ImageLimits(url_allowlist=("localhost",)))
+    pre = Preprocessor(str(model_dir), typed("preprocess", image_url_allowlist=("localhost",)))
     by_url = pre.process(RawRequest(text_input=b"What is it?", images=[f"http://localhost:{port}/photo.jpg".encode()]))
     by_bytes = pre.process(RawRequest(text_input=b"What is it?", images=[PHOTO]))
     assert hits == ["/photo.jpg"]

@@ -8,9 +8,7 @@ Bad input is a per-request INVALID_ARG error; the rest of the batch carries on.
 
 import numpy as np
 
-from tritonvl.handlers.preprocess.images import limits_from_params
 from tritonvl.handlers.preprocess.preprocessor import Preprocessor, raw_request
-from tritonvl.handlers.preprocess.video import video_limits_from_params
 from tritonvl.handlers.tritonserver import adapter as ta
 
 
@@ -18,11 +16,7 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = ta.ModelArgs(args, "preprocess")
         self.watchdog = ta.watchdog(cfg)
-        p = cfg.params
-        self.pre = Preprocessor(cfg.model_dir(), limits_from_params(p), max_model_len=p.max_model_len,
-                                default_max_tokens=p.default_max_tokens, clamp_max_tokens=p.clamp_max_tokens,
-                                min_pixels=p.min_pixels, max_pixels=p.max_pixels,
-                                video_limits=video_limits_from_params(p), video_cache_bytes=p.video_cache_bytes)
+        self.pre = Preprocessor(cfg.model_dir(), cfg.params)
         self.metrics = ta.TritonMetrics("preprocess", only=("video_cache_hits", "video_cache_misses"),
                                        version=cfg.version)
 
