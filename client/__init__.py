@@ -13,10 +13,14 @@ from .client import Client
 from .errors import (
     ImageError,
     InvalidRequest,
+    ModelNotFound,
     ModelNotReady,
     RequestFailed,
     RequestTimeout,
+    RequestTooLarge,
+    ServerOverloaded,
     ServerUnavailable,
+    ServiceUnavailable,
     TritonVLError,
     VideoError,
 )
@@ -29,7 +33,8 @@ from .stream import AsyncTextStream, TextStream
 from .videos import VideoOptions
 
 __all__ = [
-    "AsyncClient", "AsyncTextStream", "Client", "ImageError", "ImageOptions", "InvalidRequest", "ModelNotReady",
-    "OutputParser", "RequestFailed", "RequestTimeout", "Result", "SamplingParams", "ServerUnavailable",
-    "StopRules", "StopStringMatcher", "TextStream", "TritonVLError", "Usage", "VideoError", "VideoOptions",
+    "AsyncClient", "AsyncTextStream", "Client", "ImageError", "ImageOptions", "InvalidRequest", "ModelNotFound",
+    "ModelNotReady", "OutputParser", "RequestFailed", "RequestTimeout", "RequestTooLarge", "Result",
+    "SamplingParams", "ServerOverloaded", "ServerUnavailable", "ServiceUnavailable", "StopRules",
+    "StopStringMatcher", "TextStream", "TritonVLError", "Usage", "VideoError", "VideoOptions",
 ]

@@ -17,8 +17,17 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 from tritonclient.utils import InferenceServerException
 
-from .errors import ModelNotReady, RequestFailed, RequestTimeout, ServerUnavailable, TritonVLError, classify
+from .errors import (
+    ModelNotReady,
+    RequestFailed,
+    RequestTimeout,
+    RequestTooLarge,
+    ServerUnavailable,
+    TritonVLError,
+    status_error,
+)
 from .request import Request
+from .rules.errors import untagged
 from .stream import Cancelled, CancelToken, Chunk
 
 _CANCEL = object()
@@ -66,21 +75,25 @@ def checked_chunk(result, error, url: str) -> Chunk:
 
 
 def stream_error(error, url: str) -> TritonVLError:
-    """An error from the stream: with a gRPC status (transport) or without (the server's reply)."""
+    """An error of the stream, by status: the call's gRPC status (the transport's: unreachable,
+    deadline, message too large, ...), or for an error inside the stream, which Triton sends as text
+    only, the status tag every tritonvl model puts in front of its message (client.errors.status_error)."""
     if hasattr(error, "code") and hasattr(error, "details"):  # a raw grpc.RpcError (aio streams)
         status, message = str(error.code()), error.details() or ""
     else:
         status = error.status() if hasattr(error, "status") else None
-        message = error.message() if hasattr(error, "message") else str(error)
-    if status is None:
-        # in-stream errors carry no status: ours are request faults unless marked internal
-        err = classify(message, "INVALID_ARGUMENT")
-        if message.lower().lstrip().startswith("internal error") or "internal error:" in message.lower():
-            err = RequestFailed(err.args[0])
-        return err
+        message = (error.message() if hasattr(error, "message") else None) or str(error)
+    if untagged(message)[0]:  # a tritonvl model's own status (also on a unary call's status)
+        return status_error(None, message)
     if status == "StatusCode.UNAVAILABLE":
-        return ServerUnavailable(f"cannot reach a Triton server at {url} over gRPC ({_short(message)})")
-    return classify(message, status)
+        err = ServerUnavailable(f"cannot reach a Triton server at {url} over gRPC ({_short(message)})")
+    elif status == "StatusCode.RESOURCE_EXHAUSTED":
+        # on the call, gRPC's own size limits (an overloaded tritonvl engine says so inside the stream)
+        err = RequestTooLarge(f"the request is larger than gRPC takes ({_short(message)})")
+    else:
+        return status_error(status, message)
+    err.status = status.removeprefix("StatusCode.")
+    return err
 
 
 def _short(message: str) -> str:

@@ -15,7 +15,14 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from urllib.parse import quote
 
-from .errors import ModelNotReady, RequestFailed, RequestTimeout, ServerUnavailable, TritonVLError, classify
+from .errors import (
+    ModelNotReady,
+    RequestFailed,
+    RequestTimeout,
+    ServerUnavailable,
+    TritonVLError,
+    status_error,
+)
 from .request import Request
 from .stream import Cancelled, CancelToken, Chunk
 
@@ -66,7 +73,9 @@ def _as_list(value) -> list:
 
 
 def parse_body(body: bytes, status: int) -> dict:
-    """A JSON body; an ``{"error": ...}`` body (any status) or a non-200 status raises."""
+    """A JSON body; an ``{"error": ...}`` body (any status) or a non-200 status raises, by the status
+    tag of a tritonvl model's message (Triton 2.51's /generate answers every model error with 400,
+    and an error event of /generate_stream comes after a 200), else the HTTP status."""
     text = body.decode("utf-8", "replace").strip()
     if text.startswith("data:"):
         text = text[5:].strip()
@@ -77,7 +86,7 @@ def parse_body(body: bytes, status: int) -> dict:
     if not isinstance(obj, dict):
         raise RequestFailed(f"unexpected response from the server: {text[:200]}")
     if "error" in obj or status != 200:
-        raise classify(str(obj.get("error", f"HTTP {status}")), status)
+        raise status_error(status if status != 200 else None, str(obj.get("error", f"HTTP {status}")))
     return obj
 
 

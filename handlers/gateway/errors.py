@@ -5,16 +5,29 @@ from __future__ import annotations
 
 from tritonvl.client.errors import (
     InvalidRequest,
+    ModelNotFound,
     ModelNotReady,
     RequestTimeout,
+    RequestTooLarge,
+    ServerOverloaded,
     ServerUnavailable,
+    ServiceUnavailable,
     TritonVLError,
 )
 
-# Triton's in-stream errors carry no status code (only text), so overload is recognised by the
-# messages our engine and Triton's schedulers use for it.
-_OVERLOAD = ("overloaded", "queue is full", "exceeds maximum queue size")
-_UNAVAILABLE = ("shutting down", "is not ready", "unavailable")
+# Triton's failures by the client error the transport made of their status (never by their words:
+# a 400 echoes the user's text). The first class the error is an instance of wins.
+# (class, HTTP status, OpenAI error type, code)
+STATUS_MAP: list[tuple[type[TritonVLError], int, str, str | None]] = [
+    (RequestTooLarge, 413, "invalid_request_error", "request_too_large"),
+    (InvalidRequest, 400, "invalid_request_error", None),
+    (ModelNotFound, 404, "invalid_request_error", "model_not_found"),
+    (ServerOverloaded, 429, "rate_limit_error", "overloaded"),
+    (ServerUnavailable, 503, "service_unavailable", "triton_unavailable"),
+    (ModelNotReady, 503, "service_unavailable", "triton_unavailable"),
+    (ServiceUnavailable, 503, "service_unavailable", "triton_unavailable"),
+    (RequestTimeout, 504, "timeout", "timeout"),
+]
 
 
 class APIError(Exception):
@@ -38,20 +51,14 @@ def unsupported(param: str, why: str = "is not supported by this server") -> API
 
 
 def from_triton(exc: TritonVLError) -> APIError:
-    """400 for INVALID_ARG (the server's message kept), 404 unknown model, 429 overload,
-    503 unavailable, 504 timeout, 500 otherwise."""
+    """The HTTP answer to a Triton failure, by its class (STATUS_MAP); 500 for anything else. A 400
+    keeps the server's message and names the field it starts with."""
     message = " ".join(str(exc).split()) or type(exc).__name__  # one line, never a traceback
-    low = message.lower()
-    if any(m in low for m in _OVERLOAD):
-        return APIError(429, message, "rate_limit_error", None, "overloaded")
-    if isinstance(exc, ModelNotReady) and ("unknown model" in low or "not found" in low):
-        return APIError(404, message, "invalid_request_error", "model", "model_not_found")
-    if isinstance(exc, (ServerUnavailable, ModelNotReady)) or any(m in low for m in _UNAVAILABLE):
-        return APIError(503, message, "service_unavailable", None, "triton_unavailable")
-    if isinstance(exc, RequestTimeout):
-        return APIError(504, message, "timeout", None, "timeout")
-    if isinstance(exc, InvalidRequest):
-        return APIError(400, message, "invalid_request_error", _param(message), None)
+    for kind, status, type_, code in STATUS_MAP:
+        if isinstance(exc, kind):
+            if status == 400:
+                return APIError(400, message, type_, _param(message), code)
+            return APIError(status, message, type_, "model" if status == 404 else None, code)
     return APIError(500, message, "internal_error", None, "internal_error")
 
 

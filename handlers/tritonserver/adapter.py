@@ -13,7 +13,7 @@ import os
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from tritonvl.client.rules.errors import InvalidArgument, RequestError
+from tritonvl.client.rules.errors import InvalidArgument, RequestError, tagged, untagged
 from tritonvl.handlers.devices import pick_device
 from tritonvl.handlers.params import read as read_params
 
@@ -113,11 +113,14 @@ def error(exc: Exception) -> pb_utils.InferenceResponse:
 
 
 def triton_error(exc: Exception):
+    """Triton's code, and the status tag at the front of the message (client.rules.errors.tagged):
+    in-stream errors reach clients as text only."""
     if isinstance(exc, RequestError):
         code = getattr(pb_utils.TritonError, exc.code, pb_utils.TritonError.INTERNAL)
-        return pb_utils.TritonError(str(exc), code)
+        return pb_utils.TritonError(tagged(exc.status, str(exc)), code)
     log.error("internal error: %r", exc)
-    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+    return pb_utils.TritonError(tagged("INTERNAL", f"internal error: {type(exc).__name__}: {exc}"),
+                                pb_utils.TritonError.INTERNAL)
 
 
 def tensor(request, name: str) -> np.ndarray | None:
@@ -220,12 +223,14 @@ class StreamSender:
 # ---- BLS: the public front calls preprocess, vision_encoder and llm (handlers/tritonserver/front.py) ----
 
 def _bls_error(err) -> RequestError:
-    """A child's error as a RequestError with the child's code (INTERNAL when it has none of ours)."""
+    """A child's error as a RequestError with the child's code (INTERNAL when it has none of ours)
+    and the status of its tag (its code when Triton made it: no tag), the tag taken off."""
     code = "INTERNAL"
     for name in ("INVALID_ARG", "UNAVAILABLE", "CANCELLED"):
         if getattr(pb_utils.TritonError, name, None) == err.code():
             code = name
-    return RequestError(err.message(), code)
+    status, message = untagged(err.message())
+    return RequestError(message, code, status)
 
 
 def bls_call(model: str, inputs: list, outputs: list[str]) -> dict:

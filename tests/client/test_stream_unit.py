@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tritonvl.client.batch import plan, read_done
-from tritonvl.client.errors import InvalidRequest, ModelNotReady, RequestFailed, RequestTimeout, classify
+from tritonvl.client.errors import InvalidRequest, ModelNotFound, RequestFailed, RequestTimeout, classify
 from tritonvl.client.images import ImageOptions
 from tritonvl.client.params import SamplingParams
 from tritonvl.client.parsing import StopRules
@@ -95,7 +95,7 @@ def test_non_streaming_has_no_ttft():
 @pytest.mark.parametrize("message,status,kind", [
     ("in ensemble 'qwen2_5_vl', top_p=3.0: must be in (0, 1]", 400, InvalidRequest),
     ("[StatusCode.INVALID_ARGUMENT] image[0]: bad", "StatusCode.INVALID_ARGUMENT", InvalidRequest),
-    ("Request for unknown model: 'nosuch' is not found", 404, ModelNotReady),
+    ("Request for unknown model: 'nosuch' is not found", 404, ModelNotFound),
     ("Deadline Exceeded", "StatusCode.DEADLINE_EXCEEDED", RequestTimeout),
     ("internal error: RuntimeError: boom", 500, RequestFailed),
 ])
