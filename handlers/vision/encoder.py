@@ -25,7 +25,6 @@ class EncodedImages:
     hashes: list[bytes]  # one content key per image (for the llm's prefix cache)
 
 
-EmbeddingCache = BytesLRU  # image embeddings keyed by content hash
 
 
 class TowerRuntime(Protocol):
@@ -95,7 +94,7 @@ class VisionEncoder:
         self.tower = tower
         self.merge_unit = self.tower.merge_unit
         self.hidden = self.tower.hidden
-        self.cache = EmbeddingCache(cache_bytes)
+        self.cache = BytesLRU(cache_bytes)  # embeddings of images and videos by content hash
 
     def snapshot(self):
         from tritonvl.handlers.metrics import Snapshot

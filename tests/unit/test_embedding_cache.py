@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tritonvl.handlers.vision.encoder import EmbeddingCache, VisionEncoder
+from tritonvl.handlers.lru import BytesLRU
+from tritonvl.handlers.vision.encoder import VisionEncoder
 
 MERGE, HIDDEN, PATCH = 4, 8, 6
 
@@ -72,7 +73,7 @@ def test_cache_stays_within_its_byte_bound_and_evicts_least_recently_used():
 
 
 def test_an_item_over_the_bound_is_not_cached_and_zero_turns_the_cache_off():
-    cache = EmbeddingCache(100)
+    cache = BytesLRU(100)
     cache.put(b"big", "x", 101)
     assert cache.get(b"big") is None and cache.bytes == 0
     tower = CountingTower()
