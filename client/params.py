@@ -44,7 +44,7 @@ class _Checks:
         return cls(**values).validate()
 
     def validate(self) -> SamplingParams:
-        """Raise InvalidRequest naming the field and the rule (the server's, ``sampling_rules``); return self."""
+        """Raise InvalidRequest naming the field and the rule (the server's, ``rules/sampling.py``); return self."""
         self._check_types()
         for f in FIELDS:
             rule = range_error(f.name, getattr(self, f.name))
