@@ -82,6 +82,13 @@ def _video_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-frames", type=int, help="frames the server samples from each video, evenly spread")
 
 
+def _api_key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="the gateway answers only requests that send 'Authorization: Bearer KEY' (repeatable: "
+                        "any of them; /health and /metrics stay open). Default: $TRITONVL_API_KEY, one key per "
+                        "line; the environment keeps a key out of process listings, this flag does not")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tritonvl", description="Serve and call Qwen2.5-VL on Triton.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--openai-port", type=int, default=0, metavar="PORT",
                    help="also run the OpenAI-compatible gateway on PORT (e.g. 9000; default: off; docs/OPENAI.md)")
+    p.add_argument("--openai-host", default="127.0.0.1", metavar="ADDRESS",
+                   help="address the gateway listens on (default: %(default)s, this machine only; 0.0.0.0 for all)")
+    _api_key_option(p)
     p.add_argument("--device", choices=["cpu", "cuda", "npu"], default="",
                    help="force a device for every model (default: what the instance groups say)")
     p.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
@@ -169,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=64, help="request body limit, MiB (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per generation (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _api_key_option(p)
     p.set_defaults(func=_server_command("gateway", "gateway"))
 
     p = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2.5-VL to DIR")

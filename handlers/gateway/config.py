@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+API_KEY_ENV = "TRITONVL_API_KEY"  # vLLM's VLLM_API_KEY habit
+
 
 @dataclass(frozen=True)
 class GatewayConfig:
@@ -15,15 +17,30 @@ class GatewayConfig:
     request_timeout_s: float = 600.0  # the gRPC deadline of one generation
     describe_prompt: str = "Describe this image."  # /describe-image/ without a prompt
     describe_video_prompt: str = "Describe this video."  # the same, for a video upload
+    api_keys: tuple[str, ...] = ()  # requests must send one as 'Authorization: Bearer <key>'; () = open
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024 or self.max_concurrent < 1 or self.request_timeout_s <= 0:
             raise ValueError("max_body_bytes >= 1024, max_concurrent >= 1 and request_timeout_s > 0 are required")
+        for i, key in enumerate(self.api_keys):
+            # never in the message: the key itself
+            if not key or not all("!" <= c <= "~" for c in key):
+                raise ValueError(f"API key #{i + 1}: empty, or a character other than printable ASCII "
+                                 "(no spaces): a client could not send it in an Authorization header")
 
     @property
     def names(self) -> tuple[str, ...]:
         """Served names: the first is the default and the one answers carry."""
         return self.served_model_names or (self.triton_model,)
+
+
+def api_keys(flags: list[str] | None, env: str | None) -> tuple[str, ...]:
+    """The keys: the ``--api-key`` flags if any, else $TRITONVL_API_KEY, one key per line (a Secret
+    may hold several during a rotation; blank lines and the spaces around a key are dropped, so a
+    trailing newline of a file-made Secret does no harm)."""
+    if flags:
+        return tuple(k.strip() for k in flags)
+    return tuple(k.strip() for k in (env or "").splitlines() if k.strip())
 
 
 def served_names(model: str | None, served_model_name: list[str] | None, triton_model: str) -> tuple[str, ...]:

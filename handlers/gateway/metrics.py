@@ -23,8 +23,12 @@ class GatewayMetrics:
         self.cancelled = Counter("tritonvl_gateway_client_disconnects",
                                  "Requests whose client went away first (their Triton call was cancelled)",
                                  ["endpoint"], registry=r)
-        self.rejected = Counter("tritonvl_gateway_rejected", "Requests refused before Triton saw them",
+        self.rejected = Counter("tritonvl_gateway_rejected",
+                                "Requests refused before Triton saw them (auth, body_size, concurrency)",
                                 ["reason"], registry=r)
+        self.auth_required = Gauge("tritonvl_gateway_auth_required",
+                                   "1 when requests need an API key (--api-key / TRITONVL_API_KEY), else 0",
+                                   registry=r)
         self.prompt_tokens = Counter("tritonvl_gateway_prompt_tokens", "Prompt tokens of answered requests",
                                      registry=r)
         self.completion_tokens = Counter("tritonvl_gateway_completion_tokens",

@@ -1,6 +1,6 @@
-"""The endpoints. Each generation holds a Limiter slot until its answer is complete; a client that
-goes away cancels its Triton call (streams: when the response is torn down; whole answers: by a
-watcher on the connection)."""
+"""The endpoints. A client that goes away cancels its Triton call (streams: when the response is
+torn down; whole answers: by a watcher on the connection). The key, the body size and the bound on
+requests in flight are checked before any of this runs, before the body is read (app.Guard)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,6 @@ class Gateway:
     config: GatewayConfig
     backend: TritonBackend
     metrics: GatewayMetrics
-    limiter: object  # app.Limiter
 
     async def chat(self, http: Request) -> Response:
         return await self._generate(http, parse_chat(await _json(http)), "chat")
@@ -115,30 +114,25 @@ class Gateway:
 
     async def _whole(self, http: Request, request: TritonRequest, endpoint: str):
         """The Outcome, or None when the client went away first (its Triton call is then cancelled)."""
-        release = self.limiter.acquire()
+        task = asyncio.ensure_future(self.backend.collect(request))
+        watcher = asyncio.ensure_future(_disconnected(http))
         try:
-            task = asyncio.ensure_future(self.backend.collect(request))
-            watcher = asyncio.ensure_future(_disconnected(http))
-            try:
-                await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                watcher.cancel()
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                self.metrics.cancelled.labels(endpoint).inc()
-                return None
-            try:
-                out = task.result()
-            except TritonVLError as exc:
-                raise from_triton(exc) from None
-            self.metrics.tokens(out.prompt_tokens, out.completion_tokens)
-            return out
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            release()
+            watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            self.metrics.cancelled.labels(endpoint).inc()
+            return None
+        try:
+            out = task.result()
+        except TritonVLError as exc:
+            raise from_triton(exc) from None
+        self.metrics.tokens(out.prompt_tokens, out.completion_tokens)
+        return out
 
     async def _stream(self, http: Request, request: TritonRequest, reply: Reply, endpoint: str) -> Response:
-        release = self.limiter.acquire()
         start = time.perf_counter()
         chunks = self.backend.stream(request)
         try:
@@ -153,15 +147,10 @@ class Gateway:
                 first.cancel()
                 await asyncio.gather(first, return_exceptions=True)
                 self.metrics.cancelled.labels(endpoint).inc()
-                release()
                 return Response(status_code=CLIENT_GONE)
             chunk = first.result()
         except TritonVLError as exc:
-            release()
             raise from_triton(exc) from None
-        except BaseException:
-            release()
-            raise
 
         state = {"done": False, "ttft": False}
 
@@ -195,7 +184,6 @@ class Gateway:
                 state["done"] = True
                 self.metrics.cancelled.labels(endpoint).inc()
             await chunks.aclose()  # cancels the gRPC call unless it already ended
-            release()
 
         return SSEResponse(events(), cleanup, media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -7,6 +7,7 @@ no torch) imports no server code. Each function takes the parsed arguments and r
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -27,7 +28,8 @@ def serve(args: argparse.Namespace) -> int:
     try:  # bad --set values stop here, before tritonserver starts
         overrides = parse_sets(args.set)
         return launch(args.model, args.http_port, args.grpc_port, args.metrics_port, args.device, args.extra,
-                      overrides=overrides, openai_port=args.openai_port)
+                      overrides=overrides, openai_port=args.openai_port, openai_host=args.openai_host,
+                      api_keys=args.api_key)
     except ParamError as exc:
         print(f"tritonvl serve: {exc}", file=sys.stderr)
         return 2
@@ -38,13 +40,14 @@ def serve(args: argparse.Namespace) -> int:
 def gateway(args: argparse.Namespace) -> int:
     try:
         from tritonvl.handlers.gateway.app import run
-        from tritonvl.handlers.gateway.config import GatewayConfig, served_names
+        from tritonvl.handlers.gateway.config import API_KEY_ENV, GatewayConfig, api_keys, served_names
     except ImportError as exc:
         return needs_extra("tritonvl gateway", "gateway", exc)
     try:
         config = GatewayConfig(args.triton_url, args.triton_model,
                                served_names(args.model, args.served_model_name, args.triton_model),
-                               int(args.max_body_mb * 2**20), args.max_concurrent, args.timeout)
+                               int(args.max_body_mb * 2**20), args.max_concurrent, args.timeout,
+                               api_keys=api_keys(args.api_key, os.environ.get(API_KEY_ENV)))
     except ValueError as exc:
         print(f"tritonvl gateway: {exc}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonvl.handlers.gateway.config import API_KEY_ENV
 from tritonvl.handlers.procs import terminate
 from tritonvl.handlers.tools.repository import Overrides, default_model_repository, repository_with
 
@@ -69,11 +70,13 @@ def server_command(server: Server, repo: Path, http_port: int, grpc_port: int, m
 
 def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, device: str,
           extra: list[str], repo: Path | None = None, overrides: Overrides | None = None,
-          openai_port: int = 0) -> int:
+          openai_port: int = 0, openai_host: str = "127.0.0.1", api_keys: list[str] | None = None) -> int:
     """Run tritonserver in the foreground; forward SIGINT/SIGTERM; return its exit code.
 
-    ``openai_port``: also run the OpenAI-compatible gateway on that port (0: no gateway), stopped
-    with the server.
+    ``openai_port``: also run the OpenAI-compatible gateway on that port (0: no gateway) and
+    ``openai_host`` (loopback unless told otherwise), stopped with the server. ``api_keys`` (the
+    ``--api-key`` flags) reach it through its environment, never its command line; without them it
+    reads $TRITONVL_API_KEY as this process has it.
 
     ``overrides`` ({model: {key: value}}, from ``--set``): served from a temporary repository copy;
     an unknown model or key or a bad value raises ParamError before tritonserver starts.
@@ -89,14 +92,16 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
         sets = " ".join(f"{m}.{k}={v}" for m, kv in overrides.items() for k, v in kv.items())
         print(f"tritonvl: serving a copy of the model repository with {sets}", flush=True)
     try:
-        return _serve(model, http_port, grpc_port, metrics_port, device, extra, repo, openai_port)
+        return _serve(model, http_port, grpc_port, metrics_port, device, extra, repo, openai_port, openai_host,
+                      api_keys)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, device: str,
-           extra: list[str], repo: Path | None, openai_port: int = 0) -> int:
+           extra: list[str], repo: Path | None, openai_port: int = 0, openai_host: str = "127.0.0.1",
+           api_keys: list[str] | None = None) -> int:
     model = model or os.environ.get("TRITONVL_MODEL")  # e.g. docker run -e TRITONVL_MODEL=...
     if model:
         model_dir = str(Path(model).resolve())
@@ -109,6 +114,7 @@ def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int,
         model_dir = str(ensure_default_model())
     server = find_server()
     env = {**os.environ, **server.env, "TRITONVL_MODEL": model_dir}
+    env.pop(API_KEY_ENV, None)  # the gateway's key is the gateway's: not in tritonserver's (and our stubs') env
     if device:
         env["TRITONVL_DEVICE"] = device
     cmd = server_command(server, repo or default_model_repository(), http_port, grpc_port, metrics_port, extra)
@@ -119,7 +125,8 @@ def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int,
         from tritonvl.handlers.gateway.process import GatewayProcess
 
         # served name: --model as given (vLLM's default), so clients can send the path they know
-        gateway = GatewayProcess(f"localhost:{grpc_port}", openai_port, host="0.0.0.0", model=model).spawn()
+        gateway = GatewayProcess(f"localhost:{grpc_port}", openai_port, host=openai_host, model=model,
+                                 api_keys=api_keys).spawn()
 
     def forward(signum, _frame):
         proc.send_signal(signum)
