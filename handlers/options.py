@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from tritonvl.client.rules.errors import InvalidArgument
-from tritonvl.handlers.sampling import SamplingParams
+from tritonvl.client.rules.errors import InvalidArgument, RequestError
+from tritonvl.client.rules.sampling import MAX_TOP_LOGPROBS
+from tritonvl.client.rules.structured import KINDS, MAX_SPEC_CHARS
+from tritonvl.handlers.sampling import SamplingParams, build_sampling_params
 
 
 @dataclass
@@ -31,9 +33,46 @@ class RequestOptions:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> RequestOptions:
-        d = json.loads(text)
-        return cls(SamplingParams(**d["sampling"]), d["stream"], d["exclude_input_in_output"], d["prompt_text"],
-                   d.get("clamp_max_tokens", True), d.get("logprobs", -1), d.get("second_per_grid_ts", []))
+        """The JSON preprocess writes, every value type- and range-checked again (the llm model is callable
+        directly): anything else is INVALID_ARG naming the problem."""
+        try:
+            d = json.loads(text)
+            sampling = dict(d["sampling"])
+            spec = _spec(sampling.pop("structured_outputs", None))
+            params = build_sampling_params(sampling, None, vocab_size=2**31)  # the vocabulary: check()
+            params.structured_outputs = spec
+            flags = [d["stream"], d["exclude_input_in_output"], d.get("clamp_max_tokens", True)]
+            logprobs, times = d.get("logprobs", -1), d.get("second_per_grid_ts", [])
+            if not all(isinstance(f, bool) for f in flags) or not isinstance(d["prompt_text"], str):
+                raise InvalidArgument("request: stream, exclude_input_in_output, clamp_max_tokens must be booleans "
+                                      "and prompt_text a string")
+            if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not -1 <= logprobs <= MAX_TOP_LOGPROBS:
+                raise InvalidArgument(f"request: logprobs={logprobs!r}: must be between -1 and {MAX_TOP_LOGPROBS}")
+            if not isinstance(times, list) or not all(
+                    isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t < 1e6 for t in times):
+                raise InvalidArgument("request: second_per_grid_ts must be a list of positive numbers")
+        except RequestError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise InvalidArgument(f"request: not the llm step's options JSON ({type(exc).__name__}: {exc})") from None
+        return cls(params, flags[0], flags[1], d["prompt_text"], flags[2], logprobs, [float(t) for t in times])
+
+    def check(self, vocab_size: int, media_items: int) -> None:
+        """What needs the model: token ids in its vocabulary, at most one time step per image/video."""
+        self.sampling.validate(vocab_size)
+        if len(self.second_per_grid_ts) > media_items:
+            raise InvalidArgument(f"request: {len(self.second_per_grid_ts)} second_per_grid_ts values for "
+                                  f"{media_items} images and videos")
+
+
+def _spec(value) -> dict | None:
+    """A structured-output constraint as the options carry it (GrammarSpec.to_dict()), checked."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("kind") not in KINDS or not isinstance(value.get("text", ""), str) \
+            or len(value.get("text", "")) > MAX_SPEC_CHARS:
+        raise InvalidArgument(f"request: structured_outputs must be {{kind: one of {list(KINDS)}, text}}")
+    return {"kind": value["kind"], "text": value.get("text", "")}
 
 
 def fit_to_context(prompt_tokens: int, sampling: SamplingParams, max_model_len: int, may_cut: bool,

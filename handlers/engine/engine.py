@@ -27,7 +27,7 @@ from tritonvl.handlers.engine.scheduler import QueueFullError, Scheduler
 from tritonvl.handlers.engine.sequence import Sequence, stop_ids_for
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
 from tritonvl.handlers.engine.textstream import OutputStream
-from tritonvl.handlers.engine.visual import image_spans, timed_spans
+from tritonvl.handlers.engine.visual import content_keys, image_spans, timed_spans
 from tritonvl.handlers.metrics import NullSink
 from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.options import fit_to_context
@@ -151,6 +151,7 @@ class LLMEngine:
                 return
             if self._drain_at:
                 raise Unavailable("the server is shutting down")
+            job.check(self.info)
             n = int(job.input_ids.shape[0])
             params = job.options.sampling
             # more than the llm's max_model_len allows is refused (unless the request may be cut); a KV cache
@@ -179,8 +180,9 @@ class LLMEngine:
         """The scheduler's sequence of a job: its prompt, stop ids and visual spans (keyed by content for
         the prefix cache); the engine's own per-sequence state rides along as its payload."""
         params = job.options.sampling
+        keys = content_keys(job.visual_embeds, job.grid_thw, self.info.merge_unit)  # never the caller's hashes
         spans = timed_spans(image_spans(job.input_ids, (self.info.image_token_id, self.info.video_token_id),
-                                        job.media_hashes, job.grid_thw, self.info.merge_unit),
+                                        keys, job.grid_thw, self.info.merge_unit),
                             job.input_ids, self.info, job.options.second_per_grid_ts)
         stop_ids = stop_ids_for(params.stop_token_ids, params.ignore_eos, self.info.eos_token_ids)
         # the grammar's end tokens: the request's stop ids (the model's eos when ignore_eos clears them)
@@ -252,25 +254,33 @@ class LLMEngine:
         return tokens
 
     def postprocess(self, seqs: list[Sequence], sampled: dict[int, int]) -> None:
-        """Detokenise each booked token and respond: a delta, or the last response when it ends."""
+        """Detokenise each booked token and respond: a delta, or the last response when it ends. A fault
+        while booking one sequence (its stop strings, logprobs, grammar) fails that sequence alone."""
         now = time.monotonic()
         for seq in seqs:
-            st: SeqState = seq.payload
-            token = sampled[seq.seq_id]
-            self.stats.token(st.times, now)
-            text = st.stream.add(token, seq.finish_reason)  # the scheduler's verdict (stop id, length)
-            booked, st.sampler.booked_logprobs = st.sampler.booked_logprobs, []
-            logprobs = logprob_entries(self.tokenizer, booked) if booked else ()
-            grammar = st.sampler.grammar
-            if grammar is not None and grammar.terminated and not st.stream.finished:
-                text += st.stream.end("stop")  # the grammar ended it (before min_tokens, or with ignore_eos)
-            if st.stream.finished or seq.is_finished:
-                if not seq.is_finished:
-                    self.scheduler.finish(seq.seq_id)
-                self.stats.count("requests_finished")
-                st.job.responder.finish(st.stream.finish_reason or "length", text, [token], logprobs)
-            else:
-                st.job.responder.delta(text, [token], logprobs)
+            try:
+                self._book(seq, sampled[seq.seq_id], now)
+            except Exception as exc:
+                log.exception("booking a token failed for sequence %d", seq.seq_id)
+                self.scheduler.abort(seq.seq_id)
+                seq.payload.job.responder.fail(exc)
+
+    def _book(self, seq: Sequence, token: int, now: float) -> None:
+        st: SeqState = seq.payload
+        self.stats.token(st.times, now)
+        text = st.stream.add(token, seq.finish_reason)  # the scheduler's verdict (stop id, length)
+        booked, st.sampler.booked_logprobs = st.sampler.booked_logprobs, []
+        logprobs = logprob_entries(self.tokenizer, booked) if booked else ()
+        grammar = st.sampler.grammar
+        if grammar is not None and grammar.terminated and not st.stream.finished:
+            text += st.stream.end("stop")  # the grammar ended it (before min_tokens, or with ignore_eos)
+        if st.stream.finished or seq.is_finished:
+            if not seq.is_finished:
+                self.scheduler.finish(seq.seq_id)
+            self.stats.count("requests_finished")
+            st.job.responder.finish(st.stream.finish_reason or "length", text, [token], logprobs)
+        else:
+            st.job.responder.delta(text, [token], logprobs)
 
     def _fail_all(self, exc: Exception) -> None:
         for job in self._grammar_wait.take_all() if self._grammar_wait else []:  # still compiling

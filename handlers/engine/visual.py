@@ -72,6 +72,21 @@ def image_spans(input_ids: np.ndarray, image_token_id: int | tuple[int, ...], ha
     return out
 
 
+def content_keys(embeds: np.ndarray, grid: np.ndarray, merge_unit: int) -> list[bytes]:
+    """The prefix-cache key of each image / video: a hash of the embedding rows the llm received for it
+    (and its grid), computed here rather than taken from the caller, so that a request cannot file K/V
+    under another image's key (embeddings forged for a real image's hash; issue 24)."""
+    keys, start = [], 0
+    for row in grid:
+        n = int(np.prod(row)) // merge_unit
+        h = hashlib.blake2b(digest_size=16)
+        h.update(np.asarray(row, dtype=np.int64).tobytes())
+        h.update(memoryview(np.ascontiguousarray(embeds[start:start + n])).cast("B"))
+        keys.append(h.digest())
+        start += n
+    return keys
+
+
 def timed_spans(spans: list[tuple[int, int, bytes]], input_ids: np.ndarray, info: ModelInfo,
                 second_per_grid_ts: list[float]) -> list[tuple[int, int, bytes]]:
     """Prefix-cache keys of placeholder runs: a video's content hash also takes its second_per_grid_t

@@ -92,6 +92,7 @@ class GenerateBackend:
                 job.responder.fail(exc)
 
     def run(self, job: Job) -> None:
+        job.check(self.info)
         params = job.options.sampling
         if params.structured_outputs:
             raise InvalidArgument("structured outputs need the llm parameter backend=engine (this is generate)")

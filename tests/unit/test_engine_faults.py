@@ -48,14 +48,16 @@ def test_request_error_at_admission_keeps_its_code(pipe):
     options = RequestOptions(SamplingParams(max_tokens=4))
     responder = Responder(options, len(inputs.input_ids), lambda record: None, errors.append)
     enc = pipe.vision.encode([(inputs.pixel_values, inputs.image_grid_thw)])[0]
-    # one image hash but no image placeholder in the prompt: the request's own fault
-    pipe.engine.submit(Job(inputs.input_ids, enc.embeds, inputs.image_grid_thw, [b"x" * 16], options, responder))
+    # a token id outside the vocabulary (a direct caller's): the request's own fault
+    ids = inputs.input_ids.copy()
+    ids[0] = 10**7
+    pipe.engine.submit(Job(ids, enc.embeds, inputs.image_grid_thw, [], options, responder))
     deadline = time.monotonic() + 30
     while not errors and time.monotonic() < deadline:
         time.sleep(0.02)
     (err,) = errors
     assert isinstance(err, InvalidArgument) and isinstance(err, RequestError) and err.code == "INVALID_ARG"
-    assert "0 image placeholder runs for 1 images" in str(err)
+    assert "outside the vocabulary" in str(err)
 
 
 def test_sampling_fault_fails_one_sequence_alone(pipe, monkeypatch):
