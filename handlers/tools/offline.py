@@ -56,6 +56,9 @@ class OfflinePipeline:
         """Run every request to its end (all in flight together); results in request order."""
         inputs = [self.pre.process(r) for r in requests]
         encoded = self.vision.encode([(m.pixel_values, m.image_grid_thw) for m in inputs])
+        for enc in encoded:
+            if isinstance(enc, Exception):  # preprocess made these inputs: the tower itself failed
+                raise enc
         results = [Result(num_input_tokens=len(m.input_ids)) for m in inputs]
         remaining = [len(inputs)]
         all_done = threading.Event()

@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 
+from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.handlers.lru import BytesLRU
 
 
@@ -50,7 +51,9 @@ class TorchTower:
         self.torch, self.device, self.dtype = torch, device, dtype
         self.visual = load_visual(model_dir, device, dtype)
         self.merge_unit = self.visual.spatial_merge_size**2
-        self.hidden = load_model_info(model_dir).embed_width
+        info = load_model_info(model_dir)
+        self.hidden = info.embed_width
+        self.patch_dim = info.patch_dim
 
     def __call__(self, pixels: np.ndarray, grid: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -101,12 +104,56 @@ class VisionEncoder:
 
         return Snapshot(counters={"image_cache_hits": self.cache.hits, "image_cache_misses": self.cache.misses})
 
-    def encode(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[EncodedImages]:
-        """``batch``: per request, (pixel_values [patches, patch_dim], grid_thw [images, 3]).
+    def check(self, pixels, grid) -> None:
+        """One request's inputs against the tower (the model is callable directly): INVALID_ARG naming
+        the problem, so that a bad request fails alone instead of the batch's one forward."""
+        if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or pixels.dtype != np.float32:
+            raise InvalidArgument("pixel_values: expected FP32 [patches, patch_dim]")
+        width = getattr(self.tower, "patch_dim", None)
+        if width is not None and pixels.shape[0] and pixels.shape[1] != width:
+            raise InvalidArgument(f"pixel_values: {pixels.shape[1]} values per patch, the model takes {width}")
+        if not isinstance(grid, np.ndarray) or grid.ndim != 2 or grid.shape[1] != 3:
+            raise InvalidArgument("image_grid_thw: expected INT64 [images, 3]")
+        merge = int(round(self.merge_unit ** 0.5))
+        if grid.size and ((grid < 1).any() or (grid[:, 1:] % merge).any()):
+            raise InvalidArgument(f"image_grid_thw: t, h, w must be positive and h, w multiples of {merge}")
+        patches = int(np.prod(grid, axis=1).sum()) if grid.size else 0
+        if patches != pixels.shape[0]:
+            raise InvalidArgument(f"pixel_values: {pixels.shape[0]} patches for an image_grid_thw of {patches}")
+        if pixels.size and not np.isfinite(pixels).all():
+            raise InvalidArgument("pixel_values: not all finite")
+
+    def encode(self, batch: list) -> list:
+        """``batch``: per request, (pixel_values [patches, patch_dim], grid_thw [images, 3]); per request
+        its EncodedImages, or the exception that refused it (the rest of the batch carries on).
 
         Images already in the cache are skipped; the rest run in ONE forward (the tower keeps
         images apart through cu_seqlens) and are split back by each image's own token count.
         """
+        checked: list = []
+        for pixels, grid in batch:
+            try:
+                self.check(pixels, grid)
+                checked.append(None)
+            except Exception as exc:
+                checked.append(exc)
+        good = [item for item, err in zip(batch, checked) if err is None]
+        try:
+            encoded = iter(self._encode(good))
+        except Exception:  # the forward itself failed: find the request that did it, one at a time
+            encoded = iter(self._one_by_one(good))
+        return [err if err is not None else next(encoded) for err in checked]
+
+    def _one_by_one(self, batch: list) -> list:
+        out = []
+        for item in batch:
+            try:
+                out.extend(self._encode([item]))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _encode(self, batch: list[tuple[np.ndarray, np.ndarray]]) -> list[EncodedImages]:
         per_image: list[list] = []  # per request: [(hash, pixels, grid_row)]
         for pixels, grid in batch:
             items, start = [], 0

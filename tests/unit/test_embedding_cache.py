@@ -15,7 +15,7 @@ class CountingTower:
     """A stand-in tower: each output token is a function of its image's patches (so a wrong split or
     a stale cache entry shows), and every call is recorded."""
 
-    merge_unit, hidden = MERGE, HIDDEN
+    merge_unit, hidden, patch_dim = MERGE, HIDDEN, PATCH
 
     def __init__(self) -> None:
         self.calls: list[int] = []  # images per call
@@ -102,3 +102,35 @@ def test_real_tower_cached_embeddings_equal_fresh_ones(model_dir):
     cached = enc.encode([(m.pixel_values, m.image_grid_thw)])[0].embeds
     assert enc.cache.hits == 1
     np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bad_request_fails_alone_and_the_batch_carries_on():
+    """Per-request errors in a dynamic batch (docs/INTERFACE.md): malformed inputs are refused before
+    the one forward; a forward that fails anyway is retried one request at a time."""
+    from tritonvl.client.rules.errors import InvalidArgument
+
+    tower = CountingTower()
+    enc = VisionEncoder(tower, cache_bytes=0)
+    a, b = image(1), image(2)
+    alone = [enc.encode([request(x)])[0].embeds for x in (a, b)]
+    pixels, grid = request(a)
+    bad = [(pixels[:-1], grid), (pixels[:, :2], grid), (pixels, np.array([[1, 3, 4]])), (None, None),
+           (pixels, np.array([[1, 2]]))]
+    for case in bad:
+        out = enc.encode([request(a), case, request(b)])
+        assert isinstance(out[1], InvalidArgument), case
+        np.testing.assert_array_equal(out[0].embeds, alone[0])
+        np.testing.assert_array_equal(out[2].embeds, alone[1])
+
+    class Fussy(CountingTower):
+        def __call__(self, pixels, grid):
+            if (pixels == 7).any():
+                raise RuntimeError("the tower chokes")
+            return super().__call__(pixels, grid)
+
+    enc = VisionEncoder(Fussy(), cache_bytes=0)
+    poison = (np.full_like(pixels, 7), grid)
+    out = enc.encode([request(a), poison, request(b)])
+    assert isinstance(out[1], RuntimeError)
+    np.testing.assert_array_equal(out[0].embeds, alone[0])
+    np.testing.assert_array_equal(out[2].embeds, alone[1])

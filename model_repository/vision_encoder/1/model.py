@@ -24,13 +24,13 @@ class TritonPythonModel:
                                        version=cfg.version)
 
     def execute(self, requests):
-        try:
-            batch = [(ta.tensor(r, "pixel_values")[0], ta.tensor(r, "image_grid_thw")[0]) for r in requests]
-            results = self.encoder.encode(batch)
-            self.metrics.update(self.encoder.snapshot())
-        except Exception as exc:
-            return [ta.error(exc) for _ in requests]
-        return [ta.response({
+        batch = []
+        for r in requests:  # a request without its inputs fails alone (Encoder.check)
+            pixels, grid = ta.tensor(r, "pixel_values"), ta.tensor(r, "image_grid_thw")
+            batch.append((None if pixels is None else pixels[0], None if grid is None else grid[0]))
+        results = self.encoder.encode(batch)
+        self.metrics.update(self.encoder.snapshot())
+        return [ta.error(res) if isinstance(res, Exception) else ta.response({
             "image_embeds": res.embeds,
             "image_hashes": np.frombuffer(b"".join(res.hashes), dtype=np.uint8).reshape(-1, 16),
         }) for res in results]
