@@ -49,14 +49,9 @@ if [ -n "${TRITONVL_OPENAI_PORT:-}" ] && [ "$TRITONVL_OPENAI_PORT" != 0 ]; then
          "without a key, so it would answer anyone: set TRITONVL_API_KEY (from a Secret; clients send" \
          "'Authorization: Bearer <key>'), or TRITONVL_OPENAI_HOST=127.0.0.1, or leave TRITONVL_OPENAI_PORT unset" ;;
   esac
-  args+=(--openai-port "$TRITONVL_OPENAI_PORT")
-  # `tritonvl serve` releases with --openai-host bind the gateway to loopback unless told otherwise;
-  # earlier ones bind 0.0.0.0 and have no such flag.
-  if tritonvl serve --help 2>/dev/null | grep -q -- '--openai-host'; then
-    args+=(--openai-host "$host")
-  elif [ "$host" != 0.0.0.0 ]; then
-    die "TRITONVL_OPENAI_HOST=$host: this tritonvl serve has no --openai-host (it binds the gateway to 0.0.0.0)"
-  fi
+  # `tritonvl serve` binds the gateway to loopback unless told otherwise; the key reaches the gateway
+  # as $TRITONVL_API_KEY, inherited, never on a command line.
+  args+=(--openai-port "$TRITONVL_OPENAI_PORT" --openai-host "$host")
 fi
 
 admin_key=${TRITONVL_ADMIN_KEY:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}

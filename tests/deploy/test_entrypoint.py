@@ -51,12 +51,42 @@ def clean_env() -> dict:
 def test_entrypoint_refuses_unsafe_settings(env, message, tmp_path):
     """Before anything starts: exit status 2 and a message naming what to set."""
     fake = tmp_path / "tritonvl"  # stands in for the real command: it must never be reached
-    fake.write_text("#!/bin/sh\n[ \"$2\" = --help ] && exit 0\necho started >> \"$0.log\"\n")
+    fake.write_text("#!/bin/sh\necho started >> \"$0.log\"\n")
     fake.chmod(0o755)
     r = subprocess.run(["bash", str(ENTRYPOINT)], env={**clean_env(), **env, "PATH": f"{tmp_path}:{os.environ['PATH']}"},
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "tritonvl.log").exists()
+
+
+def test_entrypoint_arguments(tmp_path):
+    """What `tritonvl serve` gets: the gateway on loopback needs no key; tritonserver's own flags after
+    one `--`, the container's after the entrypoint's; a random admin key when none is given."""
+    fake = tmp_path / "tritonvl"
+    fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$0.args"\n')
+    fake.chmod(0o755)
+
+    def run(env: dict, *args: str) -> list[str]:
+        r = subprocess.run(["bash", str(ENTRYPOINT), *args], capture_output=True, text=True, timeout=30,
+                           env={**clean_env(), **env, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+        assert r.returncode == 0, r.stderr
+        return (tmp_path / "tritonvl.args").read_text().splitlines()
+
+    argv = run({"TRITONVL_OPENAI_PORT": "9100", "TRITONVL_OPENAI_HOST": "127.0.0.1"}, "--device", "cpu", "--",
+               "--log-verbose=1")
+    assert argv[0] == "serve" and argv.count("--") == 1
+    serve, server = argv[1:argv.index("--")], argv[argv.index("--") + 1:]
+    assert serve[serve.index("--openai-host") + 1] == "127.0.0.1" and serve[-2:] == ["--device", "cpu"]
+    assert server[0] == "--model-control-mode=none" and server[-1] == "--log-verbose=1"
+    apis = "model-repository,model-config,shared-memory,statistics,trace,logging"
+    key = server[1].rpartition("=")[2]
+    assert re.fullmatch(r"[0-9a-f]{64}", key)  # drawn at start: nobody knows it
+    assert server[1:3] == [f"--http-restricted-api={apis}:tritonvl-admin-key={key}",
+                           f"--grpc-restricted-protocol={apis}:tritonvl-admin-key={key}"]
+    again = run({})
+    assert key not in again[-1] and "--openai-port" not in again  # a new key each start; no gateway by default
+    assert run({"TRITONVL_ADMIN_KEY": ADMIN_KEY})[-1].endswith(f":tritonvl-admin-key={ADMIN_KEY}")
+    assert "gateway-key" not in " ".join(run({"TRITONVL_OPENAI_PORT": "9100", "TRITONVL_API_KEY": API_KEY}))
 
 
 def test_entrypoint_serves_and_stops_cleanly(model_dir, tmp_path):
@@ -94,6 +124,10 @@ def test_entrypoint_serves_and_stops_cleanly(model_dir, tmp_path):
         r = requests.get(f"http://localhost:{openai}/v1/models", timeout=30,
                          headers={**CLOSE, "Authorization": f"Bearer {API_KEY}"})
         assert r.status_code == 200 and r.json()["data"], r.text
+        # the key reached the gateway (TRITONVL_API_KEY, inherited through `tritonvl serve`)
+        for auth in ({}, {"Authorization": "Bearer wrong"}):
+            r = requests.get(f"http://localhost:{openai}/v1/models", timeout=30, headers={**CLOSE, **auth})
+            assert r.status_code == 401, (auth, r.status_code, r.text)
         check_restricted_apis(http, grpc)
         # TRITONVL_SET reached the engine (a --set per word), on the metrics port the Service scrapes.
         text = requests.get(f"http://localhost:{metrics}/metrics", timeout=5, headers=CLOSE).text
