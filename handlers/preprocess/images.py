@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import re
 import warnings
@@ -35,7 +36,8 @@ class ImageLimits:
     max_prompt_bytes: int = 1024 * 1024  # UTF-8 bytes of the request's text, before tokenizing
     url_allowlist: tuple[str, ...] = ()  # hosts whose http(s) image URLs are fetched; empty = URLs off
     url_timeout_s: float = 10.0
-    url_allow_private: bool = False  # allow-listed hosts may resolve to non-public addresses
+    url_allow_private: bool = False  # allow-listed hosts may resolve to RFC 1918 / unique-local addresses
+    url_allow_loopback: bool = False  # ... or to loopback (tests, a media server on this machine)
 
 
 _DATA_URI = re.compile(r"^data:(?P<mime>[\w/+.-]*)(?P<params>(;[^,;]*)*?)(?P<b64>;base64)?,", re.IGNORECASE)
@@ -90,34 +92,59 @@ def _sized(data: bytes, where: str, limits: ImageLimits) -> bytes:
     return data
 
 
-def decode_image(data: bytes, index: int, limits: ImageLimits) -> Image.Image:
+def decode_image(data: bytes, index: int, limits: ImageLimits, where: str | None = None) -> Image.Image:
     """Decode and normalize one image; raise InvalidArgument naming the problem.
 
     Only the header is read before the format, pixel and aspect checks; animated images give
     their first frame; EXIF orientation is applied.
     """
-    where = f"image[{index}]"
+    where = where or f"image[{index}]"
+    with _decoder_faults(where, limits):
+        img = open_image(data, where, limits)
+        img.seek(0)  # animated images: the first frame
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        return to_rgb(img)
+
+
+def open_image(data: bytes, where: str, limits: ImageLimits) -> Image.Image:
+    """The image with only its header read (Pillow opens lazily), after the format, pixel and aspect
+    checks: no pixel is decoded until ``load()``."""
+    with _decoder_faults(where, limits), warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # only the allowed formats' parsers ever see the bytes
+        img = Image.open(io.BytesIO(data), formats=limits.formats)
+        fmt = img.format or "unknown"
+        if fmt not in limits.formats:
+            raise InvalidArgument(f"{where}: format {fmt} is not allowed (allowed: {', '.join(limits.formats)})")
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise InvalidArgument(f"{where}: empty image ({width}x{height})")
+        if width * height > limits.max_pixels:
+            raise InvalidArgument(
+                f"{where}: {width}x{height} = {width * height} pixels is over the {limits.max_pixels}-pixel limit")
+        if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+            raise InvalidArgument(
+                f"{where}: aspect ratio {width}x{height} is over Qwen2.5-VL's limit of {MAX_ASPECT_RATIO}:1")
+        return img
+
+
+def upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) once EXIF orientation is applied, from the header alone."""
+    try:
+        turned = img.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 -- a damaged EXIF block: decode_image judges the image
+        turned = False
+    return img.size[::-1] if turned else img.size
+
+
+@contextlib.contextmanager
+def _decoder_faults(where: str, limits: ImageLimits):
+    """Pillow's faults on untrusted bytes as InvalidArgument naming ``where``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            # only the allowed formats' parsers ever see the bytes
-            img = Image.open(io.BytesIO(data), formats=limits.formats)
-            fmt = img.format or "unknown"
-            if fmt not in limits.formats:
-                raise InvalidArgument(f"{where}: format {fmt} is not allowed (allowed: {', '.join(limits.formats)})")
-            width, height = img.size
-            if width < 1 or height < 1:
-                raise InvalidArgument(f"{where}: empty image ({width}x{height})")
-            if width * height > limits.max_pixels:
-                raise InvalidArgument(
-                    f"{where}: {width}x{height} = {width * height} pixels is over the {limits.max_pixels}-pixel limit")
-            if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
-                raise InvalidArgument(
-                    f"{where}: aspect ratio {width}x{height} is over Qwen2.5-VL's limit of {MAX_ASPECT_RATIO}:1")
-            img.seek(0)  # animated images: the first frame
-            img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
+            yield
     except InvalidArgument:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -154,9 +181,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_images(items: list, limits: ImageLimits) -> list[Image.Image]:
+    return list(each_image(items, limits))
+
+
+def each_image(items: list, limits: ImageLimits):
+    """The images of a request, each decoded only when the one before has been taken (a caller that
+    drops each before asking for the next holds one decoded image at a time); the count is checked
+    before any is decoded."""
     if len(items) > limits.max_images:
         raise InvalidArgument(f"image: {len(items)} images is over the limit of {limits.max_images} per request")
-    return [decode_image(image_bytes(item, i, limits), i, limits) for i, item in enumerate(items)]
+    for i, item in enumerate(items):
+        yield decode_image(image_bytes(item, i, limits), i, limits)
 
 
 def limits_from_params(p: PreprocessParams) -> ImageLimits:
@@ -165,4 +200,5 @@ def limits_from_params(p: PreprocessParams) -> ImageLimits:
                        max_images=p.max_images_per_request, formats=p.image_formats,
                        max_prompt_bytes=p.max_prompt_bytes,
                        url_allowlist=tuple(h.lower() for h in p.image_url_allowlist),
-                       url_timeout_s=p.image_url_timeout_s, url_allow_private=p.image_url_allow_private)
+                       url_timeout_s=p.image_url_timeout_s, url_allow_private=p.image_url_allow_private,
+                       url_allow_loopback=p.image_url_allow_loopback)

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -31,6 +32,9 @@ class VideoLimits:
     min_pixels: int | None = None
     max_pixels: int | None = None
     total_pixels: int | None = None
+    # the work of one request's videos: decoded pixels (frames x area, from headers) and seconds
+    max_decoded_pixels: int = 4096 * 1920 * 1080
+    decode_timeout_s: float = 60.0
 
     def resolved(self, factor: int) -> VideoLimits:
         """Unset frame areas from qwen-vl-utils' token counts (128, 768, 24576 per video) at this
@@ -39,6 +43,45 @@ class VideoLimits:
         return replace(self, min_pixels=self.min_pixels or TOKENS["min"] * unit,
                        max_pixels=self.max_pixels or TOKENS["max"] * unit,
                        total_pixels=self.total_pixels or TOKENS["total"] * unit)
+
+
+class DecodeBudget:
+    """What the videos of one request may still spend: decoded pixels (``max_decoded_pixels``),
+    decode time (``decode_timeout_s`` from the start of the first) and video tokens (the prompt's
+    room, ``max_model_len``). Charged from headers before decoding, the clock checked between frames."""
+
+    def __init__(self, limits: VideoLimits, max_tokens: int | None = None, clock=time.monotonic) -> None:
+        self.limits, self.clock = limits, clock
+        self.pixels_left = limits.max_decoded_pixels
+        self.deadline = clock() + limits.decode_timeout_s
+        self.max_tokens, self.tokens = max_tokens, 0
+
+    def spend_pixels(self, pixels: int, where: str, what: str) -> None:
+        if pixels > self.pixels_left:
+            spent = self.limits.max_decoded_pixels - self.pixels_left
+            raise InvalidArgument(
+                f"{where}: decoding {what} is {pixels} pixels"
+                + (f" (after {spent} for the request's other videos)" if spent else "")
+                + f", over the max_video_decoded_pixels limit of {self.limits.max_decoded_pixels} per request")
+        self.pixels_left -= pixels
+
+    def spend_tokens(self, tokens: int, where: str) -> None:
+        self.tokens += tokens
+        if self.max_tokens is not None and self.tokens >= self.max_tokens:
+            raise InvalidArgument(f"{where}: the request's videos make {self.tokens} tokens, which does not fit "
+                                  f"max_model_len={self.max_tokens} (with room to generate); lower fps, num_frames "
+                                  "or total_pixels")
+
+    def check_time(self, where: str) -> None:
+        if self.clock() > self.deadline:
+            raise InvalidArgument(f"{where}: decoding the request's videos took longer than the "
+                                  f"video_decode_timeout_s limit ({self.limits.decode_timeout_s:g} s)")
+
+
+def video_tokens(frames: int, size: tuple[int, int], geo: Geometry) -> int:
+    """Tokens of ``frames`` frames of ``size`` (height, width) once padded and patchified."""
+    t = ceil_to(frames, geo.temporal) // geo.temporal
+    return t * (size[0] // geo.patch) * (size[1] // geo.patch) // (geo.merge * geo.merge)
 
 
 @dataclass(frozen=True)

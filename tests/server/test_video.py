@@ -26,8 +26,8 @@ MAX = 10
 # small budgets so a tiny model's videos stay a few hundred tokens; limits low enough to hit cheaply
 SETTINGS = {"video_min_pixels": 4 * 28 * 28, "video_max_pixels": 24 * 28 * 28, "video_total_pixels": 96 * 28 * 28,
             "max_video_seconds": 30, "max_video_frames": 300, "max_video_bytes": 2_000_000,
-            # URLs of this host are fetched, though it is loopback (the operator's private-network switch)
-            "image_url_allowlist": "127.0.0.1", "image_url_allow_private": "true"}
+            # URLs of this host are fetched, though it is loopback (the test-only loopback switch)
+            "image_url_allowlist": "127.0.0.1", "image_url_allow_loopback": "true"}
 LIMITS = VideoLimits(max_seconds=30, max_frames=300, max_bytes=2_000_000, min_pixels=4 * 28 * 28,
                      max_pixels=24 * 28 * 28, total_pixels=96 * 28 * 28)
 # 8 frames at 8 fps: 2 fps gives 2, raised to the 4-frame floor: sampled at 4 fps, second_per_grid_t 0.5
