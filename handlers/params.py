@@ -256,6 +256,10 @@ class VisionParams(DeviceParams):
     embedding_cache_bytes: int = param(
         Int(0), "268435456", "LRU cache of image embeddings by content; 0: off"
     )
+    internal_inputs: str = param(
+        Choice("sealed", "open"), "sealed", "sealed: only inputs this server's preprocess made (handlers/seals.py; a "
+        "direct call is INVALID_ARG); open: any, for debugging (a caller can then send what it likes)"
+    )
     runtime: str = param(
         Choice("torch", "onnxruntime"), "torch", "runs the tower: torch, or onnxruntime on an ONNX export (docs/ONNX.md)"
     )
@@ -313,6 +317,10 @@ class LLMParams(DeviceParams):
         "(docs/STRUCTURED.md)"
     )
     grammar_cache_bytes: int = param(Int(0), "536870912", "compiled grammars kept, LRU by bytes")
+    internal_inputs: str = param(
+        Choice("sealed", "open"), "sealed", "sealed: only inputs this server's preprocess and vision_encoder made "
+        "(handlers/seals.py; a direct call is INVALID_ARG); open: any, for debugging"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,16 @@ from tritonvl.handlers.engine.job import Job
 from tritonvl.handlers.engine.outputs import SeqOutput
 
 INPUTS = ("input_ids", "image_embeds", "image_grid_thw", "image_hashes")
+SEALS = ("request_seal", "embeds_seal")  # handlers/seals.py
+
+
+def check_seals(sealer, arrays: list[np.ndarray], request_json, seals: list[np.ndarray | None]) -> None:
+    """preprocess's seal over (input_ids, image_grid_thw, request) and vision_encoder's over
+    (image_embeds, image_grid_thw): the llm takes only what this server's pipeline made."""
+    input_ids, embeds, grid, _ = arrays
+    request_seal, embeds_seal = seals
+    sealer.check(request_seal, "request", input_ids, grid, request_json, what="llm")
+    sealer.check(embeds_seal, "embeds", embeds, grid, what="llm")
 
 
 def job_from_tensors(arrays: list[np.ndarray], request_json, emit, emit_error, is_cancelled) -> Job:

@@ -135,6 +135,12 @@ def required(request, name: str) -> np.ndarray:
     return arr
 
 
+def first(request, name: str) -> np.ndarray | None:
+    """An input without its batch dimension (None when absent)."""
+    arr = tensor(request, name)
+    return None if arr is None else arr[0]
+
+
 def scalar(request, name: str):
     arr = tensor(request, name)
     if arr is None or arr.size == 0:

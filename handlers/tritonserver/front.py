@@ -25,8 +25,8 @@ from tritonvl.client.rules.errors import Unavailable
 
 log = logging.getLogger("tritonvl.front")
 
-PREPROCESS_OUTPUTS = ["input_ids", "pixel_values", "image_grid_thw", "request"]
-VISION_OUTPUTS = ["image_embeds", "image_hashes"]
+PREPROCESS_OUTPUTS = ["input_ids", "pixel_values", "image_grid_thw", "request", "pixel_seal", "request_seal"]
+VISION_OUTPUTS = ["image_embeds", "image_hashes", "embeds_seal"]
 LLM_OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "num_image_tokens",
                "output_ids", "logprobs"]
 
@@ -58,6 +58,7 @@ class Front:
         self.stopped: set[str] = set()
         self.ended: set[str] = set()  # ended by the drain deadline: nothing more is sent for them
         self.closing = False
+        self._drain_timer: threading.Timer | None = None
         self._lock = threading.Lock()
         self._watcher = threading.Thread(target=self._watch, name="tritonvl-front-cancel", daemon=True)
         self._watcher.start()
@@ -70,10 +71,18 @@ class Front:
         ``deadline_s``, requests still streaming end with an error: an llm that cannot answer any more
         (its stub died) would otherwise hold them, and Triton's exit with them, forever."""
         self.closing = True
-        if deadline_s is not None:
-            timer = threading.Timer(deadline_s, self.end_all)
+        if deadline_s is not None and self._drain_timer is None:
+            self._drain_timer = timer = threading.Timer(deadline_s, self.end_all)
             timer.daemon = True
             timer.start()
+
+    def end_drain(self) -> None:
+        """The drain was begun by mistake (the server answers again): take new requests again and call
+        off the deadline. Requests refused meanwhile got UNAVAILABLE, which clients may retry."""
+        timer, self._drain_timer = self._drain_timer, None
+        if timer is not None:
+            timer.cancel()
+        self.closing = False
 
     def end_all(self) -> None:
         """End every request still streaming with a final error (drain deadline passed, or unload)."""
@@ -93,10 +102,12 @@ class Front:
             if self.closing:
                 raise Unavailable("the server is shutting down")
             pre = self.calls.call("preprocess", client.inputs(), PREPROCESS_OUTPUTS)
-            vis = self.calls.call("vision_encoder", [pre["pixel_values"], pre["image_grid_thw"]], VISION_OUTPUTS)
+            vis = self.calls.call("vision_encoder", [pre["pixel_values"], pre["image_grid_thw"], pre["pixel_seal"]],
+                                  VISION_OUTPUTS)
             with self._lock:
                 self.streaming[key] = client
-            inputs = [pre["input_ids"], vis["image_embeds"], pre["image_grid_thw"], vis["image_hashes"], pre["request"]]
+            inputs = [pre["input_ids"], vis["image_embeds"], pre["image_grid_thw"], vis["image_hashes"], pre["request"],
+                      pre["request_seal"], vis["embeds_seal"]]
             final = gone = False
             for out in self.calls.stream("llm", inputs, self.outputs, key):  # read to its end, always
                 final = "finish_reason" in out  # only the last response carries it (docs/INTERFACE.md)

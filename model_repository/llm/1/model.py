@@ -1,5 +1,6 @@
-"""llm (decoupled): input_ids, image_embeds, image_grid_thw, image_hashes, request ->
-text_output, finish_reason, num_input_tokens, num_output_tokens, output_ids.
+"""llm (decoupled): input_ids, image_embeds, image_grid_thw, image_hashes, request, request_seal,
+embeds_seal -> text_output, finish_reason, num_input_tokens, num_output_tokens, num_image_tokens,
+output_ids, logprobs. Only inputs this server's pipeline sealed are taken (handlers/seals.py).
 
 execute() only enqueues; the backend's thread owns the device and sends the responses: one per
 text delta when streaming, else exactly one; the last one carries the FINAL flag. A request with
@@ -8,7 +9,8 @@ text delta when streaming, else exactly one; the last one carries the FINAL flag
 
 from tritonvl.handlers.llm.backend import make_backend
 from tritonvl.handlers.llm.stops import StopRegistry
-from tritonvl.handlers.llm.tensors import INPUTS, job_from_tensors, output_tensors
+from tritonvl.handlers.llm.tensors import INPUTS, SEALS, check_seals, job_from_tensors, output_tensors
+from tritonvl.handlers.seals import Sealer, load_key
 from tritonvl.handlers.tritonserver import adapter as ta
 
 
@@ -18,13 +20,20 @@ class TritonPythonModel:
         self.drain_s = cfg.params.drain_deadline_s
         self.backend = None
         self.watchdog = ta.watchdog(cfg, on_shutdown=self.drain)
+        self.watchdog.on_resume.append(self.resume)
         self.stops = StopRegistry()
+        self.seals = Sealer(load_key(), enforce=cfg.params.internal_inputs == "sealed")
         self.backend = make_backend(cfg, ta.TritonMetrics("llm", version=cfg.version))
 
     def drain(self):
         begin = getattr(self.backend, "begin_drain", None)  # the engine; generate() just ends at exit
         if begin is not None:
             begin(self.drain_s)
+
+    def resume(self):  # the watchdog took a mistaken drain back
+        end = getattr(self.backend, "end_drain", None)
+        if end is not None:
+            end()
 
     def execute(self, requests):
         self.watchdog.serving()
@@ -36,9 +45,11 @@ class TritonPythonModel:
                 continue
             sender = ta.StreamSender(request, output_tensors)
             try:
-                job = job_from_tensors([ta.required(request, n)[0] for n in INPUTS],
-                    ta.scalar(request, "request"), sender.send, sender.send_error,
-                    lambda k=key, s=sender: self.stops.stopped(k) or s.is_cancelled())
+                arrays, options = [ta.required(request, n)[0] for n in INPUTS], ta.scalar(request, "request")
+                check_seals(self.seals, arrays, options, [ta.first(request, n) for n in SEALS])
+                stopped = self.stops.watch(key)
+                job = job_from_tensors(arrays, options, sender.send, sender.send_error,
+                                       lambda w=stopped, s=sender: w() or s.is_cancelled())
                 self.backend.submit(job)
             except Exception as exc:
                 sender.send_error(exc)

@@ -2,13 +2,15 @@
 
 Inputs: the public interface of the ensemble (text_input, image, video, messages, sampling tensors,
 sampling_parameters, stream, exclude_input_in_output). Outputs: input_ids INT32[-1],
-pixel_values FP32[-1, patch_dim], image_grid_thw INT64[-1, 3], request STRING[1] (JSON options).
+pixel_values FP32[-1, patch_dim], image_grid_thw INT64[-1, 3], request STRING[1] (JSON options), and
+pixel_seal / request_seal UINT8[32]: HMACs the next steps check (handlers/seals.py).
 Bad input is a per-request INVALID_ARG error; the rest of the batch carries on.
 """
 
 import numpy as np
 
 from tritonvl.handlers.preprocess.preprocessor import Preprocessor, raw_request
+from tritonvl.handlers.seals import Sealer, load_key
 from tritonvl.handlers.tritonserver import adapter as ta
 
 
@@ -17,6 +19,7 @@ class TritonPythonModel:
         cfg = ta.ModelArgs(args, "preprocess")
         self.watchdog = ta.watchdog(cfg)
         self.pre = Preprocessor(cfg.model_dir(), cfg.params)
+        self.seals = Sealer(load_key())
         self.metrics = ta.TritonMetrics("preprocess", only=("video_cache_hits", "video_cache_misses"),
                                        version=cfg.version)
 
@@ -25,11 +28,14 @@ class TritonPythonModel:
         for request in requests:
             try:
                 m = self.pre.process(raw_request(ta.Inputs(request)))
+                options = m.request.encode()
                 responses.append(ta.response({
                     "input_ids": m.input_ids,
                     "pixel_values": m.pixel_values,
                     "image_grid_thw": m.image_grid_thw,
-                    "request": np.array([m.request.encode()], dtype=np.object_),
+                    "request": np.array([options], dtype=np.object_),
+                    "pixel_seal": self.seals.seal("pixel", m.pixel_values, m.image_grid_thw),
+                    "request_seal": self.seals.seal("request", m.input_ids, m.image_grid_thw, options),
                 }))
             except Exception as exc:
                 responses.append(ta.error(exc))
