@@ -99,6 +99,19 @@ def serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def shown(cmd: list[str]) -> list[str]:
+    """The command as logged: the values of restricted-API keys (``--http-restricted-api=API:KEY=VALUE``,
+    ``--grpc-restricted-protocol ...``) masked, so the admin key does not end up in a container's log."""
+    out, mask_next = [], False
+    for arg in cmd:
+        if mask_next or arg.startswith(("--http-restricted-api=", "--grpc-restricted-protocol=")):
+            head, eq, _ = arg.rpartition("=")
+            arg = f"{head}=***" if eq and ":" in head else arg if not mask_next else "***"
+        mask_next = arg in ("--http-restricted-api", "--grpc-restricted-protocol")
+        out.append(arg)
+    return out
+
+
 def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int, device: str,
            extra: list[str], repo: Path | None, openai_port: int = 0, openai_host: str = "127.0.0.1",
            api_keys: list[str] | None = None) -> int:
@@ -118,7 +131,7 @@ def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int,
     if device:
         env["TRITONVL_DEVICE"] = device
     cmd = server_command(server, repo or default_model_repository(), http_port, grpc_port, metrics_port, extra)
-    print("tritonvl: " + " ".join(cmd), flush=True)
+    print("tritonvl: " + " ".join(shown(cmd)), flush=True)
     proc = subprocess.Popen(cmd, env=env)
     gateway = None
     if openai_port:
