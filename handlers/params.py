@@ -330,6 +330,10 @@ class FrontParams:
     exit_on_stub_failure: bool = param(
         Bool(), "true", "stop the whole server when a sibling model's stub process dies (the watchdog)"
     )
+    max_inflight_requests: int = param(
+        Int(1), "1088", "requests the front serves at once (a thread each); past it RESOURCE_EXHAUSTED at once; "
+        "default: llm's max_num_seqs + max_waiting"
+    )
     drain_deadline_s: float = param(
         Float(0), "25", "on SIGTERM/SIGINT, a request still streaming from llm this much later gets a final "
         "UNAVAILABLE error (llm ends its own at its drain_deadline_s; this is the backstop when llm cannot "

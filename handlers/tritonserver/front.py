@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from tritonvl.client.rules.errors import Unavailable
+from tritonvl.client.rules.errors import Overloaded, Unavailable
 
 log = logging.getLogger("tritonvl.front")
 
@@ -50,8 +50,10 @@ class Calls:
 
 
 class Front:
-    def __init__(self, calls: Calls, poll_seconds: float = 0.05, outputs: list[str] | None = None) -> None:
+    def __init__(self, calls: Calls, poll_seconds: float = 0.05, outputs: list[str] | None = None,
+                 max_inflight: int = 1088) -> None:
         self.calls = calls
+        self.max_inflight, self.inflight = max_inflight, 0  # requests with a thread of their own
         self.outputs = outputs or LLM_OUTPUTS
         self.poll = poll_seconds
         self.streaming: dict[str, Client] = {}  # key -> client, while llm streams for it
@@ -64,7 +66,23 @@ class Front:
         self._watcher.start()
 
     def submit(self, client: Client) -> None:
-        threading.Thread(target=self.serve, args=(client,), name="tritonvl-front", daemon=True).start()
+        """Serve a request in a thread of its own; past ``max_inflight`` of them it is refused at once
+        (a flood of requests cannot make the stub start threads without bound)."""
+        with self._lock:
+            admitted = self.inflight < self.max_inflight
+            self.inflight += admitted
+        if not admitted:
+            client.send_error(Overloaded(f"server overloaded: {self.max_inflight} requests in flight (qwen2_5_vl "
+                                         "parameter max_inflight_requests), retry later"))
+            return
+        threading.Thread(target=self._serve_counted, args=(client,), name="tritonvl-front", daemon=True).start()
+
+    def _serve_counted(self, client: Client) -> None:
+        try:
+            self.serve(client)
+        finally:
+            with self._lock:
+                self.inflight -= 1
 
     def begin_drain(self, deadline_s: float | None = None) -> None:
         """The server is stopping: refuse new requests (llm drains the ones in flight). After

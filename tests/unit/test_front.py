@@ -101,6 +101,24 @@ def test_new_requests_refused_while_the_server_stops():
     assert client.sent == [] and "shutting down" in str(client.errors[0])
 
 
+def test_requests_past_max_inflight_are_refused_at_once_and_the_rest_served():
+    """A flood cannot make the front start a thread per request without bound (issue 24)."""
+    from tritonvl.client.rules.errors import Overloaded
+
+    front = Front(fake_calls(200, [], delay=0.01), max_inflight=2)
+    clients = [FakeClient() for _ in range(5)]
+    for c in clients:
+        front.submit(c)
+    refused = [c for c in clients if c.errors]
+    assert len(refused) == 3 and all(isinstance(c.errors[0], Overloaded) for c in refused)
+    assert "max_inflight_requests" in str(refused[0].errors[0])
+    served = [c for c in clients if not c.errors]
+    assert all(c.finished.wait(30) for c in served) and all(c.sent[-1][1] for c in served)
+    later = FakeClient()  # the slots are free again
+    front.submit(later)
+    assert later.finished.wait(30) and not later.errors
+
+
 def _interface(path) -> tuple:
     """(max_batch_size, inputs, outputs) of a config.pbtxt, comments dropped."""
     import re

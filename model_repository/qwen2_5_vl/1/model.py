@@ -12,8 +12,10 @@ class TritonPythonModel:
     def initialize(self, args):
         cfg = ta.ModelArgs(args, "qwen2_5_vl")
         outputs = [o["name"] for o in cfg.config["output"]]  # llm's, forwarded as they come
-        self.front = Front(Calls(ta.bls_call, ta.bls_stream, ta.bls_stop), outputs=outputs)
+        self.front = Front(Calls(ta.bls_call, ta.bls_stream, ta.bls_stop), outputs=outputs,
+                           max_inflight=cfg.params.max_inflight_requests)
         self.watchdog = ta.watchdog(cfg, on_shutdown=lambda: self.front.begin_drain(cfg.params.drain_deadline_s))
+        self.watchdog.on_resume.append(self.front.end_drain)  # a drain begun by mistake is taken back
 
     def execute(self, requests):
         self.watchdog.serving()
