@@ -1,0 +1,224 @@
+"""Where one engine step's time goes: decode at batch 1 and batch 32, and one prefill.
+
+Runs the in-process engine (handlers/tools/offline.py OfflinePipeline) on a model (the ``bench``
+preset by default), wraps the pieces of a step with perf_counter timers, and prints per step the
+median milliseconds of each piece:
+
+    step = schedule + pack + forward + lm_head + sampling + postprocess (+ engine loop rest)
+    forward = embed + rotary (cos/sin from mRoPE positions, and its application to q/k)
+              + linears (q/k/v/o, gate/up/down) + attention (write K/V, SDPA) + attention meta
+              + norms + "other" (activations, residual adds, reshapes, Python between ops)
+
+    python benchmarks/profile_step.py                  # bench preset, batch 1 and 32, text + image
+    python benchmarks/profile_step.py --model tiny --torch-profiler
+
+The timers add about a microsecond per wrapped call (~90 calls a step on the bench preset); the
+figures are medians over the steps of one run, so compare them with each other, not across runs
+(``uptime`` is printed beside them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+PIECES = ["schedule", "pack", "meta", "embed", "rotary", "linears", "attention", "norms", "other(fwd)",
+          "forward", "lm_head", "sampling", "postprocess", "loop rest", "step"]
+
+
+class Timers:
+    def __init__(self) -> None:
+        self.acc: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn):
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.acc[name] += time.perf_counter() - t
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.acc = dict(self.acc), defaultdict(float)
+        return out
+
+
+def instrument(pipe, timers: Timers, steps: list) -> None:
+    """Wrap the engine's pieces; every step appends (kind, rows, {piece: seconds}) to ``steps``."""
+    import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as hf
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tritonvl.handlers.engine import model_runner as mr
+    from tritonvl.handlers.engine.attention import ATTN_NAME
+
+    eng = pipe.engine
+    runner = eng.runner
+    eng.scheduler.schedule = timers.wrap("schedule", eng.scheduler.schedule)
+    runner.pack = timers.wrap("pack", runner.pack)
+    runner.forward = timers.wrap("forward", runner.forward)
+    runner._logits = timers.wrap("lm_head", runner._logits)
+    eng.sample = timers.wrap("sampling", eng.sample)
+    eng.postprocess = timers.wrap("postprocess", eng.postprocess)
+    mr.attn.build_meta = timers.wrap("meta", mr.attn.build_meta)
+    hf.apply_rotary_pos_emb = timers.wrap("rotary", hf.apply_rotary_pos_emb)
+    lm = runner.lm
+    lm.rotary_emb.forward = timers.wrap("rotary", lm.rotary_emb.forward)
+    lm.embed_tokens.forward = timers.wrap("embed", lm.embed_tokens.forward)
+    lm.norm.forward = timers.wrap("norms", lm.norm.forward)
+    for layer in lm.layers:
+        for mod in (layer.input_layernorm, layer.post_attention_layernorm):
+            mod.forward = timers.wrap("norms", mod.forward)
+        for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                    layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+            mod.forward = timers.wrap("linears", mod.forward)
+    ALL_ATTENTION_FUNCTIONS[ATTN_NAME] = timers.wrap("attention", ALL_ATTENTION_FUNCTIONS[ATTN_NAME])
+    step = eng.step
+    pack = runner.pack
+    seen = {"rows": 0, "tokens": 0}
+
+    def counting_pack(batch):  # the step's rows (sequences) and new tokens
+        seen["rows"], seen["tokens"] = len(batch), sum(e.num_new_tokens for e in batch)
+        return pack(batch)
+
+    runner.pack = counting_pack
+
+    def timed_step():
+        seen["rows"] = seen["tokens"] = 0
+        t = time.perf_counter()
+        step()
+        acc = timers.take()
+        acc["step"] = time.perf_counter() - t
+        if seen["rows"]:
+            steps.append(("decode" if seen["tokens"] == seen["rows"] else "prefill", seen["rows"], acc))
+
+    eng.step = timed_step
+
+
+def summarize(steps: list, kind: str, rows: int | None) -> dict[str, float] | None:
+    sel = [acc for k, r, acc in steps if k == kind and (rows is None or r == rows)]
+    if not sel:
+        return None
+    out = {}
+    for p in PIECES:
+        if p in ("other(fwd)", "loop rest"):
+            continue
+        out[p] = statistics.median(acc.get(p, 0.0) for acc in sel) * 1e3
+    fwd_parts = sum(out[p] for p in ("meta", "embed", "rotary", "linears", "attention", "norms"))
+    out["other(fwd)"] = out["forward"] - fwd_parts
+    out["loop rest"] = out["step"] - sum(out[p] for p in ("schedule", "pack", "forward", "lm_head", "sampling",
+                                                             "postprocess"))
+    out["n"] = len(sel)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="bench", help="tiny | bench | a model directory")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--workloads", default="text,image")
+    ap.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's top ops of "
+                    "the batch-32 decode steps")
+    ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", help="llm parameters")
+    args = ap.parse_args()
+
+    from bench import build_model, make_image  # benchmarks/bench.py
+
+    from tritonvl.handlers.preprocess.preprocessor import RawRequest
+    from tritonvl.handlers.tools.offline import OfflinePipeline
+    import torch
+
+    model = build_model(args.model) if args.model in ("tiny", "bench") else args.model
+    kw = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
+    kw.setdefault("max_num_seqs", 64)
+
+    print(f"# {os.uname().nodename} | {cpu_model()} | torch {torch.__version__} threads "
+          f"{torch.get_num_threads()} | model {args.model} | load {load()}")
+    timers = Timers()
+    steps: list = []
+    with OfflinePipeline(model, **kw) as pipe:
+        def requests(workload: str, n: int, offset: int):
+            out = []
+            for i in range(offset, offset + n):
+                out.append(RawRequest(text_input=f"Request {i}: describe the history of lighthouses in detail.".encode(),
+                                      images=[make_image(i)] if workload == "image" else [],
+                                      sampling={"max_tokens": args.max_tokens, "temperature": 0.0,
+                                                "ignore_eos": True}))
+            return out
+
+        pipe.generate(requests("text", 2, 10_000))  # warm-up
+        instrument(pipe, timers, steps)
+        results = []
+        for workload in args.workloads.split(","):
+            for b in [int(x) for x in args.batches.split(",")]:
+                steps.clear()
+                prof = None
+                if args.torch_profiler and b == max(int(x) for x in args.batches.split(",")):
+                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                    prof.__enter__()
+                t = time.perf_counter()
+                res = pipe.generate(requests(workload, b, 100 * b + (0 if workload == "text" else 5000)))
+                wall = time.perf_counter() - t
+                if prof is not None:
+                    prof.__exit__(None, None, None)
+                toks = sum(len(r.token_ids) for r in res)
+                dec = summarize(steps, "decode", b)
+                pre = summarize(steps, "prefill", None)
+                results.append((workload, b, dec, pre, toks / wall, load()))
+                if prof is not None:
+                    print(f"\n## torch.profiler, {workload} batch {b} (whole run)")
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    print_table(results)
+
+
+def print_table(results) -> None:
+    cols = []
+    for workload, b, dec, pre, tps, ld in results:
+        if dec:
+            cols.append((f"{workload} decode b{b}", dec))
+        if pre and b == 1:
+            cols.append((f"{workload} prefill b1", pre))
+    print("\n| ms per step (median) | " + " | ".join(c for c, _ in cols) + " |")
+    print("|---|" + "---|" * len(cols))
+    for p in PIECES + ["n"]:
+        fmt = (lambda v: f"{v:.0f}") if p == "n" else (lambda v: f"{v:.2f}")
+        print(f"| {p if p != 'n' else 'steps measured'} | " + " | ".join(fmt(d[p]) for _, d in cols) + " |")
+    print()
+    for workload, b, dec, pre, tps, ld in results:
+        print(f"{workload} batch {b}: {tps:.1f} output tok/s over the run (prefill included); load {ld}")
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
+    except OSError:
+        pass
+    return "?"
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
