@@ -10,11 +10,15 @@
   do that while another holds the GIL in a call to the dead server (seen: an llm stub stuck for hours
   in a pb_utils metric update), so a tiny shell process (``MONITOR``, the stub's child) backs it up:
   it SIGKILLs the stub a few seconds after the server is gone, and ends by itself with the stub.
-- Server stopping. On SIGTERM/SIGINT tritonserver 2.51 closes its HTTP port at once and only
-  unloads models after every in-flight request ended, so finalize() comes too late to drain. The
-  watchdog polls the server's own ``/v2/health/ready`` and calls ``on_shutdown`` once when it stops
-  answering 200 after having answered it, or after the model got a request (``serving()``);
-  docs/CANCELLATION.md.
+- Server stopping. On SIGTERM/SIGINT tritonserver 2.51 closes its HTTP port at once (the next
+  connection is reset or refused) and only unloads models after every in-flight request ended, so
+  finalize() comes too late to drain. The watchdog probes the server's own ``/v2/health/ready`` at
+  the address and port it was started with (``--http-address``, ``--http-port``), over a plain
+  connection that never goes through a proxy, and calls ``on_shutdown`` once the port is closed
+  (refused twice and no socket listens on that port any more) after the server was seen up. An
+  HTTP answer of any status (a model loading or unloading makes ready answer 400) is a server
+  that is up, never a shutdown; a probe without an answer in time says nothing. A drain begun by
+  mistake is taken back (``on_resume``) when the server answers again; docs/CANCELLATION.md.
 
 Registrations live in ``$TMPDIR/tritonvl-stubs-<server pid>-<server start time>``: the start time
 (``/proc/<pid>/stat`` field 22) tells a new server that reuses a pid from the dead one whose
@@ -23,6 +27,7 @@ registrations are still there. Sibling files are ``<name>.<pid>.<start time>`` f
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import shutil
@@ -31,9 +36,8 @@ import socket
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("tritonvl.watchdog")
@@ -97,8 +101,22 @@ def remove_stale(root: Path | None = None) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def http_ready_url(server_pid: int) -> str | None:
-    """The server's ready URL from its command line (None when HTTP is off)."""
+@dataclass(frozen=True)
+class Endpoint:
+    """Where tritonserver's HTTP service answers: ``host`` is an IP literal or, for ``AF_UNIX``, a path."""
+
+    family: int
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_UNIX:
+            return f"unix:{self.host}"
+        return f"[{self.host}]:{self.port}" if self.family == socket.AF_INET6 else f"{self.host}:{self.port}"
+
+
+def server_options(server_pid: int) -> dict[str, str] | None:
+    """tritonserver's ``--key=value`` / ``--key value`` options (the last one of a key wins)."""
     try:
         args = Path(f"/proc/{server_pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
@@ -108,30 +126,141 @@ def http_ready_url(server_pid: int) -> str | None:
         if arg.startswith("--"):
             key, eq, value = arg[2:].partition("=")
             opts[key] = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-    if opts.get("allow-http", "true").lower() in ("false", "0"):
-        return None
-    return f"http://127.0.0.1:{opts.get('http-port', '8000')}/v2/health/ready"
+    return opts
 
 
-def _ready(url: str, timeout: float = 2.0) -> bool | None:
-    """True: ready. False: a definite no (connection refused, or an answer other than 200, as when
-    tritonserver 2.51 closes its HTTP port on SIGTERM). None: no answer in time, which on a loaded
-    machine says nothing about shutdown and must never start a drain."""
+def _ip(text: str, family: int) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200
-    except urllib.error.HTTPError:
+        socket.inet_pton(family, text)
+        return True
+    except (OSError, ValueError):
         return False
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-            return None
-        return False if isinstance(exc.reason, ConnectionError) else None
-    except (TimeoutError, socket.timeout):
+
+
+def http_endpoint(opts: dict[str, str]) -> Endpoint | None:
+    """Where to probe a server started with ``opts`` (None when its HTTP service is off).
+
+    tritonserver 2.51 binds ``--http-address`` as libevhtp reads it: an IPv4 literal (``ipv4:`` may
+    prefix it), ``ipv6:<IPv6 literal>`` or ``unix:<path>``; an "any" address (``0.0.0.0``,
+    ``ipv6:::``) is probed on the loopback of its family, a specific one at that address. A bare IPv6
+    literal (``::``, ``fd00::2``, ``[fd00::2]``) is probed as IPv6 and a host name as resolved;
+    2.51 itself listens on 255.255.255.255 for those (seen), which no probe reaches: the listener
+    check in ``probe`` keeps such refusals from reading as a shutdown.
+    """
+    if opts.get("allow-http", "true").strip().lower() in ("false", "0", "off", "no"):
         return None
-    except ConnectionError:  # reset or refused mid-answer
-        return False
-    except Exception:
+    addr = opts.get("http-address", "0.0.0.0").strip() or "0.0.0.0"
+    if addr.startswith("unix:"):
+        return Endpoint(socket.AF_UNIX, addr[5:], 0) if addr[5:] else None
+    try:
+        port = int(opts.get("http-port", "8000"))
+    except ValueError:
         return None
+    if not 0 < port < 65536:
+        return None
+    if addr.startswith("ipv4:"):
+        addr = addr[5:]
+    elif addr.startswith("ipv6:"):
+        addr = addr[5:]
+    if addr.startswith("[") and addr.endswith("]"):
+        addr = addr[1:-1]
+    if _ip(addr, socket.AF_INET):
+        return Endpoint(socket.AF_INET, "127.0.0.1" if addr == "0.0.0.0" else addr, port)
+    if _ip(addr, socket.AF_INET6):
+        anywhere = socket.inet_pton(socket.AF_INET6, addr) == bytes(16)
+        return Endpoint(socket.AF_INET6, "::1" if anywhere else addr, port)
+    return Endpoint(socket.AF_UNSPEC, addr, port) if addr else None
+
+
+UNANSWERED_WARNING_S = 5.0  # serving this long without one HTTP answer to the probe is logged (once)
+
+# What one probe of the server says.
+READY = "ready"  # HTTP 200
+NOT_READY = "not ready"  # another HTTP status: the server is up (e.g. a model loading), not stopping
+GONE = "gone"  # the port is closed (refused or reset, and nothing listens on it) or the process is gone
+UNKNOWN = "unknown"  # no answer in time, or an error that proves nothing
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def http_status(ep: Endpoint, path: str = "/v2/health/ready", timeout: float = 2.0) -> int:
+    """The HTTP status of ``GET path`` on ``ep``. A direct connection: http.client knows no proxy, so
+    ``http_proxy`` and friends in the server's environment cannot route this probe (urllib's default
+    opener would send it to the proxy)."""
+    if ep.family == socket.AF_UNIX:
+        conn: http.client.HTTPConnection = _UnixConnection(ep.host, timeout)
+    else:
+        conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def listening(port: int) -> bool | None:
+    """Whether any TCP socket of this network namespace listens on ``port`` (None: cannot tell)."""
+    seen = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        seen = True
+        for line in lines:
+            fields = line.split()
+            # local address "ADDR:PORT" (hex), state 0A = LISTEN
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                return True
+    return False if seen else None
+
+
+def probe(ep: Endpoint, server_pid: int | None = None, timeout: float = 2.0) -> str:
+    """READY, NOT_READY, GONE or UNKNOWN (see their comments). A refused or reset connection is GONE
+    only when no socket listens on the port any more: a refusal at an address the server does not
+    listen on (a wrong or unreachable address) is not its port closing."""
+    if server_pid is not None and not _alive(server_pid):
+        return GONE
+    try:
+        return READY if http_status(ep, timeout=timeout) == 200 else NOT_READY
+    except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError, http.client.RemoteDisconnected):
+        pass
+    except Exception:  # a timeout on a loaded machine, or anything else: proves nothing
+        return UNKNOWN
+    if ep.family == socket.AF_UNIX:  # the path is the address: refused there means closed
+        return GONE
+    return UNKNOWN if listening(ep.port) else GONE
+
+
+def decide(seen_up: bool, draining: bool, result: str) -> str | None:
+    """What the watchdog does on a (confirmed) probe result: "drain", "resume" or nothing.
+
+    - Only a closed port (GONE) after the server was seen up starts a drain.
+    - Any HTTP answer while draining takes the drain back: tritonserver never answers again once it
+      closed its port on SIGTERM, so an answer means the drain was a mistake.
+    - NOT_READY never starts a drain (a model loading, unloading or briefly failing is not a stop).
+    """
+    if result in (READY, NOT_READY):
+        return "resume" if draining else None
+    if result == GONE and seen_up and not draining:
+        return "drain"
+    return None
 
 
 def start_monitor(server_pid: int):
@@ -152,7 +281,8 @@ def start_monitor(server_pid: int):
 class Watchdog:
     def __init__(self, name: str, server_pid: int | None = None, interval: float = 1.0,
                  grace_seconds: float = 40.0, check_siblings: bool = True,
-                 on_shutdown: Callable[[], None] | None = None, exit_when_orphaned: bool = True) -> None:
+                 on_shutdown: Callable[[], None] | None = None, exit_when_orphaned: bool = True,
+                 on_resume: Callable[[], None] | None = None) -> None:
         self.parent = os.getppid()
         self.server_pid = server_pid or self.parent
         remove_stale()
@@ -163,8 +293,15 @@ class Watchdog:
         self.interval, self.grace = interval, grace_seconds
         self.check_siblings, self.exit_when_orphaned = check_siblings, exit_when_orphaned
         self.on_shutdown: list[Callable[[], None]] = [on_shutdown] if on_shutdown else []
-        self.ready_url = http_ready_url(self.server_pid)
-        self._seen_ready = False
+        # a drain begun by mistake is taken back: these undo what on_shutdown did
+        self.on_resume: list[Callable[[], None]] = [on_resume] if on_resume else []
+        opts = server_options(self.server_pid)
+        self.endpoint = http_endpoint(opts) if opts is not None else None
+        self.seen_up = False  # the server answered (or served a request): a closed port now is a stop
+        self.answered = False  # an HTTP answer came back at self.endpoint
+        self.served_at = 0.0  # when serving() was first called
+        self.draining = False
+        self._warned = False
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="tritonvl-watchdog", daemon=True)
         self.thread.start()
@@ -174,7 +311,9 @@ class Watchdog:
     def serving(self) -> None:
         """The model got a request, so the server is up (its ready probe may not have run yet: a
         SIGTERM right after start must still be seen)."""
-        self._seen_ready = True
+        if not self.served_at:
+            self.served_at = time.monotonic()
+        self.seen_up = True
 
     def dead_siblings(self) -> list[str]:
         dead = []
@@ -187,7 +326,6 @@ class Watchdog:
         return dead
 
     def _run(self) -> None:
-        stopping = False
         while True:
             if self._stop.is_set():  # unloaded: only the orphan check goes on, as long as the process
                 time.sleep(self.interval)  # lives (a finalize() talking to a dead server may never return)
@@ -200,9 +338,9 @@ class Watchdog:
             if self._stop.is_set():
                 continue
             try:
-                if self.on_shutdown and not stopping and self.ready_url:
-                    stopping = self._server_stopping()
-                if self.check_siblings and not stopping:
+                if self.on_shutdown and self.endpoint is not None:
+                    self.check_server()
+                if self.check_siblings and not self.draining:
                     dead = self.dead_siblings()
                     if dead and not self._stop.is_set():
                         log.error("stub(s) %s died: stopping the server (pid %d) so it can be restarted",
@@ -213,21 +351,42 @@ class Watchdog:
             except Exception:  # this thread must live on: it is what ends an orphaned stub
                 log.exception("watchdog check failed")
 
-    def _server_stopping(self) -> bool:
-        """True (after calling on_shutdown) once the server stops being ready after it was."""
-        first = _ready(self.ready_url)
-        if first:
-            self._seen_ready = True
-        # Still starting, no answer in time (a busy machine), or a one-off miss: not a shutdown.
-        if first is not False or not self._seen_ready or _ready(self.ready_url) is not False:
-            return False
-        log.warning("tritonserver is shutting down: draining")
-        for fn in self.on_shutdown:
+    def probe(self) -> str:
+        return probe(self.endpoint, self.server_pid)
+
+    def check_server(self) -> str | None:
+        """One probe (a closed port is probed again before it counts); calls on_shutdown or on_resume
+        when ``decide`` says so, and returns what it did."""
+        result = self.probe()
+        if result in (READY, NOT_READY):
+            self.seen_up = self.answered = True
+        elif result == GONE and not self.draining:
+            result = self.probe()  # a one-off miss is not a shutdown
+        if not self.answered and self.served_at and time.monotonic() - self.served_at > UNANSWERED_WARNING_S \
+                and not self._warned:
+            self._warned = True
+            log.warning("tritonserver serves requests but its HTTP service never answered the watchdog at %s: "
+                        "a stop is seen only once nothing listens on port %s (docs/CANCELLATION.md)",
+                        self.endpoint, self.endpoint.port)
+        action = decide(self.seen_up, self.draining, result)
+        if action == "drain":
+            log.warning("tritonserver's HTTP port %s is closed: the server is shutting down, draining", self.endpoint)
+            self.draining = True
+            self._call(self.on_shutdown, "shutdown")
+        elif action == "resume":
+            log.warning("tritonserver answers at %s again (%s): the drain was a mistake, taking it back",
+                        self.endpoint, result)
+            self.draining = False
+            self._call(self.on_resume, "resume")
+        return action
+
+    @staticmethod
+    def _call(callbacks: list[Callable[[], None]], what: str) -> None:
+        for fn in callbacks:
             try:
                 fn()
             except Exception:
-                log.exception("shutdown callback failed")
-        return True
+                log.exception("%s callback failed", what)
 
     def _stop_server(self) -> None:
         try:
