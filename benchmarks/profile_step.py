@@ -5,14 +5,15 @@ preset by default), wraps the pieces of a step with perf_counter timers, and pri
 median milliseconds of each piece:
 
     step = schedule + pack + forward + lm_head + sampling + postprocess (+ engine loop rest)
-    forward = embed + rotary (cos/sin from mRoPE positions, and its application to q/k)
+    forward = attention meta + embed + rotary (cos/sin from mRoPE positions, and its application to q/k)
               + linears (q/k/v/o, gate/up/down) + attention (write K/V, SDPA) + attention meta
               + norms + "other" (activations, residual adds, reshapes, Python between ops)
 
     python benchmarks/profile_step.py                  # bench preset, batch 1 and 32, text + image
     python benchmarks/profile_step.py --model tiny --torch-profiler
 
-The timers add about a microsecond per wrapped call (~90 calls a step on the bench preset); the
+Times are exclusive (a piece's time less the wrapped pieces inside it); medians are taken per
+piece, so the sums are close to, not equal to, the step's median. The timers add about a microsecond per wrapped call (~90 calls a step on the bench preset); the
 figures are medians over the steps of one run, so compare them with each other, not across runs
 (``uptime`` is printed beside them).
 """
@@ -34,16 +35,26 @@ PIECES = ["schedule", "pack", "meta", "embed", "rotary", "linears", "attention",
 
 
 class Timers:
+    """Exclusive times: a wrapped call's time less that of the wrapped calls inside it (the fused
+    greedy lm_head runs inside sampling; the pieces of the forward inside the forward)."""
+
     def __init__(self) -> None:
         self.acc: dict[str, float] = defaultdict(float)
+        self.stack: list[list[float]] = []
 
     def wrap(self, name: str, fn):
         def timed(*a, **k):
+            frame = [0.0]
+            self.stack.append(frame)
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                self.acc[name] += time.perf_counter() - t
+                elapsed = time.perf_counter() - t
+                self.stack.pop()
+                self.acc[name] += elapsed - frame[0]
+                if self.stack:
+                    self.stack[-1][0] += elapsed
 
         return timed
 
@@ -64,8 +75,10 @@ def instrument(pipe, timers: Timers, steps: list) -> None:
     runner = eng.runner
     eng.scheduler.schedule = timers.wrap("schedule", eng.scheduler.schedule)
     runner.pack = timers.wrap("pack", runner.pack)
-    runner.forward = timers.wrap("forward", runner.forward)
+    runner.forward = timers.wrap("other(fwd)", runner.forward)
     runner._logits = timers.wrap("lm_head", runner._logits)
+    if hasattr(runner, "_argmax"):  # the fused greedy output layer, called from sampling
+        runner._argmax = timers.wrap("lm_head", runner._argmax)
     eng.sample = timers.wrap("sampling", eng.sample)
     eng.postprocess = timers.wrap("postprocess", eng.postprocess)
     mr.attn.build_meta = timers.wrap("meta", mr.attn.build_meta)
@@ -109,11 +122,10 @@ def summarize(steps: list, kind: str, rows: int | None) -> dict[str, float] | No
         return None
     out = {}
     for p in PIECES:
-        if p in ("other(fwd)", "loop rest"):
+        if p in ("forward", "loop rest"):
             continue
         out[p] = statistics.median(acc.get(p, 0.0) for acc in sel) * 1e3
-    fwd_parts = sum(out[p] for p in ("meta", "embed", "rotary", "linears", "attention", "norms"))
-    out["other(fwd)"] = out["forward"] - fwd_parts
+    out["forward"] = sum(out[p] for p in ("meta", "embed", "rotary", "linears", "attention", "norms", "other(fwd)"))
     out["loop rest"] = out["step"] - sum(out[p] for p in ("schedule", "pack", "forward", "lm_head", "sampling",
                                                              "postprocess"))
     out["n"] = len(sel)
@@ -128,6 +140,9 @@ def main() -> None:
     ap.add_argument("--workloads", default="text,image")
     ap.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's top ops of "
                     "the batch-32 decode steps")
+    ap.add_argument("--ab", action="store_true", help="alternate the engine as it is with the engine "
+                    "computing whole logits every step (before the fused greedy output layer)")
+    ap.add_argument("--reps", type=int, default=1, help="runs of each workload (and variant)")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", help="llm parameters")
     args = ap.parse_args()
 
@@ -157,44 +172,76 @@ def main() -> None:
 
         pipe.generate(requests("text", 2, 10_000))  # warm-up
         instrument(pipe, timers, steps)
-        results = []
+        variants = VARIANTS if args.ab else {"now": None}
+        results, tokens = [], {}
         for workload in args.workloads.split(","):
             for b in [int(x) for x in args.batches.split(",")]:
-                steps.clear()
-                prof = None
-                if args.torch_profiler and b == max(int(x) for x in args.batches.split(",")):
-                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-                    prof.__enter__()
-                t = time.perf_counter()
-                res = pipe.generate(requests(workload, b, 100 * b + (0 if workload == "text" else 5000)))
-                wall = time.perf_counter() - t
-                if prof is not None:
-                    prof.__exit__(None, None, None)
-                toks = sum(len(r.token_ids) for r in res)
-                dec = summarize(steps, "decode", b)
-                pre = summarize(steps, "prefill", None)
-                results.append((workload, b, dec, pre, toks / wall, load()))
-                if prof is not None:
-                    print(f"\n## torch.profiler, {workload} batch {b} (whole run)")
-                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+                for rep in range(args.reps):
+                    for name, patch in variants.items():  # alternated: the load drifts alike for each
+                        steps.clear()
+                        undo = patch(pipe) if patch else None
+                        prof = None
+                        if args.torch_profiler and b == max(int(x) for x in args.batches.split(",")):
+                            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+                            prof.__enter__()
+                        t = time.perf_counter()
+                        res = pipe.generate(requests(workload, b, 100 * b + (0 if workload == "text" else 5000)))
+                        wall = time.perf_counter() - t
+                        if prof is not None:
+                            prof.__exit__(None, None, None)
+                            print(f"\n## torch.profiler, {workload} batch {b} {name} (whole run)")
+                            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+                        if undo:
+                            undo()
+                        ids = [r.token_ids for r in res]
+                        tokens.setdefault((workload, b), ids)
+                        same = tokens[(workload, b)] == ids
+                        results.append((f"{workload} b{b} {name}", b, list(steps), sum(map(len, ids)) / wall,
+                                        load(), same))
     print_table(results)
 
 
+def _full_logits(pipe):
+    """The engine as before the fused greedy output layer: whole logits for every step."""
+    runner = pipe.engine.runner
+    run = runner.run
+
+    def full(batch):
+        ids, logits = run(batch)
+        return ids, (logits.full() if logits is not None else None)
+
+    runner.run = full
+    return lambda: setattr(runner, "run", run)
+
+
+VARIANTS = {"full-logits": _full_logits, "now": None}
+
+
 def print_table(results) -> None:
+    merged: dict[str, list] = {}
+    for label, b, steps, tps, ld, same in results:
+        m = merged.setdefault(label, [b, [], [], [], True])
+        m[1].extend(steps)
+        m[2].append(tps)
+        m[3].append(ld)
+        m[4] = m[4] and same
     cols = []
-    for workload, b, dec, pre, tps, ld in results:
+    for label, (b, steps, tps, lds, same) in merged.items():
+        dec = summarize(steps, "decode", b)
         if dec:
-            cols.append((f"{workload} decode b{b}", dec))
+            cols.append((f"{label} decode", dec))
+        pre = summarize(steps, "prefill", None)
         if pre and b == 1:
-            cols.append((f"{workload} prefill b1", pre))
+            cols.append((f"{label} prefill", pre))
     print("\n| ms per step (median) | " + " | ".join(c for c, _ in cols) + " |")
     print("|---|" + "---|" * len(cols))
     for p in PIECES + ["n"]:
         fmt = (lambda v: f"{v:.0f}") if p == "n" else (lambda v: f"{v:.2f}")
         print(f"| {p if p != 'n' else 'steps measured'} | " + " | ".join(fmt(d[p]) for _, d in cols) + " |")
     print()
-    for workload, b, dec, pre, tps, ld in results:
-        print(f"{workload} batch {b}: {tps:.1f} output tok/s over the run (prefill included); load {ld}")
+    for label, (b, steps, tps, lds, same) in merged.items():
+        print(f"{label}: {statistics.median(tps):.1f} output tok/s (median of {len(tps)} runs, prefill "
+              f"included); same tokens as the first variant: {same}; load {' / '.join(lds)}")
 
 
 def _value(text: str):

@@ -122,12 +122,13 @@ class ModelRunner:
     # ---- per step ----
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[int], torch.Tensor | None]:
-        """Forward the step; return the ids of the sequences that sample and their logits [n, vocab]."""
+        """Forward the step; return the ids of the sequences that sample and their logits [n, vocab]
+        (a StepLogits: computed when the sampler asks, whole or as each row's argmax)."""
         step = self.pack(batch)
         hidden = self.forward(step)  # [T, hidden]
         if not step.sample_rows:
             return [], None
-        return step.sample_ids, self._logits(hidden[torch.tensor(step.sample_rows, device=self.device)])
+        return step.sample_ids, StepLogits(self, hidden[torch.tensor(step.sample_rows, device=self.device)])
 
     def pack(self, batch: ScheduledBatch) -> PackedStep:
         """The step's sequences as one packed row: their new tokens, mRoPE positions, attention spans,
@@ -197,3 +198,58 @@ class ModelRunner:
         if h.device.type == "cpu" and 2 <= h.shape[0] <= 16 and getattr(self.lm_head, "bias", None) is None:
             return torch.mm(w, h.T).T.float()
         return self.lm_head(h).float()
+
+    def _argmax(self, h: torch.Tensor) -> list[int]:
+        """Each row's argmax of its logits, without the [n, vocab] logits on CPU for 2+ rows: the output
+        layer in vocabulary chunks of ARGMAX_CHUNK rows, each chunk's max kept (the first of equal
+        maxima wins, as torch.argmax). At batch 32 on the bench preset this skips writing and re-reading
+        19 MB of logits (benchmarks/profile_step.py, docs/BENCHMARKS.md)."""
+        w = self.lm_head.weight
+        if h.device.type != "cpu" or h.shape[0] < 2 or getattr(self.lm_head, "bias", None) is not None:
+            return self._logits(h).argmax(dim=-1).tolist()
+        best_v = best_i = None
+        ht = h.T
+        for c0 in range(0, w.shape[0], ARGMAX_CHUNK):
+            v, i = torch.mm(w[c0:c0 + ARGMAX_CHUNK], ht).max(dim=0)  # [n] each
+            if best_v is None:
+                best_v, best_i = v, i
+            else:
+                better = v > best_v
+                best_v = torch.where(better, v, best_v)
+                best_i = torch.where(better, i + c0, best_i)
+        return best_i.tolist()
+
+
+ARGMAX_CHUNK = 4096  # vocabulary rows per GEMM in ModelRunner._argmax (8 MB of fp32 weight at hidden 512)
+
+
+class StepLogits:
+    """The logits of a step's sampled rows, computed on demand: ``full()`` [n, vocab] float (what
+    penalties, logprobs, grammar masks and random sampling need), or ``argmax()`` (plain greedy rows
+    only). Indexing and ``shape`` behave as the full tensor's."""
+
+    def __init__(self, runner: ModelRunner, hidden: torch.Tensor) -> None:
+        self._runner, self._hidden, self._full = runner, hidden, None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self._hidden.shape[0], self._runner.lm_head.weight.shape[0]))
+
+    @torch.inference_mode()
+    def full(self) -> torch.Tensor:
+        if self._full is None:
+            self._full = self._runner._logits(self._hidden)
+        return self._full
+
+    @torch.inference_mode()
+    def argmax(self) -> list[int]:
+        """Every row's argmax (from the full logits when they were already made)."""
+        if self._full is not None:
+            return self._full.argmax(dim=-1).tolist()
+        return self._runner._argmax(self._hidden)
+
+    def __getitem__(self, index):
+        return self.full()[index]
+
+    def __len__(self) -> int:
+        return self._hidden.shape[0]

@@ -88,12 +88,23 @@ class SeqSampler:
 
 
 def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None, masker=None) -> list[int | Exception]:
-    """Row i of ``logits`` [n, vocab] with ``samplers[i]``: one argmax call for every plain-greedy row,
+    """Row i of ``logits`` [n, vocab] (a tensor or model_runner.StepLogits) with ``samplers[i]``: when
+    every row is plain greedy without logprobs or grammar, the StepLogits' argmax (never the whole
+    logits); else one argmax call for every plain-greedy row,
     the others with their own parameters. A row whose sampling raises gets the exception instead of a
     token (its parameters broke sampling: the caller fails that sequence alone).
 
     Rows with a grammar (structured outputs) are masked first, all in one ``masker.apply``
     (grammar.matcher.GrammarMasker), and their matchers advance with the token; other rows are untouched."""
+    if hasattr(logits, "argmax") and hasattr(logits, "full") and all(
+            s.plain_greedy and s.logprobs < 0 and s.grammar is None for s in samplers):
+        # every row plain greedy (model_runner.StepLogits): the runner's argmax, no [n, vocab] logits
+        tokens = logits.argmax()
+        for s, token in zip(samplers, tokens):
+            s.record(token)
+        return tokens
+    if hasattr(logits, "full"):
+        logits = logits.full()
     out: list[int | Exception | None] = [None] * len(samplers)
     wants = [i for i, s in enumerate(samplers) if s.logprobs >= 0]
     # vLLM's default: log-probabilities of the raw logits, before grammar masks, penalties, temperature
