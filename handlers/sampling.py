@@ -6,7 +6,6 @@ Sources, in increasing priority: the model's generation_config defaults, the vLL
 
 from __future__ import annotations
 
-import json
 from dataclasses import field, make_dataclass
 
 from tritonvl.client.rules.errors import InvalidArgument, checked_text
@@ -17,11 +16,12 @@ from tritonvl.client.rules.sampling import (
     JSON_KEYS,
     SamplingField,
     from_string,
+    list_error,
     min_tokens_error,
     range_error,
     type_error,
 )
-from tritonvl.client.rules.structured import GrammarSpec, parse_structured_outputs
+from tritonvl.client.rules.structured import GrammarSpec, load_json, parse_structured_outputs
 
 
 class _Rules:
@@ -64,6 +64,8 @@ def check_field(name: str, value, vocab_size: int, where: str = "") -> None:
     """The rule of one field (``client/rules/sampling.py``, shared with the client), raising
     InvalidArgument naming ``where + name``."""
     rule = range_error(name, value)
+    if rule and BY_NAME[name].kind in ("strs", "ints"):  # a list is not echoed back: it can be long
+        raise InvalidArgument(f"{where}{BY_NAME[name].input_name}{'' if rule.startswith('[') else ': '}{rule}")
     if rule:
         raise InvalidArgument(f"{where}{name}={value!r}: {rule}")
     if name == "stop_token_ids":
@@ -91,6 +93,13 @@ def _text(name: str, value) -> str:
     return checked_text(value, name)
 
 
+def _count_first(name: str, items, where: str) -> None:
+    """A list's count bound before any entry is looked at (100k stop strings are refused at once)."""
+    f = BY_NAME[name]
+    if f.max_items is not None and len(items) > f.max_items:
+        raise InvalidArgument(f"{where}{f.input_name}: {list_error(f, items)}")
+
+
 def _normalize(values: dict, vocab_size: int, where: str) -> dict:
     """Type-check one source of values and apply each field's own range rule."""
     out = {}
@@ -103,10 +112,12 @@ def _normalize(values: dict, vocab_size: int, where: str) -> dict:
             items = [value] if isinstance(value, (str, bytes)) else value
             if not isinstance(items, (list, tuple)):
                 raise InvalidArgument(f"{where}stop_words: expected a string or a list of strings, got {value!r}")
+            _count_first(name, items, where)
             value = [_text(where + label, s) for s in items]
         elif name == "stop_token_ids":
             if not isinstance(value, (list, tuple)):
                 raise InvalidArgument(f"{where}stop_token_ids: expected a list of integers, got {value!r}")
+            _count_first(name, value, where)
             value = [_coerce(where + label, v, int) for v in value]
         elif name == "structured_outputs":
             # a GrammarSpec comes from the guide tensors; anything else is vLLM's object
@@ -118,12 +129,8 @@ def _normalize(values: dict, vocab_size: int, where: str) -> dict:
 
 
 def _parse_json(json_text: str) -> dict:
-    try:
-        parsed = json.loads(json_text)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"sampling_parameters: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise InvalidArgument("sampling_parameters: not valid JSON (nested too deeply)") from None
+    # at most MAX_JSON_DEPTH levels, a schema given inline in structured_outputs included
+    parsed = load_json(json_text, "sampling_parameters")
     if not isinstance(parsed, dict):
         raise InvalidArgument("sampling_parameters: expected a JSON object")
     unknown = sorted(set(parsed) - set(JSON_KEYS))

@@ -30,6 +30,8 @@ class SamplingField:
     from_string: bool = False  # "0.1" / "100" / "false" taken in the JSON, as vLLM's Triton backend does
     cli: str | None = None  # help of the CLI flag --<name-with-dashes>; None: no flag
     doc: str = ""
+    max_items: int | None = None  # lists: most entries...
+    max_chars: int | None = None  # ...and most characters per string entry
 
     @property
     def input_name(self) -> str:
@@ -39,6 +41,12 @@ class SamplingField:
     def python_type(self) -> type:
         return {"int": int, "float": float, "bool": bool, "strs": list, "ints": list, "object": dict}[self.kind]
 
+
+# Stop bounds: the stop-string matcher's work per token grows with the strings' count and length, and
+# each stop id is checked per token too (OpenAI allows 4 stop strings; vLLM has no bound).
+MAX_STOP_STRINGS = 64
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 64
 
 FIELDS: tuple[SamplingField, ...] = (
     SamplingField("max_tokens", "int", 256, "INT32", openai=("max_tokens", "max_completion_tokens"),
@@ -69,9 +77,11 @@ FIELDS: tuple[SamplingField, ...] = (
     SamplingField("seed", "int", None, "UINT64", openai=("seed",), check=lambda v: 0 <= v < 2**64,
                   rule="must be in [0, 2**64)", cli="for reproducible sampling", doc="per-request generator"),
     SamplingField("stop", "strs", (), "BYTES", wire="stop_words", aliases=("stop_words",), openai=("stop",),
-                  cli="stop string (repeatable)", doc="strings that end the answer (cut from it)"),
-    SamplingField("stop_token_ids", "ints", (), "INT32", openai=("stop_token_ids",),
-                  doc="token ids that end the answer"),
+                  cli="stop string (repeatable)", max_items=MAX_STOP_STRINGS, max_chars=MAX_STOP_CHARS,
+                  doc=f"strings that end the answer (cut from it); at most {MAX_STOP_STRINGS}, of at most "
+                      f"{MAX_STOP_CHARS} characters each"),
+    SamplingField("stop_token_ids", "ints", (), "INT32", openai=("stop_token_ids",), max_items=MAX_STOP_TOKEN_IDS,
+                  doc=f"token ids that end the answer; at most {MAX_STOP_TOKEN_IDS}"),
     SamplingField("ignore_eos", "bool", False, "BOOL", openai=("ignore_eos",), from_string=True,
                   doc="go on past the model's eos (benchmarks)"),
     SamplingField("include_stop_str_in_output", "bool", False, openai=("include_stop_str_in_output",),
@@ -126,9 +136,24 @@ def range_error(name: str, value) -> str | None:
     f = BY_NAME.get(name)
     if f is None:
         return None
+    if f.kind in ("strs", "ints"):
+        return list_error(f, value)
     if f.finite and not math.isfinite(value):
         return "must be a finite number"
     return f.rule if f.check is not None and not f.check(value) else None
+
+
+def list_error(f: SamplingField, value) -> str | None:
+    """A list field's bounds: ``max_items`` entries, ``max_chars`` characters per string (checked on the
+    count alone first, so a huge list is refused before anything looks at its entries)."""
+    noun = "strings" if f.kind == "strs" else "ids"
+    if f.max_items is not None and len(value) > f.max_items:
+        return f"{len(value)} {noun} is over the limit of {f.max_items}"
+    if f.max_chars is not None:
+        for i, item in enumerate(value):
+            if isinstance(item, str) and len(item) > f.max_chars:
+                return f"[{i}] has {len(item)} characters, over the limit of {f.max_chars}"
+    return None
 
 
 def min_tokens_error(min_tokens: int, max_tokens: int) -> str | None:

@@ -61,6 +61,54 @@ KINDS = ("json", "json_object", "json_value", "regex", "grammar")
 # TensorRT-LLM guide types -> our kinds.
 GUIDE_TYPES = {"json": "json_value", "json_schema": "json", "regex": "regex", "ebnf_grammar": "grammar"}
 MAX_SPEC_CHARS = 256 * 1024  # a schema past this is refused before parsing
+# Arrays and objects nested in one JSON input (messages, sampling_parameters, a schema or a
+# structured_outputs object given as text): past it, INVALID_ARG. Python's json gives up near 1000
+# levels with a RecursionError, and xgrammar's schema conversion time grows steeply with depth (a
+# schema nested 900 levels held preprocess for a minute); real schemas nest a dozen levels.
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (a scalar: 0, ``[]``: 1), counted
+    without recursion; the count stops once it passes ``limit``."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+    return deepest
+
+
+def too_deep(where: str) -> InvalidArgument:
+    return InvalidArgument(f"{where}: JSON nested too deeply (more than {MAX_JSON_DEPTH} levels of arrays and "
+                           "objects)")
+
+
+def check_json_depth(value, where: str):
+    """``value`` itself; InvalidArgument naming ``where`` when it nests past MAX_JSON_DEPTH."""
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise too_deep(where)
+    return value
+
+
+def load_json(text: str, where: str, what: str = "not valid JSON"):
+    """``json.loads`` with the depth bound: InvalidArgument ``<where>: <what> (<reason>)`` or ``<where>: JSON
+    nested too deeply ...``, never a RecursionError."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise too_deep(where) from None
+    except ValueError as exc:
+        raise InvalidArgument(f"{where}: {what} ({exc})") from None
+    return check_json_depth(value, where)
 
 
 @dataclass(frozen=True)
@@ -95,11 +143,9 @@ def _schema_text(value, where: str) -> str:
     """A JSON schema given as an object or as JSON text -> compact canonical text (key order kept:
     it is the order the answer's properties are generated in)."""
     if isinstance(value, (str, bytes)):
-        text = _string(value, where)
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            raise InvalidArgument(f"{where}: the schema is not valid JSON ({exc})") from None
+        value = load_json(_string(value, where), where, "the schema is not valid JSON")
+    else:
+        check_json_depth(value, where)
     if not isinstance(value, (dict, bool)):
         raise InvalidArgument(f"{where}: a JSON schema must be an object (or true/false), got {type(value).__name__}")
     text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
@@ -122,10 +168,9 @@ def parse_structured_outputs(value, where: str = "structured_outputs") -> Gramma
     if value is None:
         return None
     if isinstance(value, (str, bytes)):
-        try:
-            value = json.loads(_string(value, where))
-        except ValueError as exc:
-            raise InvalidArgument(f"{where}: not valid JSON ({exc})") from None
+        value = load_json(_string(value, where), where)
+    else:
+        check_json_depth(value, where)
     problem = structured_error(value)
     if problem:
         raise InvalidArgument(f"{where}: {problem}")

@@ -6,10 +6,10 @@ text, as Qwen's examples do) or ``messages`` (OpenAI chat JSON, which overrides 
 
 from __future__ import annotations
 
-import json
 import re
 
 from tritonvl.client.rules.errors import InvalidArgument, checked_text
+from tritonvl.client.rules.structured import load_json
 
 ROLES = ("system", "user", "assistant")
 
@@ -32,12 +32,7 @@ def parse_messages(raw: str, tensor_images: list, pixels: list | None = None,
     keys and where they were (Qwen's per-image budget, checked by preprocess.pixels).
     ``videos``, when given, takes ``video_url`` / ``video`` parts (else they are refused).
     """
-    try:
-        msgs = json.loads(raw)
-    except ValueError as exc:
-        raise InvalidArgument(f"messages: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise InvalidArgument("messages: not valid JSON (nested too deeply)") from None
+    msgs = load_json(raw, "messages")  # at most MAX_JSON_DEPTH levels of arrays and objects
     if not isinstance(msgs, list) or not msgs:
         raise InvalidArgument("messages: expected a non-empty JSON array of {role, content} objects")
     out, images = [], []
