@@ -1,7 +1,8 @@
 """Structured outputs through a real tritonserver on the tiny random model: every answer that ends
-with `stop` parses and validates; bounded schemas always end with `stop`; unconstrained requests in
-the same batch stay equal to generate(); one compile per distinct schema; bad specs are INVALID_ARG;
-a grammar that compiles for ages fails alone while other requests flow."""
+with `stop` parses (strictly: no raw control characters) and validates; bounded schemas always end
+with `stop`; unconstrained requests in the same batch stay equal to generate(); one compile per
+distinct schema; bad specs are INVALID_ARG; a grammar that compiles for ages fails alone while other
+requests flow."""
 
 from __future__ import annotations
 
@@ -101,6 +102,39 @@ def test_answers_follow_schemas_regexes_and_choices(srv):
     assert len({o["text_output"] for j, o in zip(jobs, outs) if j[1] == "caption" and j[3] == 1.0}) > 1
 
 
+# length-bounded strings (xgrammar 0.2.8 lets raw control characters into them: handlers/engine/grammar/
+# jsonstrings.py rewrites them), enums, arrays with minItems/maxItems, nested objects
+STRICT = {
+    "caption": SCHEMAS["caption"],
+    "nested": {"type": "object", "properties": {
+        "id": {"type": "string", "pattern": "^[A-Z]+$", "maxLength": 5},
+        "lines": {"type": "array", "minItems": 1, "maxItems": 2, "items": {"type": "object", "properties": {
+            "sku": {"type": "string", "minLength": 1, "maxLength": 6},
+            "qty": {"type": "integer", "minimum": 1, "maximum": 9}}, "required": ["sku", "qty"]}},
+        "note": {"type": ["string", "null"], "maxLength": 6}}, "required": ["id", "lines", "note"]},
+    "words": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 5},
+              "minItems": 1, "maxItems": 4},
+    "person": {"type": "object", "properties": {
+        "name": {"type": "string", "minLength": 2, "maxLength": 10},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 3}},
+        "required": ["name", "tags"]},
+}
+
+
+def test_length_bounded_strings_are_strict_json(srv):
+    """20 answers through the server: each ends with stop, parses with a strict JSON parser (no raw
+    control characters in strings) and validates (lengths kept also beside a pattern)."""
+    jobs = [(name, t, s) for name in STRICT for t, s in ((0.0, 0), (1.0, 1), (1.0, 2), (1.0, 3), (1.0, 4))]
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda j: ask(srv, {"json": STRICT[j[0]]}, j[1], j[2],
+                                           prompt=f"Tabs\t and quotes \" as JSON {j[2]}."), jobs))
+    assert len(outs) == 20
+    for (name, temperature, seed), out in zip(jobs, outs):
+        where = f"{name} T={temperature} seed={seed}: {out['text_output']!r}"
+        assert out["finish_reason"] == "stop", where
+        jsonschema.validate(json.loads(out["text_output"], strict=True), STRICT[name])
+
+
 def test_unconstrained_requests_in_the_same_batch_equal_generate(srv, model_dir):
     ref = Reference(str(model_dir))
     prompts = ["Tell me a story about a lighthouse.", "List three colours.", "What is 2+2?"]
@@ -168,6 +202,11 @@ def test_cut_off_answer_ends_with_length_and_min_tokens_yields_to_the_grammar(sr
     ({"sampling_parameters": json.dumps({"structured_outputs": {"json": {}, "regex": "a"}})}, "exactly one of"),
     ({"guided_decoding_guide_type": "xml", "guided_decoding_guide": "<a/>"}, "guided_decoding_guide_type='xml'"),
     ({"guided_decoding_guide_type": "json_schema"}, "guided_decoding_guide: required"),
+    ({"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": json.dumps(
+        {"type": "object", "properties": {"a": {"type": "string", "pattern": "^(ab)+$", "maxLength": 4}}})},
+     "#/properties/a: pattern '^(ab)+$' with minLength/maxLength is not supported"),
+    ({"sampling_parameters": json.dumps({"structured_outputs": {"json": {"type": "string", "pattern": "^a\tb$"}}})},
+     "cannot be generated as JSON string text"),
 ])
 def test_bad_specs_are_invalid_arg_naming_the_problem(srv, body, words):
     r = post(srv, text_input="hi", max_tokens=8, **body)
@@ -176,9 +215,9 @@ def test_bad_specs_are_invalid_arg_naming_the_problem(srv, body, words):
 
 
 def test_pathological_grammar_fails_alone_while_others_flow(srv):
-    """A maxLength in the thousands compiles for tens of seconds here: its request fails at the limit
-    with INVALID_ARG while other requests (plain and constrained) keep being answered."""
-    slow = {"json": {"type": "string", "minLength": 1, "maxLength": 3000}}
+    """A bounded repeat in the thousands compiles for tens of seconds here: its request fails at the
+    limit with INVALID_ARG while other requests (plain and constrained) keep being answered."""
+    slow = {"regex": '[^"\\n]{1,3000}'}
     result: dict = {}
 
     def run_slow():

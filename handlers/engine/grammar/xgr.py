@@ -10,6 +10,7 @@ import re
 
 from tritonvl.client.rules.errors import InvalidArgument
 from tritonvl.client.rules.structured import KINDS, GrammarSpec
+from tritonvl.handlers.engine.grammar.jsonstrings import safe_schema
 
 _XGR_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
 
@@ -26,8 +27,9 @@ def to_grammar(spec: GrammarSpec):
     label = {"json": "json schema", "regex": "regex", "grammar": "grammar"}.get(spec.kind, spec.kind)
     try:
         if spec.kind == "json":
-            # compact separators: the answer has no free whitespace to wander in
-            return xgr.Grammar.from_json_schema(spec.text, any_whitespace=False)
+            # compact separators: the answer has no free whitespace to wander in; strings rewritten
+            # around xgrammar's string bugs (jsonstrings.py)
+            return xgr.Grammar.from_json_schema(safe_schema(spec.text), any_whitespace=False)
         if spec.kind == "json_object":
             return xgr.Grammar.from_json_schema('{"type":"object"}', any_whitespace=False, strict_mode=False)
         if spec.kind == "json_value":
@@ -36,6 +38,8 @@ def to_grammar(spec: GrammarSpec):
             return xgr.Grammar.from_regex(spec.text)
         if spec.kind == "grammar":
             return xgr.Grammar.from_ebnf(spec.text)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"structured output {label}: {exc}") from None
     except RecursionError:
         raise InvalidArgument(f"structured output {label}: nested too deeply") from None
     except Exception as exc:  # xgrammar raises RuntimeError/ValueError with the parser's reason
