@@ -96,6 +96,13 @@ def url_part(url: str) -> dict:
 
 
 TEXT = {"type": "text", "text": "What is this?"}
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def deep_schema(levels: int) -> str:
+    """A JSON schema nesting ``levels`` deep (arrays of arrays), as text."""
+    return '{"type": "array", "items": ' * (levels - 1) + '{"type": "integer"}' + "}" * (levels - 1)
+
 
 # (case id, fields merged into NORMAL (None removes one), keyword expected in the error message)
 HTTP_CASES = [
@@ -236,6 +243,36 @@ HTTP_CASES = [
     ("messages-image-url-missing", {"messages": msgs(user({"type": "image_url"}, TEXT))}, "image_url"),
     # neither text_input nor messages
     ("no-text-no-messages", {"text_input": None}, "text_input"),
+    # JSON nested past 64 levels (client.rules.structured MAX_JSON_DEPTH): was an INTERNAL RecursionError
+    # (guide, structured_outputs as text) or a minute of schema conversion (900 levels) before
+    ("guide-deeply-nested", {"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": DEEP},
+     "guided_decoding_guide: JSON nested too deeply"),
+    ("guide-schema-900-levels", {"guided_decoding_guide_type": "json_schema",
+                                 "guided_decoding_guide": deep_schema(900)},
+     "guided_decoding_guide: JSON nested too deeply"),
+    ("guide-schema-65-levels", {"guided_decoding_guide_type": "json_schema",
+                                "guided_decoding_guide": deep_schema(65)},
+     "guided_decoding_guide: JSON nested too deeply"),
+    ("sp-structured-outputs-json-text-deeply-nested",
+     {"sampling_parameters": json.dumps({"structured_outputs": {"json": DEEP}})},
+     "sampling_parameters.structured_outputs.json: JSON nested too deeply"),
+    ("sp-structured-outputs-text-deeply-nested", {"sampling_parameters": json.dumps({"structured_outputs": DEEP})},
+     "sampling_parameters.structured_outputs: JSON nested too deeply"),
+    ("sp-structured-outputs-schema-900-levels",
+     {"sampling_parameters": '{"structured_outputs": {"json": %s}}' % deep_schema(898)},
+     "sampling_parameters: JSON nested too deeply"),
+    ("messages-part-nested-900-levels",
+     {"text_input": None, "messages": '[{"role": "user", "content": [{"type": "text", "text": "hi", "x": %s}]}]'
+      % ("[" * 900 + "]" * 900)}, "messages: JSON nested too deeply"),
+    # stop bounds (client.rules.sampling: 64 stop strings of at most 1024 characters, 64 stop ids)
+    ("stop_words-65", {"stop_words": ["x"] * 65}, "stop_words: 65 strings is over the limit of 64"),
+    ("stop_words-1025-characters", {"stop_words": ["ok", "y" * 1025]},
+     "stop_words[1] has 1025 characters, over the limit of 1024"),
+    ("sp-stop-100k-strings", {"sampling_parameters": json.dumps({"stop": ["ab"] * 100_000})},
+     "sampling_parameters.stop_words: 100000 strings is over the limit of 64"),
+    ("sp-stop-1MB-string", {"sampling_parameters": json.dumps({"stop": ["z" * (1 << 20)]})},
+     "sampling_parameters.stop_words[0] has 1048576 characters"),
+    ("stop_token_ids-65", {"stop_token_ids": list(range(65))}, "stop_token_ids: 65 ids is over the limit of 64"),
 ]
 
 

@@ -114,7 +114,8 @@ def test_stops_at_the_limits_are_served():
     ({}, json.dumps({"stop": ["x"] * 100}), "sampling_parameters.stop_words: 100 strings is over the limit of 64"),
     ({}, json.dumps({"stop": "z" * 2000}), "sampling_parameters.stop_words[0] has 2000 characters"),
     ({}, json.dumps({"stop_token_ids": [1] * 65}), "sampling_parameters.stop_token_ids: 65 ids is over"),
-])
+], ids=["stop-65", "stop-1025-chars", "stop_token_ids-65", "json-stop-100", "json-stop-2000-chars",
+        "json-stop_token_ids-65"])
 def test_stops_past_the_limits_are_invalid_arg(explicit, json_text, words):
     with pytest.raises(InvalidArgument) as info:
         build_sampling_params(explicit, json_text)
