@@ -15,7 +15,8 @@ shutdowns"), each on a real tritonserver of its own:
 
 Each also checks the stubs never logged that their probe could not reach the server's HTTP service.
 Broken on purpose (a copy of the repository whose model.py files patch the watchdog): urllib's default
-opener back, (1) fails (the probe went to the proxy: "never answered the watchdog"); the probe sent
+opener back, (1) fails (the probe went to the proxy: "never answered the watchdog"; with the listener
+check in ``probe`` also off, as the issue saw: "the server is shutting down"); the probe sent
 to 127.0.0.1 whatever --http-address says, (2) fails; any non-200 answer taken for a stop, (3)
 fails ("the server is shutting down").
 """
