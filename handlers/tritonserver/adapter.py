@@ -6,9 +6,14 @@ instance's device, building responses and mapping errors to Triton codes) lives 
 
 from __future__ import annotations
 
+import collections
+import faulthandler
 import json
 import logging
 import os
+import sys
+import threading
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -19,6 +24,30 @@ from tritonvl.handlers.params import read as read_params
 
 log = logging.getLogger("tritonvl")
 
+
+def enable_faulthandler() -> None:
+    """A stub that dies of SIGSEGV, SIGABRT, SIGBUS, SIGFPE or SIGILL writes "Fatal Python error" and
+    the Python traceback of every thread to its stderr, which tritonserver's log takes (issue 30)."""
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable(file=sys.stderr, all_threads=True)
+        except Exception:  # no usable stderr: nothing to write to
+            log.debug("faulthandler not enabled", exc_info=True)
+
+
+def finalized() -> None:
+    """The last call of every finalize(): what is left is freed by reference counts only.
+
+    Once a stub stopped crashing on its way out (issue 30), its interpreter's exit walked the
+    hundreds of thousands of objects torch and transformers make, several times over: a stop took
+    17-23 s of tritonserver's 30 s exit timeout here instead of 6. Frozen objects are never walked
+    by the garbage collector again; the model object is still released (and so nothing of it waits
+    for a collection that no longer comes, pb_utils objects included: they were released above)."""
+    import gc
+
+    gc.freeze()
+
+
 class ModelArgs:
     """What Triton passes to initialize(): config, typed parameters and the instance's placement.
 
@@ -27,6 +56,7 @@ class ModelArgs:
     """
 
     def __init__(self, args: dict, model: str) -> None:
+        enable_faulthandler()  # every model's initialize() comes through here first
         self.config = json.loads(args["model_config"])
         raw = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
         self.params = read_params(model, raw)
@@ -73,6 +103,8 @@ class TritonMetrics:
         self._gauges = {n: self._families[n].Metric(labels=labels) for n in GAUGES}
         self._hists = {n: self._families[n].Metric(labels=labels, buckets=b) for n, (_, b) in HISTOGRAMS.items()}
         self._last: dict = {}
+        self._lock = threading.Lock()  # update() (engine thread) against close() (finalize)
+        self._closed = False
 
     def info(self, name: str, description: str, labels: dict) -> None:
         """A constant-1 gauge ``tritonvl_<name>`` whose labels carry configuration (Prometheus' info idiom)."""
@@ -82,7 +114,34 @@ class TritonMetrics:
         self._families[name] = family
         self._gauges[name] = metric  # kept alive with its family
 
+    def close(self) -> None:
+        """Delete every metric and family now: call it from finalize(), after the threads that update
+        them have stopped; later updates do nothing.
+
+        pb_utils' Metric and MetricFamily tell the server when they are destroyed, through the stub's
+        shared memory. The stub destroys the model object (and so whatever it still holds) only after
+        finalize() returned and its own link to the server is gone: a family destroyed then
+        dereferences a null memory pool (seen: every stop, 'segfault at 60' in
+        Metric::SaveToSharedMemory, the preprocess and vision_encoder stubs; issue 30)."""
+        if not self._lock.acquire(timeout=30):  # an update stuck in a call to the server: leave them be
+            log.warning("metrics still in use at unload: not deleted")
+            self._closed = True
+            return
+        try:
+            self._closed = True
+            self._counters, self._gauges, self._hists = {}, {}, {}
+            families, self._families = self._families, {}
+            while families:  # one at a time: each family deletes its metrics, then itself
+                families.popitem()
+        finally:
+            self._lock.release()
+
     def update(self, snapshot) -> None:
+        with self._lock:
+            if not self._closed:
+                self._update(snapshot)
+
+    def _update(self, snapshot) -> None:
         for name, value in snapshot.counters.items():
             delta = value - self._last.get(name, 0)
             if delta > 0 and name in self._counters:
@@ -171,10 +230,27 @@ class Inputs:
         return string_list(self.request, name)
 
 
-def response(outputs: dict[str, np.ndarray]) -> pb_utils.InferenceResponse:
-    """Add the batch dimension and wrap numpy outputs."""
+def response(outputs: dict[str, np.ndarray], wanted: frozenset | None = None) -> pb_utils.InferenceResponse:
+    """Add the batch dimension and wrap numpy outputs (only those in ``wanted``, when given)."""
     return pb_utils.InferenceResponse(
-        output_tensors=[pb_utils.Tensor(name, np.expand_dims(value, 0)) for name, value in outputs.items()])
+        output_tensors=[pb_utils.Tensor(name, np.expand_dims(value, 0)) for name, value in outputs.items()
+                        if wanted is None or name in wanted])
+
+
+def requested_outputs(request) -> frozenset | None:
+    """The output names the request asked for (Triton fills in all of them when a client names none);
+    None when the request cannot tell.
+
+    A decoupled model must send only these: the 2.51 stub drops the others from the response inside
+    ResponseSender.send, with the GIL released, so a tensor only the response held is destroyed, and
+    its numpy array freed, without the GIL (python_backend fixed it in r24.12; issue 30)."""
+    names = getattr(request, "requested_output_names", None)
+    if names is None:
+        return None
+    try:
+        return frozenset(names())
+    except Exception:
+        return None
 
 
 class StreamSender:
@@ -193,6 +269,7 @@ class StreamSender:
         self.sender = request.get_response_sender()
         self.request = request
         self.encode = encode
+        self.wanted = requested_outputs(request)
 
     def send(self, record) -> None:
         self._pump.data(self, self._send_now, record)
@@ -205,9 +282,17 @@ class StreamSender:
         if cls._pump is not None:
             cls._pump.flush()
 
+    @classmethod
+    def close(cls) -> None:
+        """finalize(): send what is queued, end the pump's thread and let go of the senders it holds
+        while the stub can still talk to the server."""
+        pump, cls._pump = cls._pump, None
+        if pump is not None and not pump.stop():
+            log.warning("the response pump did not stop in time")
+
     def _send_now(self, record) -> None:
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if record.finished else 0
-        self.sender.send(response(self.encode(record)), flags=flags)
+        self.sender.send(response(self.encode(record), self.wanted), flags=flags)
 
     def _send_error_now(self, exc: Exception) -> None:
         self.sender.send(error(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
@@ -247,25 +332,78 @@ def bls_call(model: str, inputs: list, outputs: list[str]) -> dict:
     return {t.name(): t for t in resp.output_tensors()}
 
 
+class _Keeper:
+    """Keeps objects alive for ``hold_s`` seconds, then lets them go in a Python thread (the next
+    ``keep`` call, or ``release``) with the GIL held.
+
+    Why (issue 30): a BLS response iterator owns every response of its stream, and each response's
+    tensors own numpy arrays. On the last response the 2.51 stub queues a clean-up that drops its own
+    reference to the iterator from a C++ thread that does not hold the GIL. When Python let go of the
+    iterator first, that thread destroys it, freeing the numpy arrays (and their bytes objects)
+    without the GIL, beside Python threads that allocate: heap corruption, a stub dead later
+    ('segfault at 1 ... in libpython3.11'). Seen with a probe of the holder's count: after 2 of 80
+    streams the stub still held the iterator when the front was done with it, for about 1 ms.
+    python_backend r25.01 takes the GIL in ~PbTensor; 2.51 does not."""
+
+    def __init__(self, hold_s: float) -> None:
+        self.hold_s = hold_s
+        self._items: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+
+    def keep(self, *objects) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._items.append((now + self.hold_s, objects))
+            due = []
+            while self._items and self._items[0][0] <= now:
+                due.append(self._items.popleft())
+        del due  # here, with the GIL, outside the lock
+
+    def release(self) -> None:
+        """Let go of everything now (finalize(): the stub dropped its own references before calling it)."""
+        with self._lock:
+            items, self._items = self._items, collections.deque()
+        del items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+_STREAMS = _Keeper(hold_s=5.0)  # the stub's clean-up comes about 1 ms after the last response
+
+
 def bls_stream(model: str, inputs: list, outputs: list[str], key: str = ""):
     """The responses of a decoupled model as dicts of output tensors (empty responses skipped)."""
     request = pb_utils.InferenceRequest(model_name=model, requested_output_names=outputs, inputs=inputs,
                                         request_id=key)
-    for resp in request.exec(decoupled=True):
-        if resp.has_error():
-            raise _bls_error(resp.error())
-        tensors = resp.output_tensors()
-        if tensors:  # copied: the front sends them on after this response object is gone
-            yield {t.name(): pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in tensors}
+    responses = request.exec(decoupled=True)
+    try:
+        for resp in responses:
+            if resp.has_error():
+                raise _bls_error(resp.error())
+            tensors = resp.output_tensors()
+            if tensors:  # copied: the front sends them on after this response object is gone
+                yield {t.name(): pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in tensors}
+    finally:
+        _STREAMS.keep(responses, request)  # never the last to let go in a stub thread without the GIL
 
 
 def bls_stop(model: str, key: str) -> None:
     """Ask a decoupled model to end its request ``key`` (input ``stop``, TensorRT-LLM's pattern)."""
     stop = pb_utils.Tensor("stop", np.array([[True]]))
-    for resp in pb_utils.InferenceRequest(model_name=model, requested_output_names=[], inputs=[stop],
-                                          request_id=key).exec(decoupled=True):
-        if resp.has_error():
-            log.warning("stop of %s failed: %s", key, resp.error().message())
+    request = pb_utils.InferenceRequest(model_name=model, requested_output_names=[], inputs=[stop], request_id=key)
+    responses = request.exec(decoupled=True)
+    try:
+        for resp in responses:
+            if resp.has_error():
+                log.warning("stop of %s failed: %s", key, resp.error().message())
+    finally:
+        _STREAMS.keep(responses, request)
+
+
+def release_bls() -> None:
+    """finalize(): let go of the finished BLS streams still kept (see _Keeper)."""
+    _STREAMS.release()
 
 
 def send_final(request) -> None:
@@ -279,6 +417,7 @@ class Forward:
     def __init__(self, request) -> None:
         self.request = request
         self.sender = request.get_response_sender()
+        self.wanted = requested_outputs(request)  # only these go out (see requested_outputs)
         # Copied inside execute(): the front's thread uses them after execute() returned, and a
         # request's input buffers are not ours to keep past it.
         self._inputs = [pb_utils.Tensor(t.name(), np.array(t.as_numpy(), copy=True)) for t in request.inputs()]
@@ -288,7 +427,8 @@ class Forward:
 
     def send(self, tensors: dict, final: bool) -> None:
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=list(tensors.values())), flags=flags)
+        out = [t for name, t in tensors.items() if self.wanted is None or name in self.wanted]
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=out), flags=flags)
 
     def send_error(self, exc: Exception) -> None:
         self.sender.send(error(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

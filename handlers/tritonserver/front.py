@@ -62,6 +62,7 @@ class Front:
         self.closing = False
         self._drain_timer: threading.Timer | None = None
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="tritonvl-front-cancel", daemon=True)
         self._watcher.start()
 
@@ -175,9 +176,22 @@ class Front:
         except Exception:
             log.exception("stopping request %s failed", key)
 
+    def close(self, timeout: float = 10.0) -> bool:
+        """Unload (after end_all): stop the cancel watcher and the drain timer, and wait up to
+        ``timeout`` for the request threads to end, so that no thread of ours still holds or calls a
+        Triton object once finalize() returned (issue 30). True when all of them ended."""
+        self._closed.set()
+        timer, self._drain_timer = self._drain_timer, None
+        if timer is not None:
+            timer.cancel()
+        deadline = time.monotonic() + timeout
+        self._watcher.join(max(0.0, deadline - time.monotonic()))
+        while self.inflight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not self.inflight and not self._watcher.is_alive()
+
     def _watch(self) -> None:
-        while True:
-            time.sleep(self.poll)
+        while not self._closed.wait(self.poll):
             with self._lock:  # no final response goes out meanwhile (see _finish)
                 cancelled = [k for k, c in self.streaming.items() if k not in self.stopped and c.is_cancelled()]
             for key in cancelled:

@@ -41,29 +41,47 @@ class ResponsePump:
         self.q.put((None, None, None, done))
         done.wait(timeout)
 
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Send everything queued so far, then end the thread (finalize(): no response may go out, and
+        no response sender may be let go, after the stub's link to the server is gone). True when the
+        thread ended within ``timeout``."""
+        self.q.put((None, None, None, None))
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
     def _run(self) -> None:
+        while self._run_once():
+            pass
+
+    def _run_once(self) -> bool:
+        """Send one batch of what is queued; False once a stop marker was in it (the whole batch is
+        sent first)."""
+        batch = [self.q.get()]
         while True:
-            batch = [self.q.get()]
-            while True:
-                try:
-                    batch.append(self.q.get_nowait())
-                except queue.Empty:
-                    break
-            pending: dict = {}  # key -> [send, record], in first-seen order
-            for key, send, record, extra in batch:
-                if key is None:  # a flush marker: everything before it goes out first
-                    self._send_all(pending)
-                    pending = {}
-                    extra.set()
-                elif extra is not None:  # an error ends its request: its queued records go out first
-                    if key in pending:
-                        self._call(*pending.pop(key))
-                    self._call(send, extra)
-                elif key in pending:
-                    pending[key][1] = pending[key][1].merged(record)
+            try:
+                batch.append(self.q.get_nowait())
+            except queue.Empty:
+                break
+        go_on = True
+        pending: dict = {}  # key -> [send, record], in first-seen order
+        for key, send, record, extra in batch:
+            if key is None:  # a flush or stop marker: everything before it goes out first
+                self._send_all(pending)
+                pending = {}
+                if extra is None:
+                    go_on = False
                 else:
-                    pending[key] = [send, record]
-            self._send_all(pending)
+                    extra.set()
+            elif extra is not None:  # an error ends its request: its queued records go out first
+                if key in pending:
+                    self._call(*pending.pop(key))
+                self._call(send, extra)
+            elif key in pending:
+                pending[key][1] = pending[key][1].merged(record)
+            else:
+                pending[key] = [send, record]
+        self._send_all(pending)
+        return go_on
 
     def _send_all(self, pending: dict) -> None:
         for send, record in pending.values():

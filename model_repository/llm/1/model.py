@@ -23,7 +23,8 @@ class TritonPythonModel:
         self.watchdog.on_resume.append(self.resume)
         self.stops = StopRegistry()
         self.seals = Sealer(load_key(), enforce=cfg.params.internal_inputs == "sealed")
-        self.backend = make_backend(cfg, ta.TritonMetrics("llm", version=cfg.version))
+        self.metrics = ta.TritonMetrics("llm", version=cfg.version)
+        self.backend = make_backend(cfg, self.metrics)
 
     def drain(self):
         begin = getattr(self.backend, "begin_drain", None)  # the engine; generate() just ends at exit
@@ -57,5 +58,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.watchdog.stop()
-        self.backend.stop()
-        ta.StreamSender.flush()  # the last responses (drained or failed requests) go out
+        self.backend.stop()  # its threads end first: nothing sends or updates a metric after this
+        ta.StreamSender.close()  # the last responses (drained or failed requests) go out; the pump ends
+        self.metrics.close()  # while the stub can still reach the server (adapter.TritonMetrics.close)
+        ta.finalized()

@@ -26,3 +26,6 @@ class TritonPythonModel:
     def finalize(self):
         self.watchdog.stop()
         self.front.end_all()  # unloaded with requests still streaming (llm gone): end them, or they hang
+        self.front.close()  # its threads end before the stub tears down (issue 30)
+        ta.release_bls()  # the finished llm streams it kept (adapter._Keeper)
+        ta.finalized()

@@ -54,3 +54,5 @@ class TritonPythonModel:
     def finalize(self):
         if self.watchdog:
             self.watchdog.stop()
+        self.metrics.close()  # while the stub can still reach the server (adapter.TritonMetrics.close)
+        ta.finalized()
