@@ -48,6 +48,8 @@ class _Checks:
         self._check_types()
         for f in FIELDS:
             rule = range_error(f.name, getattr(self, f.name))
+            if rule and f.kind in ("strs", "ints"):  # a list is not repeated in its own error
+                raise InvalidRequest(f"{f.name}{'' if rule.startswith('[') else ': '}{rule}")
             if rule:
                 raise InvalidRequest(f"{f.name}={getattr(self, f.name)!r}: {rule}")
         if self.max_tokens is not None and self.min_tokens is not None:
