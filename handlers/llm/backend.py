@@ -6,13 +6,13 @@ from tritonvl.handlers.devices import parse_dtype, prepare_device
 from tritonvl.handlers.modelinfo import load_model_info
 
 
-def make_backend(cfg, metrics=None):
-    """``cfg``: tritonserver.adapter.ModelArgs (``params``: LLMParams, ``model_dir()``, ``device()``)."""
+def make_backend(model_args, metrics=None):
+    """``model_args``: tritonserver.adapter.ModelArgs (``params``: LLMParams, ``model_dir()``, ``device()``)."""
     from transformers import AutoTokenizer
 
-    p = cfg.params
-    model_dir = cfg.model_dir()
-    device, dtype = prepare_device(cfg.device(), p.num_threads)
+    p = model_args.params
+    model_dir = model_args.model_dir()
+    device, dtype = prepare_device(model_args.device(), p.num_threads)
     dtype = parse_dtype(p.dtype, dtype)
     info = load_model_info(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

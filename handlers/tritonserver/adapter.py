@@ -158,13 +158,13 @@ class TritonMetrics:
                 self._hists[name].observe(v)
 
 
-def watchdog(cfg: ModelArgs, on_shutdown=None):
+def watchdog(model_args: ModelArgs, on_shutdown=None):
     """Start the stub watchdog: exits when tritonserver is gone, calls ``on_shutdown`` when it starts
     stopping, and (parameter `exit_on_stub_failure`, default true) stops it when a sibling stub dies."""
     from tritonvl.handlers.tritonserver.watchdog import Watchdog
 
-    return Watchdog(cfg.instance_name or cfg.config.get("name", "model"),
-                    check_siblings=cfg.params.exit_on_stub_failure, on_shutdown=on_shutdown)
+    return Watchdog(model_args.instance_name or model_args.config.get("name", "model"),
+                    check_siblings=model_args.params.exit_on_stub_failure, on_shutdown=on_shutdown)
 
 
 def error(exc: Exception) -> pb_utils.InferenceResponse:
@@ -411,7 +411,7 @@ def send_final(request) -> None:
     request.get_response_sender().send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
-class Forward:
+class FrontRequest:
     """The front's view of one of its own requests: its inputs, its responses, its cancellation."""
 
     def __init__(self, request) -> None:

@@ -31,8 +31,8 @@ LLM_OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_t
                "output_ids", "logprobs"]
 
 
-class Client(Protocol):
-    """One request of the front's own (adapter.Forward)."""
+class PublicRequest(Protocol):
+    """One request to the public model, as the front sees it (adapter.FrontRequest)."""
 
     def inputs(self) -> list: ...
     def send(self, tensors: dict, final: bool) -> None: ...
@@ -41,7 +41,7 @@ class Client(Protocol):
 
 
 @dataclass
-class Calls:
+class ModelCalls:
     """How the front reaches the other models (adapter.bls_call / bls_stream / bls_stop)."""
 
     call: Callable[[str, list, list[str]], dict]
@@ -50,13 +50,13 @@ class Calls:
 
 
 class Front:
-    def __init__(self, calls: Calls, poll_seconds: float = 0.05, outputs: list[str] | None = None,
+    def __init__(self, calls: ModelCalls, poll_seconds: float = 0.05, outputs: list[str] | None = None,
                  max_inflight: int = 1088) -> None:
         self.calls = calls
         self.max_inflight, self.inflight = max_inflight, 0  # requests with a thread of their own
         self.outputs = outputs or LLM_OUTPUTS
         self.poll = poll_seconds
-        self.streaming: dict[str, Client] = {}  # key -> client, while llm streams for it
+        self.streaming: dict[str, PublicRequest] = {}  # key -> client, while llm streams for it
         self.stopped: set[str] = set()
         self.ended: set[str] = set()  # ended by the drain deadline: nothing more is sent for them
         self.closing = False
@@ -66,7 +66,7 @@ class Front:
         self._watcher = threading.Thread(target=self._watch, name="tritonvl-front-cancel", daemon=True)
         self._watcher.start()
 
-    def submit(self, client: Client) -> None:
+    def submit(self, client: PublicRequest) -> None:
         """Serve a request in a thread of its own; past ``max_inflight`` of them it is refused at once
         (a flood of requests cannot make the stub start threads without bound)."""
         with self._lock:
@@ -78,7 +78,7 @@ class Front:
             return
         threading.Thread(target=self._serve_counted, args=(client,), name="tritonvl-front", daemon=True).start()
 
-    def _serve_counted(self, client: Client) -> None:
+    def _serve_counted(self, client: PublicRequest) -> None:
         try:
             self.serve(client)
         finally:
@@ -115,7 +115,7 @@ class Front:
                 except Exception:
                     log.debug("could not end %s", key, exc_info=True)
 
-    def serve(self, client: Client) -> None:
+    def serve(self, client: PublicRequest) -> None:
         key = uuid.uuid4().hex
         try:
             if self.closing:

@@ -8,7 +8,7 @@ import threading
 import time
 
 from tritonvl.client.rules.errors import InvalidArgument
-from tritonvl.handlers.tritonserver.front import Calls, Front
+from tritonvl.handlers.tritonserver.front import Front, ModelCalls
 
 
 class FakeClient:
@@ -37,7 +37,7 @@ class FakeClient:
         return self.cancelled
 
 
-def fake_calls(n_tokens: int, stops: list, fail: str = "", delay: float = 0.0) -> Calls:
+def fake_calls(n_tokens: int, stops: list, fail: str = "", delay: float = 0.0) -> ModelCalls:
     stopped = threading.Event()
 
     def call(model, inputs, outputs):
@@ -61,7 +61,7 @@ def fake_calls(n_tokens: int, stops: list, fail: str = "", delay: float = 0.0) -
         stops.append((model, key))
         stopped.set()
 
-    return Calls(call, stream, stop)
+    return ModelCalls(call, stream, stop)
 
 
 def test_responses_forwarded_final_flag_on_the_last():
@@ -152,7 +152,7 @@ def test_a_stream_llm_never_ends_is_ended_by_the_front_drain_deadline():
         yield {"text_output": "late"}
         yield {"text_output": "", "finish_reason": "length"}
 
-    calls = Calls(lambda model, inputs, outputs: {name: f"{model}.{name}" for name in outputs}, stream,
+    calls = ModelCalls(lambda model, inputs, outputs: {name: f"{model}.{name}" for name in outputs}, stream,
                   lambda model, key: None)
     front = Front(calls)
     client = FakeClient()

@@ -518,7 +518,7 @@ class _Client:
 
 
 def test_front_end_drain_takes_requests_again_and_calls_off_the_deadline():
-    from tritonvl.handlers.tritonserver.front import Calls, Front
+    from tritonvl.handlers.tritonserver.front import Front, ModelCalls
 
     release = threading.Event()
 
@@ -527,7 +527,7 @@ def test_front_end_drain_takes_requests_again_and_calls_off_the_deadline():
         release.wait(5)
         yield {"text_output": "", "finish_reason": "length"}
 
-    front = Front(Calls(lambda model, inputs, outputs: {n: n for n in outputs}, stream, lambda model, key: None))
+    front = Front(ModelCalls(lambda model, inputs, outputs: {n: n for n in outputs}, stream, lambda model, key: None))
     running = _Client()
     thread = threading.Thread(target=front.serve, args=(running,))
     thread.start()

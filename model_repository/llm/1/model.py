@@ -11,20 +11,20 @@ from tritonvl.handlers.llm.backend import make_backend
 from tritonvl.handlers.llm.stops import StopRegistry
 from tritonvl.handlers.llm.tensors import INPUTS, SEALS, check_seals, job_from_tensors, output_tensors
 from tritonvl.handlers.seals import Sealer, load_key
-from tritonvl.handlers.tritonserver import adapter as ta
+from tritonvl.handlers.tritonserver import adapter
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = ta.ModelArgs(args, "llm")
-        self.drain_s = cfg.params.drain_deadline_s
+        model_args = adapter.ModelArgs(args, "llm")
+        self.drain_s = model_args.params.drain_deadline_s
         self.backend = None
-        self.watchdog = ta.watchdog(cfg, on_shutdown=self.drain)
+        self.watchdog = adapter.watchdog(model_args, on_shutdown=self.drain)
         self.watchdog.on_resume.append(self.resume)
         self.stops = StopRegistry()
-        self.seals = Sealer(load_key(), enforce=cfg.params.internal_inputs == "sealed")
-        self.metrics = ta.TritonMetrics("llm", version=cfg.version)
-        self.backend = make_backend(cfg, self.metrics)
+        self.seals = Sealer(load_key(), enforce=model_args.params.internal_inputs == "sealed")
+        self.metrics = adapter.TritonMetrics("llm", version=model_args.version)
+        self.backend = make_backend(model_args, self.metrics)
 
     def drain(self):
         begin = getattr(self.backend, "begin_drain", None)  # the engine; generate() just ends at exit
@@ -40,14 +40,14 @@ class TritonPythonModel:
         self.watchdog.serving()
         for request in requests:
             key = request.request_id()
-            if ta.scalar(request, "stop"):
+            if adapter.scalar(request, "stop"):
                 self.stops.stop(key)
-                ta.send_final(request)
+                adapter.send_final(request)
                 continue
-            sender = ta.StreamSender(request, output_tensors)
+            sender = adapter.StreamSender(request, output_tensors)
             try:
-                arrays, options = [ta.required(request, n)[0] for n in INPUTS], ta.scalar(request, "request")
-                check_seals(self.seals, arrays, options, [ta.first(request, n) for n in SEALS])
+                arrays, options = [adapter.required(request, n)[0] for n in INPUTS], adapter.scalar(request, "request")
+                check_seals(self.seals, arrays, options, [adapter.first(request, n) for n in SEALS])
                 stopped = self.stops.watch(key)
                 job = job_from_tensors(arrays, options, sender.send, sender.send_error,
                                        lambda w=stopped, s=sender: w() or s.is_cancelled())
@@ -59,6 +59,6 @@ class TritonPythonModel:
     def finalize(self):
         self.watchdog.stop()
         self.backend.stop()  # its threads end first: nothing sends or updates a metric after this
-        ta.StreamSender.close()  # the last responses (drained or failed requests) go out; the pump ends
+        adapter.StreamSender.close()  # the last responses (drained or failed requests) go out; the pump ends
         self.metrics.close()  # while the stub can still reach the server (adapter.TritonMetrics.close)
-        ta.finalized()
+        adapter.finalized()

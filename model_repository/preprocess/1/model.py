@@ -11,25 +11,25 @@ import numpy as np
 
 from tritonvl.handlers.preprocess.preprocessor import Preprocessor, raw_request
 from tritonvl.handlers.seals import Sealer, load_key
-from tritonvl.handlers.tritonserver import adapter as ta
+from tritonvl.handlers.tritonserver import adapter
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        cfg = ta.ModelArgs(args, "preprocess")
-        self.watchdog = ta.watchdog(cfg)
-        self.pre = Preprocessor(cfg.model_dir(), cfg.params)
+        model_args = adapter.ModelArgs(args, "preprocess")
+        self.watchdog = adapter.watchdog(model_args)
+        self.pre = Preprocessor(model_args.model_dir(), model_args.params)
         self.seals = Sealer(load_key())
-        self.metrics = ta.TritonMetrics("preprocess", only=("video_cache_hits", "video_cache_misses"),
-                                       version=cfg.version)
+        self.metrics = adapter.TritonMetrics("preprocess", only=("video_cache_hits", "video_cache_misses"),
+                                       version=model_args.version)
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                m = self.pre.process(raw_request(ta.Inputs(request)))
+                m = self.pre.process(raw_request(adapter.Inputs(request)))
                 options = m.request.encode()
-                responses.append(ta.response({
+                responses.append(adapter.response({
                     "input_ids": m.input_ids,
                     "pixel_values": m.pixel_values,
                     "image_grid_thw": m.image_grid_thw,
@@ -38,7 +38,7 @@ class TritonPythonModel:
                     "request_seal": self.seals.seal("request", m.input_ids, m.image_grid_thw, options),
                 }))
             except Exception as exc:
-                responses.append(ta.error(exc))
+                responses.append(adapter.error(exc))
         self.metrics.update(self.pre.clips.snapshot())
         return responses
 
@@ -46,4 +46,4 @@ class TritonPythonModel:
         if self.watchdog:
             self.watchdog.stop()
         self.metrics.close()  # while the stub can still reach the server (adapter.TritonMetrics.close)
-        ta.finalized()
+        adapter.finalized()
