@@ -35,6 +35,38 @@ def enable_faulthandler() -> None:
             log.debug("faulthandler not enabled", exc_info=True)
 
 
+_ORPHAN_POLL_S = 0.05
+
+
+def exit_with_server() -> None:
+    """Leave at once (os._exit: no destructor runs) when tritonserver dies without unloading us.
+
+    The 2.51 stub notices a dead server from its health thread (every 300 ms, once the server is
+    reaped) and tears itself down from that thread while its main thread still waits on the shared
+    memory it unmaps: a SIGSEGV in Stub::PopMessage (seen in a core dump after SIGKILLing the
+    server, and after its exit timeout passed with a client holding a stream). python_backend
+    fixed that path in 2026 by exiting at once; here this thread gets there first: a re-parented
+    stub (the server gone, reaped or not) exits within ``_ORPHAN_POLL_S``. The watchdog's slower
+    check (watchdog.py) and its shell monitor stay as the back-ups."""
+    global _ORPHAN_THREAD
+    if _ORPHAN_THREAD is not None:
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(_ORPHAN_POLL_S)
+            if os.getppid() != parent:
+                os.write(2, f"tritonserver (pid {parent}) is gone: stub {os.getpid()} exits\n".encode())
+                os._exit(1)
+
+    _ORPHAN_THREAD = threading.Thread(target=watch, name="tritonvl-orphan-exit", daemon=True)
+    _ORPHAN_THREAD.start()
+
+
+_ORPHAN_THREAD: threading.Thread | None = None
+
+
 def finalized() -> None:
     """The last call of every finalize(): what is left is freed by reference counts only.
 
@@ -57,6 +89,7 @@ class ModelArgs:
 
     def __init__(self, args: dict, model: str) -> None:
         enable_faulthandler()  # every model's initialize() comes through here first
+        exit_with_server()
         self.config = json.loads(args["model_config"])
         raw = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
         self.params = read_params(model, raw)
@@ -79,6 +112,9 @@ class ModelArgs:
         p = self.params
         return pick_device(self.kind, self.device_id, self.instance_name, ",".join(map(str, p.npu_device_ids)),
                            p.device or os.environ.get("TRITONVL_DEVICE", ""))
+
+
+_OPEN_METRICS: set = set()  # every TritonMetrics not closed yet (see TritonMetrics.close)
 
 
 class TritonMetrics:
@@ -105,6 +141,7 @@ class TritonMetrics:
         self._last: dict = {}
         self._lock = threading.Lock()  # update() (engine thread) against close() (finalize)
         self._closed = False
+        _OPEN_METRICS.add(self)  # held by this module too: never freed with the model object (see close)
 
     def info(self, name: str, description: str, labels: dict) -> None:
         """A constant-1 gauge ``tritonvl_<name>`` whose labels carry configuration (Prometheus' info idiom)."""
@@ -122,7 +159,11 @@ class TritonMetrics:
         shared memory. The stub destroys the model object (and so whatever it still holds) only after
         finalize() returned and its own link to the server is gone: a family destroyed then
         dereferences a null memory pool (seen: every stop, 'segfault at 60' in
-        Metric::SaveToSharedMemory, the preprocess and vision_encoder stubs; issue 30)."""
+        Metric::SaveToSharedMemory, the preprocess and vision_encoder stubs; issue 30). When
+        tritonserver dies without unloading (SIGKILL, or its exit timeout passed), finalize() never
+        runs and the stub's own thread destroys the model object before it exits (seen in a core
+        dump: ~Stub -> ~MetricFamily -> the same fault): so this module holds every TritonMetrics
+        until close(), and the stub exits without ever freeing them."""
         if not self._lock.acquire(timeout=30):  # an update stuck in a call to the server: leave them be
             log.warning("metrics still in use at unload: not deleted")
             self._closed = True
@@ -135,6 +176,7 @@ class TritonMetrics:
                 families.popitem()
         finally:
             self._lock.release()
+        _OPEN_METRICS.discard(self)
 
     def update(self, snapshot) -> None:
         with self._lock:

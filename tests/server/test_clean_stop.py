@@ -12,6 +12,10 @@ Before the fix every stop logged three stub segfaults (`segfault at 60 ... in
 triton_python_backend_stub`, in Metric::SaveToSharedMemory: metric families destroyed after the
 stub tore down its link to the server), and this test failed on both logs.
 
+The same check after tritonserver is SIGKILLed (it never unloads; the 2.51 stubs tear themselves
+down from their health thread): before, one to three stubs crashed there (a core dump showed
+~Stub -> ~MetricFamily, then Stub::PopMessage on unmapped shared memory).
+
 ``TRITONVL_CLEAN_STOP_REPO`` points it at another model repository (how it was run on the old code).
 """
 
@@ -54,14 +58,23 @@ def kernel_crashes(lines: list[str], pids: set[int]) -> list[str]:
 
 
 def stub_pids(server_pid: int) -> set[int]:
+    """The stubs' pids and their threads' ids (the kernel names the thread that faulted)."""
     pids = set()
     for p in psutil.Process(server_pid).children(recursive=True):
         try:
             if "triton_python_backend_stub" in " ".join(p.cmdline()[:1]):
                 pids.add(p.pid)
+                pids.update(t.id for t in p.threads())
         except psutil.NoSuchProcess:
             pass
     return pids
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def cancelled_stream(url: str) -> None:
@@ -122,7 +135,7 @@ def stopped(model_dir, tmp_path_factory):
     srv = ServerProcess(str(model_dir), repo=Path(repo) if repo else None, log_path=str(log_path)).start()
     try:
         pids = stub_pids(srv.proc.pid) | {srv.proc.pid}
-        assert len(pids) >= 6, pids  # server + front, preprocess, vision_encoder, llm stubs (+ instances)
+        assert len(pids) >= 6, pids  # server + the stubs of front, preprocess, vision_encoder, llm (+ threads)
         assert infer_http(srv.http_url, text_input="hello", max_tokens=4)["output_ids"]
         image = make_image(64, 48, seed=3)
         assert infer_http(srv.http_url, text_input="What is this?", image=[image], max_tokens=4)["output_ids"]
@@ -131,6 +144,7 @@ def stopped(model_dir, tmp_path_factory):
         assert one_output_stream(srv.grpc_url)
         cancelled_stream(srv.grpc_url)
         time.sleep(1)  # the cancel reaches llm
+        pids |= stub_pids(srv.proc.pid)
     finally:
         code = srv.stop(timeout=90)
     time.sleep(2)  # the kernel's lines for the last stub to exit
@@ -139,6 +153,37 @@ def stopped(model_dir, tmp_path_factory):
     new = None if before is None or after is None else [line for line in after if line not in seen]
     return {"log": log_path.read_text(errors="replace"), "log_path": log_path, "code": code, "kernel": new,
             "pids": pids}
+
+
+@pytest.fixture(scope="module")
+def killed(model_dir, tmp_path_factory):
+    """Serve a little, SIGKILL tritonserver; its log (the stubs write to it too) and the kernel log."""
+    import signal
+
+    from tritonvl.handlers.tools.launcher import ServerProcess
+
+    before = kernel_log()
+    log_path = tmp_path_factory.mktemp("killed") / "tritonserver.log"
+    repo = os.environ.get("TRITONVL_CLEAN_STOP_REPO")
+    srv = ServerProcess(str(model_dir), repo=Path(repo) if repo else None, log_path=str(log_path)).start()
+    try:
+        pids = stub_pids(srv.proc.pid)
+        image = make_image(64, 48, seed=4)
+        assert infer_http(srv.http_url, text_input="What is this?", image=[image], max_tokens=4)["output_ids"]
+        assert stream_grpc(srv.grpc_url, text_input="a stream", max_tokens=6, stream=True)
+        pids |= stub_pids(srv.proc.pid)
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(running(p) for p in pids):
+            time.sleep(0.2)
+    finally:
+        srv.stop()
+    time.sleep(2)
+    after = kernel_log()
+    seen = set(before or ())
+    new = None if before is None or after is None else [line for line in after if line not in seen]
+    return {"log": log_path.read_text(errors="replace"), "log_path": log_path, "kernel": new, "pids": pids}
 
 
 def test_server_log_shows_no_stub_crash(stopped):
@@ -155,3 +200,11 @@ def test_kernel_log_shows_no_stub_crash(stopped):
         pytest.skip("the kernel log (dmesg) cannot be read here")
     crashes = kernel_crashes(stopped["kernel"], stopped["pids"])
     assert not crashes, "the kernel saw a stub crash:\n" + "\n".join(crashes)
+
+
+def test_killed_server_leaves_no_stub_crash(killed):
+    crashes = [line for line in killed["log"].splitlines() if CRASH_LINES.search(line)]
+    assert not crashes, f"a stub crashed when the server was killed ({killed['log_path']}):\n" + "\n".join(crashes)
+    if killed["kernel"] is not None:
+        crashes = kernel_crashes(killed["kernel"], killed["pids"])
+        assert not crashes, "the kernel saw a stub crash:\n" + "\n".join(crashes)
