@@ -5,7 +5,10 @@ continuous-batching engine. Same model, same machine, same load, one run.
     python benchmarks/bench.py --model tiny --concurrency 1,4,16,32,64
     python benchmarks/bench.py --model bench --systems A,B,C --out docs/bench
 
-Writes results-<model>.json, a Markdown table (printed, and results-<model>.md) and PNG plots.
+Writes results-<model>.json, a Markdown table (printed, and results-<model>.md) and PNG plots (when
+matplotlib is installed: the set-up does not install it). Each server's log is kept in --log-dir
+(default /tmp/tritonvl-bench-logs, one file per system and model, overwritten by the next run; the
+paths are printed).
 """
 
 from __future__ import annotations
@@ -120,38 +123,55 @@ def wait_http(url: str, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def log_file(log_dir: str, name: str) -> str:
+    """Where a server's log is kept (the folder made; printed so that it can be found after a crash)."""
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    path = str(Path(log_dir) / name)
+    print(f"server log: {path}", flush=True)
+    return path
+
+
 class Naive:
     """(A) started as a subprocess."""
 
-    def __init__(self, model_dir: str) -> None:
+    def __init__(self, model_dir: str, log_path: str) -> None:
         from tritonvl.handlers.tools.launcher import free_port
 
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "naive_server.py"), model_dir,
-                                      str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "naive_server.py"), model_dir,
+                                          str(self.port)], stdout=log, stderr=subprocess.STDOUT)
         wait_http(f"http://127.0.0.1:{self.port}/docs")
         self.url, self.stream, self.pid = f"http://127.0.0.1:{self.port}/generate", False, self.proc.pid
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+        print(f"server log kept: {self.log_path}", flush=True)
 
 
 class Triton:
     """(B) or (C): the real model repository, with the llm backend chosen by parameter."""
 
-    def __init__(self, model_dir: str, backend: str, extra_params: dict | None = None) -> None:
+    def __init__(self, model_dir: str, backend: str, extra_params: dict | None = None, log_path: str = "") -> None:
         from tritonvl.handlers.tools.launcher import ServerProcess, repository_with
 
         self.tmp = tempfile.mkdtemp(prefix="tritonvl-bench-")
+        self.log_path = log_path or f"/tmp/tritonvl-bench-{backend}.log"  # never inside self.tmp: it outlives it
         repo = repository_with(Path(self.tmp) / "model_repository", {"llm": {"backend": backend, **(extra_params or {})}})
-        self.server = ServerProcess(model_dir, repo=repo, log_path=f"{self.tmp}/server.log").start()
+        self.server = ServerProcess(model_dir, repo=repo, log_path=self.log_path).start()
         self.url = f"http://{self.server.http_url}/v2/models/qwen2_5_vl/generate"
         self.stream, self.pid = True, self.server.proc.pid
 
     def stop(self) -> None:
+        died = self.server.proc.poll() is not None
         self.server.stop()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # the repository copy; the log stays
+        if died:
+            print(f"tritonserver died during the run (exit {self.server.proc.returncode}); its log: {self.log_path}\n"
+                  + self.server.log_tail(), flush=True)
+        print(f"server log kept: {self.log_path}", flush=True)
 
 
 def inprocess_generate_tpot(model_dir: str, max_tokens: int) -> float:
@@ -185,6 +205,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--min-requests", type=int, default=8, help="requests per level: max(this, concurrency)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench"))
+    ap.add_argument("--log-dir", default="/tmp/tritonvl-bench-logs", help="where the servers' logs are kept")
     args = ap.parse_args(argv)
     model_dir = build_model(args.model)
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -192,8 +213,9 @@ def main(argv=None) -> int:
                "machine": f"{os.cpu_count()} CPUs", "runs": []}
     results["inprocess_generate_tpot_ms"] = 1e3 * inprocess_generate_tpot(model_dir, args.max_tokens)
     print(f"in-process generate(): {results['inprocess_generate_tpot_ms']:.2f} ms/token", flush=True)
-    makers = {"A": lambda: Naive(model_dir), "B": lambda: Triton(model_dir, "generate"),
-              "C": lambda: Triton(model_dir, "engine")}
+    logs = {s: lambda s=s: log_file(args.log_dir, f"server-{s}-{args.model}.log") for s in "ABC"}
+    makers = {"A": lambda: Naive(model_dir, logs["A"]()), "B": lambda: Triton(model_dir, "generate", log_path=logs["B"]()),
+              "C": lambda: Triton(model_dir, "engine", log_path=logs["C"]())}
     offset = 0
     for system in args.systems.split(","):
         server = makers[system]()
@@ -221,7 +243,8 @@ def main(argv=None) -> int:
     (out / f"results-{args.model}.json").write_text(json.dumps(results, indent=1))
     table = report(results)
     (out / f"results-{args.model}.md").write_text(table)
-    plot(results, out)
+    if plot(results, out) is None:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", flush=True)
     print(table)
     return 0
 
@@ -255,8 +278,12 @@ def report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict, out: Path) -> None:
-    import matplotlib
+def plot(results: dict, out: Path) -> Path | None:
+    """throughput-<model>.png in ``out``; None (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -279,7 +306,9 @@ def plot(results: dict, out: Path) -> None:
             axes[i][j].grid(True, alpha=0.3)
             axes[i][j].legend()
     fig.tight_layout()
-    fig.savefig(out / f"throughput-{results['model']}.png", dpi=90)
+    path = out / f"throughput-{results['model']}.png"
+    fig.savefig(path, dpi=90)
+    return path
 
 
 if __name__ == "__main__":
