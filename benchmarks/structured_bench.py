@@ -68,7 +68,9 @@ def main(argv=None) -> int:
     from tritonvl.handlers.tools.launcher import ServerProcess
 
     model = build_model(args.model)
-    with ServerProcess(model, overrides=overrides or None) as server:
+    log_path = "/tmp/tritonvl-structured-bench-server.log"  # kept after the run (overwritten by the next)
+    print(f"server log: {log_path}", flush=True)
+    with ServerProcess(model, overrides=overrides or None, log_path=log_path) as server:
         url = f"http://{server.http_url}/v2/models/qwen2_5_vl/generate"
         # warm-up: the grammar compiles once here (and xgrammar loads), outside the measured rounds
         asyncio.run(run_load(url, bodies(4, 8, 2, 10**6), 4, False))
