@@ -122,24 +122,37 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_busy_batch(server):
     assert other != alone
 
 
-def llm_inputs(grpcclient, ref, text: str, **sampling):
-    """Tensors for the `llm` step itself (what preprocess and vision_encoder would produce)."""
-    import json
+def _tensors(grpcclient, values: dict) -> list:
+    from tritonclient.utils import np_to_triton_dtype
 
-    ids = ref.inputs(text)["input_ids"].numpy().astype(np.int32)
-    hidden = ref.cfg["text_config"]["hidden_size"]
-    request = {"sampling": {"max_tokens": 16, "temperature": 0.0, **sampling}, "stream": True,
-               "exclude_input_in_output": True, "prompt_text": text}
-    arrays = {"input_ids": (ids, "INT32"), "image_embeds": (np.zeros((1, 0, hidden), np.float32), "FP32"),
-              "image_grid_thw": (np.zeros((1, 0, 3), np.int64), "INT64"),
-              "image_hashes": (np.zeros((1, 0, 16), np.uint8), "UINT8"),
-              "request": (np.array([[json.dumps(request).encode()]], dtype=np.object_), "BYTES")}
     out = []
-    for name, (arr, dtype) in arrays.items():
-        t = grpcclient.InferInput(name, list(arr.shape), dtype)
+    for name, arr in values.items():
+        t = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
         t.set_data_from_numpy(arr)
         out.append(t)
     return out
+
+
+def llm_inputs(grpcclient, url: str, text: str, **sampling):
+    """Tensors for the `llm` step itself: what preprocess and vision_encoder produce for ``text``,
+    their seals included (called directly, as a client can: llm takes only sealed inputs)."""
+
+    def call(model, values, outputs):
+        with grpcclient.InferenceServerClient(url) as client:
+            res = client.infer(model, _tensors(grpcclient, values),
+                               outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
+            return {n: res.as_numpy(n) for n in outputs}
+
+    fields = {"text_input": np.array([[text.encode()]], np.object_), "stream": np.array([[True]]),
+              "exclude_input_in_output": np.array([[True]])}
+    for key, value in sampling.items():
+        fields[key] = np.array([[value]], np.bool_ if isinstance(value, bool) else np.int32)
+    pre = call("preprocess", fields, ["input_ids", "pixel_values", "image_grid_thw", "request", "pixel_seal",
+                                      "request_seal"])
+    vis = call("vision_encoder", {n: pre[n] for n in ("pixel_values", "image_grid_thw", "pixel_seal")},
+               ["image_embeds", "image_hashes", "embeds_seal"])
+    return _tensors(grpcclient, {**{n: pre[n] for n in ("input_ids", "image_grid_thw", "request", "request_seal")},
+                                 **{n: vis[n] for n in ("image_embeds", "image_hashes", "embeds_seal")}})
 
 
 def test_cancel_stops_generation_within_a_step_and_frees_kv(server, ref):
@@ -152,8 +165,8 @@ def test_cancel_stops_generation_within_a_step_and_frees_kv(server, ref):
     got: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(server.grpc_url)
     client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), got))
-    client.async_stream_infer("llm", llm_inputs(grpcclient, ref, "Talk for a long time.", max_tokens=3000,
-                                                ignore_eos=True))
+    client.async_stream_infer("llm", llm_inputs(grpcclient, server.grpc_url, "Talk for a long time.",
+                                                max_tokens=3000, ignore_eos=True))
     for _ in range(3):
         result, error = got.get(timeout=60)
         assert error is None, error

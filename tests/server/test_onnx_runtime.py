@@ -25,7 +25,8 @@ def onnx_server(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("onnx_server")
     graph = tmp / "vision_encoder.onnx"  # absent: the vision_encoder exports it while loading
     # a long batcher delay so that concurrent requests surely meet in one batch
-    overrides = {"vision_encoder": {"runtime": "onnxruntime", "onnx_path": str(graph),
+    # internal_inputs open: these tests call vision_encoder directly with their own pixel rows
+    overrides = {"vision_encoder": {"runtime": "onnxruntime", "onnx_path": str(graph), "internal_inputs": "open",
                                     "max_queue_delay_microseconds": "300000"}}
     with running_server(model_dir, tmp, overrides=overrides, ready_timeout=600) as srv:
         yield srv, graph
