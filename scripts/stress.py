@@ -310,7 +310,7 @@ async def run(args, urls: dict, grpc_url: str, watch: CrashWatch, media: Media) 
                 t0 = time.monotonic()
                 await asyncio.gather(*(client(stop_at) for _ in range(level)))
                 phases.append({"concurrency": level, "seconds": round(time.monotonic() - t0, 1)})
-                total = sum(sum(c.values()) for c in stats.values())
+                total = sum(c["ok"] + c["error"] + c["lost"] for c in stats.values())
                 print(f"[{time.monotonic() - start:7.0f} s] concurrency {level}: "
                       + ", ".join(f"{k} {dict(c)}" for k, c in stats.items()) + f" ({total} outcomes)", flush=True)
                 phase += 1
