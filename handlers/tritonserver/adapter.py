@@ -72,9 +72,10 @@ def finalized() -> None:
 
     Once a stub stopped crashing on its way out (issue 30), its interpreter's exit walked the
     hundreds of thousands of objects torch and transformers make, several times over: a stop took
-    17-23 s of tritonserver's 30 s exit timeout here instead of 6. Frozen objects are never walked
-    by the garbage collector again; the model object is still released (and so nothing of it waits
-    for a collection that no longer comes, pb_utils objects included: they were released above)."""
+    17-23 s of tritonserver's 30 s exit timeout here instead of 6 (py-spy: gc_collect_main in the
+    interpreter's finalization). Frozen objects are never walked by the garbage collector again;
+    the model object is still released by reference counts, and what only a collection would have
+    freed is left to the process' exit (the pb_utils objects were released before this call)."""
     import gc
 
     gc.freeze()
@@ -384,8 +385,10 @@ class _Keeper:
     iterator first, that thread destroys it, freeing the numpy arrays (and their bytes objects)
     without the GIL, beside Python threads that allocate: heap corruption, a stub dead later
     ('segfault at 1 ... in libpython3.11'). Seen with a probe of the holder's count: after 2 of 80
-    streams the stub still held the iterator when the front was done with it, for about 1 ms.
-    python_backend r25.01 takes the GIL in ~PbTensor; 2.51 does not."""
+    streams the stub still held the iterator when the front was done with it, for about 1 ms; under
+    scripts/stress.py without this hold the front stub died within 5 minutes (heap corruption while
+    copying a stream's tensors), with it none did in 30. python_backend r25.01 takes the GIL in
+    ~PbTensor; 2.51 does not."""
 
     def __init__(self, hold_s: float) -> None:
         self.hold_s = hold_s
