@@ -105,7 +105,9 @@ def test_safety_net_for_a_server_that_ignores_a_stop_id(server, protocol):
         text = "".join(s)
         assert s.result.finish_reason == "stop" and s.result.stop == stop_id
         assert s.result.output_ids == free.output_ids[:4]
-        assert free.text.startswith(text) and len(text) < len(free.text)
+        # the text is cut at the chunk that carried the stop id: under load the server's response pump
+        # merges several tokens into one chunk (its text cannot be split by id), so it is a prefix
+        assert free.text.startswith(text)
         assert c.generate("after", max_tokens=2).finish_reason == "length"
 
 
