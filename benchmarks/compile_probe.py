@@ -18,12 +18,12 @@ custom op in the compiled step).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_model, load  # noqa: E402
 
 
 def main() -> None:
@@ -35,8 +35,8 @@ def main() -> None:
 
     import torch
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as hf
-
     from bench import build_model
+
     from tritonvl.handlers.weights import load_full_model
 
     model_dir = build_model(args.model) if args.model in ("tiny", "bench") else args.model
@@ -89,17 +89,6 @@ def main() -> None:
                 comp.append(time.perf_counter() - t)
             e, c = min(eager) * 1e3, min(comp) * 1e3
             print(f"| {b} | {e:.2f} | {c:.2f} | {c / e:.2f} | {compile_s:.0f} | {equal} | {load()} |", flush=True)
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
-    return "?"
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

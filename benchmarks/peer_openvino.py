@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_model, load  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-peer-openvino"
 PEER_PACKAGES = ["torch==2.13.0", "openvino-genai==2026.4.1", "optimum-intel[openvino]==2.2.0",
@@ -203,17 +204,6 @@ def main() -> None:
         o, p = ours[r["label"]], peer[r["label"]]
         same = sum(a.strip() == b.strip() for a, b in zip(o[2], p[2]))
         print(f"| {w} | {n} | {o[0]:.1f} | {p[0]:.1f} | {o[0] / p[0]:.2f} | {same}/{len(o[2])} | {p[1]} / {o[1]} |")
-
-
-def cpu_model() -> str:
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
-    return "?"
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

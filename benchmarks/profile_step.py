@@ -29,6 +29,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from machine import cpu_model, load  # noqa: E402
 
 PIECES = ["schedule", "pack", "meta", "embed", "rotary", "linears", "attention", "norms", "other(fwd)",
           "forward", "lm_head", "sampling", "postprocess", "loop rest", "step"]
@@ -146,11 +147,11 @@ def main() -> None:
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", help="llm parameters")
     args = ap.parse_args()
 
+    import torch
     from bench import build_model, make_image  # benchmarks/bench.py
 
     from tritonvl.handlers.preprocess.preprocessor import RawRequest
     from tritonvl.handlers.tools.offline import OfflinePipeline
-    import torch
 
     model = build_model(args.model) if args.model in ("tiny", "bench") else args.model
     kw = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
@@ -251,20 +252,6 @@ def _value(text: str):
         except ValueError:
             pass
     return text
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" x{os.cpu_count()}"
-    except OSError:
-        pass
-    return "?"
-
-
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":
