@@ -45,6 +45,8 @@ def load_visual(model_dir: str, device: str, dtype):
     from safetensors import safe_open
     from transformers import AutoConfig
 
+    from tritonvl.handlers import quant
+
     config = AutoConfig.from_pretrained(model_dir)
     vision_config = config.vision_config
     vision_config._attn_implementation = "sdpa"
@@ -56,6 +58,7 @@ def load_visual(model_dir: str, device: str, dtype):
                 prefix = next((p for p in VISUAL_PREFIXES if key.startswith(p)), None)
                 if prefix is not None:
                     state[key[len(prefix):]] = f.get_tensor(key)
+    quant.check_tower_keys(model_dir, state)
     missing, unexpected = visual.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"vision weights in {model_dir} do not fit: missing {missing[:5]}, "
@@ -64,7 +67,19 @@ def load_visual(model_dir: str, device: str, dtype):
     return visual.eval()
 
 
-def load_full_model(model_dir: str, device: str, dtype):
-    """The whole model (transformers' own loader: handles every checkpoint layout)."""
+def load_full_model(model_dir: str, device: str, dtype, quantization: str = "none"):
+    """The whole model (transformers' own loader: handles every checkpoint layout, and a quantized
+    checkpoint through its method's library); ``quantization`` (llm.quantization): quantize the
+    decoder's linear layers after loading (handlers/quant.py)."""
+    from tritonvl.handlers import quant
+
+    quant.check_scheme(quantization, device)
+    quant.check_checkpoint(model_dir, device, quantization)
     model = model_class(model_dir, 2).from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    quant.quantize_decoder(model, quantization, device)
+    held = quant.describe(model, quantization)
+    quant.log(f"decoder {model_dir}: quantization {held['quantization']}, linear layers "
+              f"{held['decoder_linear_bytes'] / 2**20:.2f} MiB, with embeddings "
+              f"{held['decoder_weight_bytes'] / 2**20:.2f} MiB")
+    return model

@@ -1,0 +1,228 @@
+"""Quantized decoders: quantize at load (torchao) and check a quantized checkpoint before loading it.
+
+Two ways to a quantized decoder (docs/QUANTIZATION.md):
+
+- ``llm.quantization`` on a 16/32-bit checkpoint: after transformers loads the model, torchao's
+  ``quantize_`` replaces the weights of the decoder's linear layers (``model.language_model``);
+  the vision tower, the embeddings and ``lm_head`` stay as loaded. Each scheme is refused on a
+  device without a kernel for it (``check_scheme``), before anything loads.
+- A checkpoint whose config.json has a ``quantization_config`` (compressed-tensors, GPTQ, AWQ):
+  transformers' own loader builds the quantized layers through the method's library;
+  ``check_checkpoint`` first names what is wrong (an unknown method, a broken config, a missing
+  library, a scheme the device cannot run), so the llm model's load stops with that message and
+  not with a traceback from deep inside a loader.
+
+``weight_bytes`` counts what a module's weights hold in memory (the quantized tensors' own parts),
+reported at load (engine_info labels, the log).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCHEMES = ("none", "int8_weight_only", "int4_weight_only", "fp8")
+
+
+class QuantizationError(RuntimeError):
+    """A quantization the llm model cannot load: the message names it and what to do instead."""
+
+
+def _device_kind(device) -> str:
+    return str(device).split(":")[0]
+
+
+def _cuda_capability(device) -> tuple[int, int]:
+    import torch
+
+    return torch.cuda.get_device_capability(device)
+
+
+def check_scheme(scheme: str, device) -> None:
+    """Refuse ``scheme`` (llm.quantization) where ``device`` has no kernel for it."""
+    if scheme == "none":
+        return
+    if scheme not in SCHEMES:
+        raise QuantizationError(f"llm.quantization={scheme!r} is unknown; choose one of {', '.join(SCHEMES)}")
+    if importlib.util.find_spec("torchao") is None:
+        raise QuantizationError(f"llm.quantization={scheme} needs torchao: pip install 'tritonvl[quant]' "
+                                "(torchao==0.18.0)")
+    kind = _device_kind(device)
+    if scheme == "int4_weight_only" and kind != "cuda":
+        raise QuantizationError(f"llm.quantization=int4_weight_only has no kernel on device {device} "
+                                "(torchao's int4 weight-only matmul is CUDA's tinygemm); choose "
+                                "int8_weight_only, or load a 4-bit checkpoint (compressed-tensors W4A16)")
+    if scheme == "fp8":
+        if kind != "cuda" or _cuda_capability(device) < (8, 9):
+            where = f"device {device}" + (f" (compute capability {_cuda_capability(device)})" if kind == "cuda" else "")
+            raise QuantizationError(f"llm.quantization=fp8 needs a GPU with FP8 matmuls (CUDA compute capability "
+                                    f">= 8.9: Ada, Hopper, Blackwell); {where} has none: choose int8_weight_only")
+
+
+def _torchao_config(scheme: str):
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    if scheme == "int8_weight_only":  # per output channel, symmetric
+        return Int8WeightOnlyConfig(set_inductor_config=False)
+    if scheme == "int4_weight_only":  # tinygemm's packed layout (CUDA, bf16 activations)
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d",
+                                    set_inductor_config=False)
+    return Float8DynamicActivationFloat8WeightConfig(set_inductor_config=False)
+
+
+def quantize_decoder(model, scheme: str, device) -> int:
+    """Quantize the linear layers of ``model.model.language_model`` in place (torchao); returns how many.
+    ``lm_head``, the embeddings and the vision tower are not touched."""
+    if scheme == "none":
+        return 0
+    check_scheme(scheme, device)
+    import torch
+    from torchao.quantization import quantize_
+
+    decoder = model.model.language_model
+    names = [n for n, m in decoder.named_modules() if isinstance(m, torch.nn.Linear)]
+    if scheme == "int4_weight_only":  # tinygemm: in_features a multiple of the group
+        names = [n for n in names if decoder.get_submodule(n).in_features % 128 == 0]
+    chosen = set(names)
+    quantize_(decoder, _torchao_config(scheme), filter_fn=lambda m, fqn: fqn in chosen)
+    return len(names)
+
+
+def tensor_bytes(t) -> int:
+    """Bytes a tensor holds; a tensor subclass (torchao's quantized weights) counts its inner tensors."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None:
+        inner, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in inner)
+    return t.numel() * t.element_size()
+
+
+def weight_bytes(module) -> int:
+    """Bytes of ``module``'s parameters and buffers as held in memory (shared tensors once)."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += tensor_bytes(t)
+    return total
+
+
+def describe(model, quantization: str) -> dict:
+    """What the decoder holds (logged at load; labels of tritonvl_engine_info): its scheme, the bytes
+    of its linear layers (the part a quantization shrinks) and of the whole decoder (+ embeddings)."""
+    import torch
+
+    decoder = model.model.language_model
+    linear = sum(weight_bytes(m) for m in decoder.modules() if type(m).__name__ != "Embedding"
+                 and (isinstance(m, torch.nn.Linear) or hasattr(m, "quantization_scheme"))
+                 and not list(m.children()))
+    q = getattr(model.config, "quantization_config", None)
+    if q is not None and not isinstance(q, dict):
+        q = q.to_dict() if hasattr(q, "to_dict") else vars(q)
+    method = (q or {}).get("quant_method") or quantization
+    return {"quantization": str(getattr(method, "value", method)), "decoder_linear_bytes": linear,
+            "decoder_weight_bytes": weight_bytes(decoder)}
+
+
+# ---- quantized checkpoints ----------------------------------------------------------------------
+
+# quant_method -> (the library transformers' loader needs, its import name, the pip requirement)
+METHODS = {
+    "compressed-tensors": ("compressed-tensors", "compressed_tensors", "compressed-tensors==0.20.0"),
+    "gptq": ("gptqmodel", "gptqmodel", "gptqmodel==7.7.0"),
+    "awq": ("gptqmodel", "gptqmodel", "gptqmodel==7.7.0"),
+}
+
+
+def checkpoint_quantization(model_dir: str) -> dict | None:
+    """config.json's ``quantization_config`` (None when the checkpoint is not quantized); a broken one
+    (not an object, no ``quant_method``) raises QuantizationError naming it."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise QuantizationError(f"{path}: cannot read it as JSON ({e})") from e
+    if "quantization_config" not in config:
+        return None
+    q = config["quantization_config"]
+    if not isinstance(q, dict):
+        raise QuantizationError(f"{path}: quantization_config is {type(q).__name__}, not an object")
+    method = q.get("quant_method")
+    if not isinstance(method, str) or not method:
+        raise QuantizationError(f"{path}: quantization_config has no quant_method (one of {', '.join(METHODS)})")
+    return q
+
+
+def _ct_schemes(q: dict) -> list[tuple[str, dict, dict | None]]:
+    """compressed-tensors' config groups as (name, weights, input_activations), checked for shape."""
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise QuantizationError("compressed-tensors quantization_config has no config_groups")
+    out = []
+    for name, g in groups.items():
+        if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
+            raise QuantizationError(f"compressed-tensors config group {name!r} has no weights scheme")
+        out.append((name, g["weights"], g.get("input_activations")))
+    return out
+
+
+def check_checkpoint(model_dir: str, device, scheme: str = "none") -> dict | None:
+    """Before loading a quantized checkpoint: its method is known, its config readable, its library
+    installed and its scheme runnable on ``device``; ``scheme`` (llm.quantization) must then be none.
+    Returns the ``quantization_config`` (None for a 16/32-bit checkpoint)."""
+    q = checkpoint_quantization(model_dir)
+    if q is None:
+        return None
+    method = q["quant_method"]
+    if scheme != "none":
+        raise QuantizationError(f"{model_dir} is already quantized ({method}); llm.quantization={scheme} "
+                                "quantizes a 16/32-bit checkpoint: set llm.quantization=none")
+    if method not in METHODS:
+        raise QuantizationError(f"quant_method {method!r} in {model_dir}/config.json is not supported; "
+                                f"tritonvl loads {', '.join(METHODS)} (docs/QUANTIZATION.md)")
+    dist, module, pip = METHODS[method]
+    if importlib.util.find_spec(module) is None:
+        raise QuantizationError(f"quant_method {method!r} needs the {dist} library, which is not installed: "
+                                f"pip install {pip!r}" + (" (or pip install 'tritonvl[quant]')"
+                                                          if method == "compressed-tensors" else ""))
+    kind = _device_kind(device)
+    if method == "compressed-tensors":
+        for name, weights, acts in _ct_schemes(q):
+            wtype = weights.get("type")
+            if wtype not in ("int", "float"):
+                raise QuantizationError(f"compressed-tensors config group {name!r}: weights type {wtype!r} "
+                                        "is not int or float")
+            if (wtype == "float" or (acts or {}).get("type") == "float") and kind == "npu":
+                raise QuantizationError(f"compressed-tensors config group {name!r} is FP8 "
+                                        f"({weights.get('num_bits')}-bit float); device {device} has no FP8 "
+                                        "matmul: use an int8 (W8A8) or W4A16 checkpoint")
+    if method in ("gptq", "awq") and kind == "npu":
+        raise QuantizationError(f"quant_method {method!r} has no kernel on device {device} in gptqmodel; "
+                                "use a compressed-tensors W4A16 or W8A8 checkpoint")
+    return q
+
+
+# weight names that only a quantized linear layer has (compressed-tensors, GPTQ/AWQ)
+QUANTIZED_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "qweight",
+                      "qzeros", "scales", "g_idx", "input_scale")
+
+
+def check_tower_keys(model_dir: str, keys) -> None:
+    """The vision tower runs in 16/32-bit: refuse a checkpoint whose tower weights are quantized."""
+    bad = [k for k in keys if k.rsplit(".", 1)[-1] in QUANTIZED_SUFFIXES]
+    if bad:
+        q = checkpoint_quantization(model_dir) or {}
+        raise QuantizationError(
+            f"the vision tower of {model_dir} is quantized ({q.get('quant_method', 'unknown method')}: "
+            f"{bad[0]}, ... {len(bad)} tensors); tritonvl runs the tower in 16/32-bit: quantize the "
+            "decoder only (compressed-tensors: ignore the tower, e.g. ignore=['re:.*visual.*', 'lm_head'])")
+
+
+def log(message: str) -> None:
+    print(f"tritonvl llm: {message}", file=sys.stderr, flush=True)
