@@ -19,19 +19,22 @@ from tritonvl.client.request import Request
 from tritonvl.client.rules.sampling import MAX_TOP_LOGPROBS, OPENAI_KEYS
 from tritonvl.client.rules.structured import from_response_format
 from tritonvl.handlers.gateway.errors import bad_request, unsupported
+from tritonvl.handlers.gateway.tools import ToolPlan
+from tritonvl.handlers.gateway.tools import plan as tool_plan
 
 # OpenAI / vLLM name -> SamplingParams field (the sampling table's ``openai`` keys)
 SAMPLING = {key: f.name for key, f in OPENAI_KEYS.items()}
 # Accepted and without effect on the answer (they describe the caller or the billing).
-IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+IGNORED = {"user", "metadata", "store", "service_tier"}
 # Accepted only at a value that asks for nothing we lack (null is always fine).
 DEFAULT_ONLY = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
-                "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"),
+                "logit_bias": ({},),
                 "use_beam_search": (False,), "add_generation_prompt": (True,)}
 _COMMON = {"model", "stream", "stream_options", *SAMPLING, *IGNORED, "n", "logprobs", "logit_bias"} - {
     "max_completion_tokens"}
 CHAT_KEYS = _COMMON | {"messages", "max_completion_tokens", "response_format", "structured_outputs",
-                       "top_logprobs", "tools", "tool_choice", "add_generation_prompt", "mm_processor_kwargs"}
+                       "top_logprobs", "tools", "tool_choice", "parallel_tool_calls", "add_generation_prompt",
+                       "mm_processor_kwargs"}
 COMPLETION_KEYS = _COMMON | {"prompt", "echo", "suffix", "best_of", "use_beam_search", "response_format",
                              "structured_outputs"}
 
@@ -54,7 +57,7 @@ class Parsed:
     stream: bool
     include_usage: bool
     logprobs: bool = False  # the answer carries OpenAI's logprobs object
-
+    tools: ToolPlan | None = None  # tools rendered and the answer read for calls (gateway/tools.py)
 
 
 
@@ -97,8 +100,15 @@ def parse_chat(body: dict) -> Parsed:
     messages = [_message(m, i) for i, m in enumerate(messages)]
     stream, include_usage = _stream(body)
     logprobs = logprobs_inputs(body, chat=True)
-    req = TritonRequest(sampling(body), messages=messages, stream=stream, extra={**logprobs, **mm_inputs(body)})
-    return Parsed(req, _model(body), stream, include_usage, bool(logprobs))
+    tools = tool_plan(body)
+    if tools is not None and tools.forced:  # the answer is the call(s), constrained to the schema
+        body = {**body, "structured_outputs": {"json": tools.schema()}}
+    extra = {**logprobs, **mm_inputs(body)}
+    if tools is not None and tools.rendered:
+        extra["tools"] = (json.dumps(tools.tools, ensure_ascii=False), "BYTES")
+    req = TritonRequest(sampling(body), messages=messages, stream=stream, extra=extra)
+    return Parsed(req, _model(body), stream, include_usage, bool(logprobs),
+                  tools if tools is not None and tools.rendered else None)
 
 
 def parse_completion(body: dict) -> Parsed:

@@ -58,21 +58,26 @@ class Reply:
             kind, prefix = "text_completion", "cmpl-"
         return {"id": prefix + self.id, "object": kind, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish: str | None, use: dict, logprobs: list[dict] | None = None) -> dict:
-        reason = FINISH.get(finish or "stop", finish)
+    def full(self, text: str | None, finish: str | None, use: dict, logprobs: list[dict] | None = None,
+             tool_calls: list[dict] | None = None) -> dict:
+        reason = tool_finish(finish, tool_calls)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": self._logprobs(logprobs), "finish_reason": reason}
+            message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
+            choice = {"index": 0, "message": message, "logprobs": self._logprobs(logprobs), "finish_reason": reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": reason}
         return {**self._head(False), "choices": [choice], "usage": use}
 
     def chunk(self, text: str, finish: str | None = None, first: bool = False,
-              logprobs: list[dict] | None = None) -> dict:
-        reason = None if finish is None else FINISH.get(finish, finish)
+              logprobs: list[dict] | None = None, tool_calls: list[dict] | None = None, called: bool = False) -> dict:
+        """One SSE chunk; ``tool_calls``: deltas of calls (gateway/tools.py); ``called``: the answer made
+        calls (its finish_reason is then ``tool_calls``)."""
+        reason = None if finish is None else tool_finish(finish, [{}] if called else None)
         lp = self._logprobs(logprobs) if logprobs else None
         if self.chat:
             delta = {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": reason}
@@ -84,6 +89,12 @@ class Reply:
     def usage_chunk(self, use: dict) -> dict:
         """The extra last chunk of ``stream_options.include_usage``: no choices, the usage."""
         return {**self._head(True), "choices": [], "usage": use}
+
+
+def tool_finish(finish: str | None, tool_calls: list | None) -> str:
+    """OpenAI's finish_reason: ``tool_calls`` when an answer that ended normally made calls."""
+    reason = FINISH.get(finish or "stop", finish)
+    return "tool_calls" if tool_calls and reason == "stop" else reason
 
 
 def error_event(body: dict) -> bytes:

@@ -21,6 +21,7 @@ from tritonvl.handlers.gateway.errors import APIError, bad_request, from_triton
 from tritonvl.handlers.gateway.mapping import TritonRequest, parse_chat, parse_completion
 from tritonvl.handlers.gateway.metrics import GatewayMetrics
 from tritonvl.handlers.gateway.responses import DONE, Reply, sse, usage
+from tritonvl.handlers.gateway.tools import ToolPlan, ToolStream, delta_chunks
 from tritonvl.handlers.gateway.triton import TritonBackend
 
 CLIENT_GONE = 499  # nginx's "client closed request": only our metrics ever see it
@@ -96,13 +97,15 @@ class Gateway:
     async def _generate(self, http: Request, parsed, endpoint: str) -> Response:
         model = self._model(parsed.model)
         reply = Reply(endpoint == "chat", model, parsed.include_usage, parsed.logprobs)
+        tools: ToolPlan | None = parsed.tools
         if parsed.stream:
-            return await self._stream(http, parsed.request, reply, endpoint)
+            return await self._stream(http, parsed.request, reply, endpoint, tools)
         out = await self._whole(http, parsed.request, endpoint)
         if out is None:
             return Response(status_code=CLIENT_GONE)
-        return JSONResponse(reply.full(out.text, out.finish_reason, usage(out.prompt_tokens, out.completion_tokens),
-                                       out.logprobs))
+        content, calls = tools.parse(out.text) if tools is not None else (out.text, None)
+        return JSONResponse(reply.full(content, out.finish_reason, usage(out.prompt_tokens, out.completion_tokens),
+                                       out.logprobs, calls))
 
     def _model(self, name: str | None) -> str:
         if name is None:
@@ -132,7 +135,8 @@ class Gateway:
         self.metrics.tokens(out.prompt_tokens, out.completion_tokens)
         return out
 
-    async def _stream(self, http: Request, request: TritonRequest, reply: Reply, endpoint: str) -> Response:
+    async def _stream(self, http: Request, request: TritonRequest, reply: Reply, endpoint: str,
+                      tools: ToolPlan | None = None) -> Response:
         start = time.perf_counter()
         chunks = self.backend.stream(request)
         try:
@@ -153,6 +157,7 @@ class Gateway:
             raise from_triton(exc) from None
 
         state = {"done": False, "ttft": False}
+        calls: ToolStream | None = tools.stream() if tools is not None else None
 
         async def events():
             nonlocal chunk
@@ -164,14 +169,20 @@ class Gateway:
                         if not state["ttft"]:
                             state["ttft"] = True
                             self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - start)
-                    if chunk.text or chunk.logprobs:  # tokens whose text is held back still have logprobs
+                    if calls is not None:  # content outside <tool_call> blocks, then each finished call
+                        for event in tool_events(reply, *calls.feed(chunk.text), chunk.logprobs):
+                            yield event
+                    elif chunk.text or chunk.logprobs:  # tokens whose text is held back still have logprobs
                         yield sse(reply.chunk(chunk.text, logprobs=chunk.logprobs))
                     if chunk.final:
                         break
                     chunk = await chunks.__anext__()
+                if calls is not None:
+                    for event in tool_events(reply, *calls.finish(), None):
+                        yield event
                 use = usage(chunk.input_tokens or 0, chunk.output_tokens or 0)
                 self.metrics.tokens(use["prompt_tokens"], use["completion_tokens"])
-                yield sse(reply.chunk("", finish=chunk.finish_reason))
+                yield sse(reply.chunk("", finish=chunk.finish_reason, called=bool(calls is not None and calls.calls)))
                 if reply.include_usage:
                     yield sse(reply.usage_chunk(use))
             except TritonVLError as exc:  # after the status line: an error event, as OpenAI's SDKs expect
@@ -187,6 +198,13 @@ class Gateway:
 
         return SSEResponse(events(), cleanup, media_type="text/event-stream",
                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def tool_events(reply: Reply, content: str, calls: list[dict], logprobs: list[dict] | None) -> list[bytes]:
+    """SSE events for one step of a tool-reading stream: its content (with the step's logprobs), then
+    each finished call as deltas (index, id and name; then the arguments)."""
+    events = [sse(reply.chunk(content, logprobs=logprobs))] if content or logprobs else []
+    return events + [sse(reply.chunk("", tool_calls=[d])) for call in calls for d in delta_chunks(call)]
 
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".webm", ".mkv", ".mov", ".avi", ".mpeg", ".mpg", ".ts", ".flv", ".3gp")

@@ -31,6 +31,7 @@ from tritonvl.handlers.preprocess.prompt import (
     VideoParts,
     messages_from_text,
     parse_messages,
+    parse_tools,
     text_bytes,
 )
 from tritonvl.handlers.preprocess.video import (
@@ -60,6 +61,7 @@ class RawRequest:
     mm_processor_kwargs: bytes | None = None  # JSON {min_pixels, max_pixels} for every image (vLLM's name)
     return_logprobs: bool = False
     top_logprobs: int | None = None
+    tools: bytes | None = None  # JSON list of OpenAI function tools, rendered by the chat template
 
 
 def raw_request(inputs) -> RawRequest:
@@ -89,6 +91,7 @@ def raw_request(inputs) -> RawRequest:
         mm_processor_kwargs=inputs.scalar("mm_processor_kwargs"),
         return_logprobs=bool(inputs.scalar("return_logprobs") or False),
         top_logprobs=inputs.scalar("top_logprobs"),
+        tools=inputs.scalar("tools"),
     )
 
 
@@ -131,10 +134,13 @@ class Preprocessor:
         """One request's tensors -> the llm's prompt ids, the vision step's pixel rows and the options."""
         text = utf8(raw.text_input, "text_input")
         messages, sources, parts, videos = self.conversation(raw, text)
+        tools = parse_tools(utf8(raw.tools, "tools"))
+        if tools and not raw.apply_chat_template:
+            raise InvalidArgument("tools: the chat template renders them; apply_chat_template=false takes none")
         request_pixels = parse_kwargs(utf8(raw.mm_processor_kwargs, "mm_processor_kwargs"))
         budgets = [budget_for(self.budget, request_pixels, p, p["where"]) for p in parts]
         logprobs = self.logprobs(raw)
-        size = text_bytes(messages)
+        size = text_bytes(messages) + len(raw.tools or b"")
         if size > self.limits.max_prompt_bytes:  # refused before the tokenizer spends seconds on it
             raise InvalidArgument(f"prompt: {size} bytes of text is over the max_prompt_bytes limit "
                                   f"({self.limits.max_prompt_bytes}; max_model_len={self.max_model_len} tokens)")
@@ -143,7 +149,7 @@ class Preprocessor:
         clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry,
                             {k: v for k, v in request_pixels.items() if k in VIDEO_KEYS}, self.clips,
                             max_tokens=self.max_model_len)
-        ids = self.prompt_ids(raw, messages, text, grid, clips)
+        ids = self.prompt_ids(raw, messages, text, grid, clips, tools)
         if clips:  # the vision step's rows in prompt order: images and videos as their placeholders come
             pixel_values, grid = in_prompt_order(np.asarray(ids), self.info, pixel_values, grid, clips)
         # a max_tokens the request set is never cut silently (vLLM's rule), unless the deployment says so
@@ -184,13 +190,14 @@ class Preprocessor:
         check_syntax(GrammarSpec.from_dict(sampling.structured_outputs))  # the llm step compiles it
         return sampling, sampling_json
 
-    def prompt_ids(self, raw: RawRequest, messages: list, text: str | None, grid: np.ndarray, clips: list) -> list[int]:
+    def prompt_ids(self, raw: RawRequest, messages: list, text: str | None, grid: np.ndarray, clips: list,
+                   tools: list[dict] | None = None) -> list[int]:
         """Token ids with each image's and video's placeholders expanded to its visual token count."""
         tokens = [int(np.prod(g)) // self.info.merge_unit for g in grid]
         timed = self.info.timestamps_videos  # Qwen3-VL: a <t seconds> text before each temporal patch
         clip_texts = [self.prompts.video_text(int(np.prod(c.grid)) // self.info.merge_unit,
                                               c.patch_seconds() if timed else None) for c in clips]
-        ids = (self.prompts.build(messages, tokens, clip_texts) if raw.apply_chat_template
+        ids = (self.prompts.build(messages, tokens, clip_texts, tools) if raw.apply_chat_template
                else self.prompts.expand(text, tokens, clip_texts))
         if not ids:
             raise InvalidArgument("text_input: an empty raw prompt (apply_chat_template=false) has no tokens")

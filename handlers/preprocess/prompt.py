@@ -6,12 +6,17 @@ text, as Qwen's examples do) or ``messages`` (OpenAI chat JSON, which overrides 
 
 from __future__ import annotations
 
+import json
 import re
+
+import jinja2
+import jinja2.meta
 
 from tritonvl.client.rules.errors import InvalidArgument, checked_text
 from tritonvl.client.rules.structured import load_json
+from tritonvl.client.rules.tools import check_tools
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def messages_from_text(text: str, num_images: int, num_videos: int = 0) -> list[dict]:
@@ -39,13 +44,17 @@ def parse_messages(raw: str, tensor_images: list, pixels: list | None = None,
     pending = list(tensor_images)
     for i, msg in enumerate(msgs):
         where = f"messages[{i}]"
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+        calls = msg.get("tool_calls") if isinstance(msg, dict) and msg.get("role") == "assistant" else None
+        if not isinstance(msg, dict) or "role" not in msg or ("content" not in msg and not calls):
             raise InvalidArgument(f"{where}: expected an object with 'role' and 'content'")
-        role, content = msg["role"], msg["content"]
+        role, content = msg["role"], msg.get("content")
         if role not in ROLES:
             raise InvalidArgument(f"{where}.role: {role!r} is not one of {ROLES}")
+        extra = _tool_keys(msg, role, where)
+        if content is None and calls:  # OpenAI: an assistant turn that only calls tools has null content
+            content = ""
         if isinstance(content, str):
-            out.append({"role": role, "content": _text(content, f"{where}.content")})
+            out.append({"role": role, "content": _text(content, f"{where}.content"), **extra})
             continue
         if not isinstance(content, list):
             raise InvalidArgument(f"{where}.content: expected a string or a list of parts")
@@ -53,7 +62,10 @@ def parse_messages(raw: str, tensor_images: list, pixels: list | None = None,
                  for j, part in enumerate(content)]
         if role != "user" and any(p["type"] in ("image", "video") for p in parts):
             raise InvalidArgument(f"{where}: images are only allowed in user messages (videos too)")
-        out.append({"role": role, "content": parts})
+        if role == "tool":  # a tool's result as one text (the templates write it as a string)
+            out.append({"role": role, "content": "".join(p["text"] for p in parts), **extra})
+            continue
+        out.append({"role": role, "content": parts, **extra})
     if pending:
         raise InvalidArgument(
             f"image: {len(pending)} image(s) given but not referenced by an image part of messages")
@@ -89,6 +101,52 @@ class VideoParts:
             raise InvalidArgument(f"{where}: a video part without data needs an element of the video input")
         self.found.append((item, part, where))
         return {"type": "video"}
+
+
+def _tool_keys(msg: dict, role: str, where: str) -> dict:
+    """The tool-call keys of one message, checked: an assistant's ``tool_calls`` (each one's
+    ``function.arguments`` JSON text becomes an object, as the chat templates write it with ``tojson``)
+    and a tool result's ``tool_call_id`` / ``name``."""
+    extra: dict = {}
+    if role == "tool":
+        for key in ("tool_call_id", "name"):
+            if msg.get(key) is not None:
+                if not isinstance(msg[key], str):
+                    raise InvalidArgument(f"{where}.{key}: expected a string")
+                extra[key] = msg[key]
+        return extra
+    calls = msg.get("tool_calls")
+    if calls is None or calls == []:
+        return extra
+    if role != "assistant":
+        raise InvalidArgument(f"{where}.tool_calls: only assistant messages carry tool calls")
+    if not isinstance(calls, list):
+        raise InvalidArgument(f"{where}.tool_calls: expected a list of {{id, type, function}} objects")
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise InvalidArgument(f"{at}: expected {{'id', 'type': 'function', 'function': {{'name', 'arguments'}}}}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            args = load_json(args or "{}", f"{at}.function.arguments")
+        if not isinstance(args, dict):
+            raise InvalidArgument(f"{at}.function.arguments: expected a JSON object (as text or an object)")
+        one = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            one["id"] = call["id"]
+        out.append(one)
+    extra["tool_calls"] = out
+    return extra
+
+
+def parse_tools(raw: str | None) -> list[dict] | None:
+    """The ``tools`` input (a JSON list of OpenAI function tools), checked; None when absent or empty."""
+    if raw is None or not raw.strip():
+        return None
+    tools = check_tools(load_json(raw, "tools"))
+    return tools or None
 
 
 def _part(part, where: str, pending: list, images: list, pixels: list | None, videos: VideoParts | None) -> dict:
@@ -134,7 +192,17 @@ def text_bytes(messages: list[dict]) -> int:
         content = msg["content"]
         parts = [content] if isinstance(content, str) else [p["text"] for p in content if p["type"] == "text"]
         total += sum(len(t.encode("utf-8")) for t in parts)
+        total += sum(len(json.dumps(c, ensure_ascii=False).encode("utf-8")) for c in msg.get("tool_calls", ()))
     return total
+
+
+def template_reads(source: str, name: str) -> bool:
+    """Whether a Jinja template reads the variable ``name`` from its context."""
+    try:
+        return name in jinja2.meta.find_undeclared_variables(
+            jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(source))
+    except jinja2.TemplateError:
+        return re.search(rf"\b{re.escape(name)}\b", source) is not None
 
 
 class PromptBuilder:
@@ -160,9 +228,32 @@ class PromptBuilder:
         per_patch = tokens // len(patch_seconds)
         return "".join(f"<{t:.1f} seconds>{start}{self.video_token * per_patch}{end}" for t in patch_seconds)
 
-    def build(self, messages: list[dict], image_tokens: list[int], videos: list[str] = ()) -> list[int]:
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the model's chat template renders tools: its source reads a ``tools`` variable
+        (Qwen3-VL's and Qwen2.5's text templates do; Qwen2-VL's and Qwen2.5-VL's published ones do not)."""
+        if not hasattr(self, "_supports_tools"):
+            self._supports_tools = template_reads(self.template_source(tools=True), "tools")
+        return self._supports_tools
+
+    def template_source(self, tools: bool = False) -> str:
+        """The chat template apply_chat_template uses (of a dict of named ones: ``tool_use`` when tools
+        are given and there is one, else ``default``, as transformers picks)."""
+        source = getattr(self.tokenizer, "chat_template", None) or ""
+        if isinstance(source, dict):
+            source = source.get("tool_use") if tools and "tool_use" in source else source.get("default", "")
+        return source or ""
+
+    def build(self, messages: list[dict], image_tokens: list[int], videos: list[str] = (),
+              tools: list[dict] | None = None) -> list[int]:
+        calls = next((i for i, m in enumerate(messages) if m.get("tool_calls")), None)
+        if (tools or calls is not None) and not self.supports_tools:
+            where = "tools" if tools else f"messages[{calls}].tool_calls"
+            raise InvalidArgument(f"{where}: this model's chat template does not support tools (it never reads a "
+                                  "'tools' variable); serve a model whose template does, e.g. Qwen3-VL")
+        kwargs = {"tools": tools} if tools else {}
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
         except Exception as exc:  # noqa: BLE001 -- jinja errors from a model's own template
             raise InvalidArgument(f"messages: the chat template refused them ({exc})") from None
         return self.expand(text, image_tokens, videos)

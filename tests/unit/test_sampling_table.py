@@ -26,7 +26,7 @@ PUBLIC = ("qwen2_5_vl", "qwen2_5_vl_ensemble", "preprocess")
 # the public inputs that are not sampling fields (preprocess.preprocessor.raw_request reads them)
 OTHER_INPUTS = {"text_input", "image", "video", "messages", "sampling_parameters", "stream",
                 "exclude_input_in_output", "apply_chat_template", "guided_decoding_guide_type",
-                "guided_decoding_guide", "mm_processor_kwargs", "return_logprobs", "top_logprobs",
+                "guided_decoding_guide", "mm_processor_kwargs", "return_logprobs", "top_logprobs", "tools",
                 # TensorRT-LLM clients send these; accepted, the outputs come anyway
                 "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens"}
 DTYPES = {"INT32": "TYPE_INT32", "FP32": "TYPE_FP32", "UINT64": "TYPE_UINT64", "BOOL": "TYPE_BOOL",
