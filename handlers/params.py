@@ -312,6 +312,16 @@ class LLMParams(DeviceParams):
         "auto",
         "paged attention kernel (docs/DEVICES.md); auto picks by device, falls back to sdpa",
     )
+    compile: str = param(
+        Choice("none", "decode"), "none", "decode: the decoder compiled with torch.compile for decode steps padded "
+        "to compile_buckets (CUDA graphs on CUDA with the triton attention backend), compiled at load; other "
+        "steps run eager. Off by default: on CPU it takes minutes per bucket to compile and gains little at "
+        "batch 1 (docs/DEVICES.md, docs/BENCHMARKS.md)"
+    )
+    compile_buckets: tuple = param(
+        ListOf(Int(1)), "1,2,4,8,16,32,64", "decode batch sizes compiled when compile=decode (those up to the "
+        "first >= max_num_seqs); a batch is padded to the next one"
+    )
     grammar_compile_timeout_s: float = param(
         Float(0, open_min=True), "30", "a structured-output grammar still compiling after this fails its request "
         "(docs/STRUCTURED.md)"

@@ -63,6 +63,10 @@ class LLMEngine:
                                    max_num_batched_tokens=max(p.max_num_batched_tokens, p.max_num_seqs),
                                    enable_prefix_caching=p.enable_prefix_caching, max_waiting=p.max_waiting)
         self.blocks = BlockManager.from_config(self.config)
+        if p.compile != "none":  # handlers/engine/compiled.py: compiled (and captured) at load
+            from .compiled import build as build_compiled
+            self.runner.compiled = build_compiled(self.runner, p.compile, p.compile_buckets, p.max_num_seqs,
+                                                  self.config.max_model_len)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.metrics = metrics or NullSink()
         self.metrics.info("engine_info", "The llm engine's configuration (labels); value 1", self.describe())

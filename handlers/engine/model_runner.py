@@ -62,6 +62,8 @@ class ModelRunner:
     """``kv_cache_bytes`` 0: ``kv_cache_fraction`` of the device memory free once the weights are
     loaded. ``block_size`` None: the attention backend's default."""
 
+    compiled = None  # a compiled.CompiledStep (llm parameter compile), set by the engine after loading
+
     def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
                  block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5) -> None:
         self.info, self.device, self.dtype = info, device, dtype
@@ -173,6 +175,10 @@ class ModelRunner:
     def forward(self, step: PackedStep) -> torch.Tensor:
         """The decoder over the packed row: token embeddings with the visual rows scattered in (and
         Qwen3-VL's deepstack features), K/V written to the paged cache; the last hidden states [T, hidden]."""
+        if self.compiled is not None:  # decode steps within its buckets; None: run eager below
+            hidden = self.compiled.forward(step)
+            if hidden is not None:
+                return hidden
         dev = self.device
         meta = attn.build_meta(self.backend, self.kv_cache, self.block_size, step.parts, dev)
         x = self.lm.embed_tokens(torch.tensor(step.tokens, device=dev))

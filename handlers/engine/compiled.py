@@ -1,0 +1,229 @@
+"""The compiled decode step (``llm`` parameter ``compile``; docs/DEVICES.md, docs/BENCHMARKS.md).
+
+``CompiledStep`` runs a decode-only step (every sequence one new token, no visual rows) through the
+text decoder (``model.model.language_model``: embed, the HF layers, final norm) compiled with
+``torch.compile`` (inductor, static shapes), the batch padded up to the next of a few bucket sizes.
+Attention inside the graph is the ``tritonvl::paged_attention`` custom op (attention/custom_op.py),
+so the whole decoder is one graph with the backend's own kernel left opaque. Everything is compiled
+at load (``warm_up``: each bucket once, the time logged); on the request path dynamo runs with
+``fail_on_recompile``, and a step that would need a new graph (a prefill or mixed step, a batch past
+the largest bucket, a changed guard) runs the eager forward instead.
+
+Padded rows: token 0 at position 0; the step's StepMeta covers the real rows only, so the op writes
+K/V and attends for those alone and the padding never touches the cache of a real sequence. Every
+op outside attention works row by row, so a real row's hidden state does not depend on the padding
+(up to what a GEMM of a different row count computes: tests/unit/test_compiled_step.py checks the
+tokens).
+
+CUDA (untested here: written for a GPU, never run on one): with the ``triton`` attention backend
+(the paged decode kernel reads its block table and lengths from tensors, so its launch is static)
+each decode bucket is also captured as a ``torch.cuda.CUDAGraph`` over fixed input buffers
+(``StaticDecode``: token ids, positions, slot mapping, block tables, lengths), as nano-vllm does;
+replaying is one launch per step. Other CUDA backends (flash_attn) get the compiled graph without
+capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from . import attention as attn
+from .attention.custom_op import StaticDecode, dispatching, stepping
+
+log = logging.getLogger("tritonvl.engine")
+
+# Inductor settings the compiled step uses (see docs/BENCHMARKS.md "Compiled decode step" for why).
+INDUCTOR_OPTIONS: dict = {}
+
+
+def buckets_for(requested: tuple[int, ...], max_num_seqs: int) -> list[int]:
+    """The decode batch sizes to compile: the requested ones up to the first that holds max_num_seqs."""
+    out = []
+    for b in sorted(set(requested)):
+        out.append(b)
+        if b >= max_num_seqs:
+            break
+    return out
+
+
+class CompiledStep:
+    def __init__(self, runner, buckets: list[int], max_model_len: int, cuda_graphs: bool | None = None) -> None:
+        if not buckets:
+            raise ValueError("compile: no decode bucket sizes (compile_buckets is empty)")
+        self.runner = runner
+        self.buckets = sorted(buckets)
+        self.device = torch.device(runner.device)
+        fn = _backend_fn()
+        self.backend_fn = fn
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(attn.ATTN_NAME, dispatching(fn))
+        cache_limit = len(self.buckets) + 4
+        if torch._dynamo.config.cache_size_limit < cache_limit:
+            torch._dynamo.config.cache_size_limit = cache_limit
+        lm = runner.lm
+
+        def decoder(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            x = lm.embed_tokens(tokens)[None]
+            out = lm(inputs_embeds=x, position_ids=positions, attention_mask={"full_attention": None},
+                     use_cache=False)
+            return out.last_hidden_state[0]
+
+        self._compiled = torch.compile(decoder, dynamic=False, fullgraph=True, options=dict(INDUCTOR_OPTIONS) or None)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and runner.backend.name == "triton"
+        self.cuda_graphs = cuda_graphs
+        self.max_blocks = -(-max_model_len // runner.block_size)
+        self._graphs: dict[int, _Graph] = {}
+        self.compile_s = 0.0
+        self.fallbacks = 0  # decode steps within the buckets that ran eager (a guard failed)
+        self.steps = 0  # decode steps run compiled (or replayed)
+
+    def bucket(self, rows: int) -> int | None:
+        for b in self.buckets:
+            if b >= rows:
+                return b
+        return None
+
+    # ---- at load ----
+    @torch.inference_mode()
+    def warm_up(self) -> float:
+        """Compile (and on CUDA capture) every bucket; the seconds it took."""
+        t0 = time.perf_counter()
+        for b in self.buckets:
+            t = time.perf_counter()
+            if self.cuda_graphs:
+                self._graphs[b] = self._capture(b)
+            else:
+                parts = [attn.SeqStep(i, 0, 1, [0]) for i in range(b)]  # context of one token, block 0
+                meta = attn.build_meta(self.runner.backend, self.runner.kv_cache, self.runner.block_size, parts,
+                                       self.device)
+                tokens = torch.zeros(b, dtype=torch.long, device=self.device)
+                positions = torch.zeros(3, 1, b, dtype=torch.long, device=self.device)
+                with stepping(meta, self.backend_fn):
+                    self._compiled(tokens, positions)
+            log.info("compiled decode step: batch bucket %d in %.1f s%s", b, time.perf_counter() - t,
+                     " (CUDA graph captured)" if self.cuda_graphs else "")
+        self.compile_s = time.perf_counter() - t0
+        log.info("compiled decode step: buckets %s ready in %.1f s", self.buckets, self.compile_s)
+        return self.compile_s
+
+    # ---- per step ----
+    def forward(self, step) -> torch.Tensor | None:
+        """The step's last hidden states [T, hidden], or None when it is not a compiled decode step."""
+        parts = step.parts
+        if step.visual_rows or any(p.n != 1 for p in parts):
+            return None
+        rows = len(parts)
+        b = self.bucket(rows)
+        if b is None:
+            return None
+        if self.cuda_graphs:
+            hidden = self._graphs[b].replay(step, rows)
+            self.steps += hidden is not None
+            return hidden
+        runner, dev = self.runner, self.device
+        meta = attn.build_meta(runner.backend, runner.kv_cache, runner.block_size, parts, dev)
+        tokens = torch.zeros(b, dtype=torch.long)
+        tokens[:rows] = torch.tensor(step.tokens)
+        positions = torch.zeros(3, 1, b, dtype=torch.long)
+        positions[:, 0, :rows] = step.positions
+        try:
+            with stepping(meta, self.backend_fn), torch.compiler.set_stance("fail_on_recompile"):
+                hidden = self._compiled(tokens.to(dev), positions.to(dev))
+        except RuntimeError as exc:  # a guard failed: never compile on the request path
+            self.fallbacks += 1
+            if self.fallbacks == 1:
+                log.warning("compiled decode step: batch %d ran eager (%s)", rows, str(exc).splitlines()[0])
+            return None
+        self.steps += 1
+        return hidden[:rows]
+
+    # ---- CUDA graphs (untested: no GPU where this was written) ----
+    def _capture(self, b: int) -> _Graph:
+        from .attention.triton_lang_decode import paged_decode
+
+        runner, dev = self.runner, self.device
+        static = StaticDecode(runner.kv_cache, runner.block_size,
+                              slot_mapping=torch.zeros(b, dtype=torch.long, device=dev),
+                              row_src=torch.zeros(b, dtype=torch.long, device=dev),
+                              block_tables=torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
+                              kv_lens=torch.ones(b, dtype=torch.int32, device=dev), decode=paged_decode)
+        tokens = torch.zeros(b, dtype=torch.long, device=dev)
+        positions = torch.zeros(3, 1, b, dtype=torch.long, device=dev)
+        with stepping(static, None):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # compile, then settle inductor's autotuning before capture
+                    self._compiled(tokens, positions)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool()):
+                out = self._compiled(tokens, positions)
+        torch.cuda.synchronize()
+        return _Graph(graph, static, tokens, positions, out)
+
+    def _pool(self):
+        if not hasattr(self, "_mempool"):
+            self._mempool = torch.cuda.graph_pool_handle()
+        return self._mempool
+
+
+class _Graph:
+    """One captured decode bucket and its input buffers."""
+
+    def __init__(self, graph, static: StaticDecode, tokens, positions, out) -> None:
+        self.graph, self.static, self.tokens, self.positions, self.out = graph, static, tokens, positions, out
+
+    def replay(self, step, rows: int) -> torch.Tensor:
+        s, bs = self.static, self.static.block_size
+        parts = step.parts
+        dev = self.tokens.device
+        ends = [p.start + 1 for p in parts]
+        width = max(-(-e // bs) for e in ends)
+        if width > s.block_tables.shape[1]:
+            return None
+        tables = torch.zeros(len(parts), width, dtype=torch.int32)
+        for i, p in enumerate(parts):
+            used = -(-ends[i] // bs)
+            tables[i, :used] = torch.tensor(p.block_table[:used], dtype=torch.int32)
+        pos = torch.tensor([p.start for p in parts])
+        slots = tables[torch.arange(rows), pos // bs].long() * bs + pos % bs
+        b = self.tokens.shape[0]
+        self.tokens.zero_()
+        self.tokens[:rows] = torch.tensor(step.tokens, device=dev)
+        self.positions.zero_()
+        self.positions[:, 0, :rows] = step.positions.to(dev)
+        s.slot_mapping.fill_(int(slots[0]))
+        s.slot_mapping[:rows] = slots.to(dev)
+        s.row_src.zero_()
+        s.row_src[:rows] = torch.arange(rows, device=dev)
+        s.block_tables.zero_()
+        s.block_tables[:rows, :width] = tables.to(dev)
+        s.kv_lens.zero_()
+        s.kv_lens[:rows] = torch.tensor(ends, dtype=torch.int32, device=dev)
+        del b
+        self.graph.replay()
+        return self.out[:rows].clone()
+
+
+def _backend_fn():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[attn.ATTN_NAME]
+
+
+def build(runner, mode: str, buckets: tuple[int, ...], max_num_seqs: int, max_model_len: int) -> CompiledStep | None:
+    """The engine's hook: ``mode`` "none" -> None; "decode" -> a CompiledStep, warmed up."""
+    if mode == "none":
+        return None
+    step = CompiledStep(runner, buckets_for(buckets, max_num_seqs), max_model_len)
+    try:
+        step.warm_up()
+    except Exception as exc:
+        raise ValueError(f"compile={mode}: compiling the decode step failed: {type(exc).__name__}: {exc}") from exc
+    return step
