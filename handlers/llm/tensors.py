@@ -2,7 +2,8 @@
 
 Outputs (docs/INTERFACE.md): text_output, output_ids, num_input_tokens, num_output_tokens,
 num_image_tokens (the visual tokens of the request's images and videos together), finish_reason (the
-last response only), logprobs (one JSON object per token of output_ids, when asked).
+last response only), logprobs (one JSON object per token of output_ids, when asked), media_sizes
+(preprocess's JSON input handed back unchanged, the first response only).
 """
 
 from __future__ import annotations
@@ -31,6 +32,23 @@ def job_from_tensors(arrays: list[np.ndarray], request_json, emit, emit_error, i
     """``arrays``: the INPUTS tensors in that order, batch dim removed."""
     input_ids, embeds, grid, hashes = arrays
     return Job.create(input_ids, embeds, grid, hashes, request_json, emit, emit_error, is_cancelled)
+
+
+def encoder(media_sizes: np.ndarray | None):
+    """``output_tensors`` for one request, with its ``media_sizes`` input (None: absent) added to its first
+    response: the public models' way to send preprocess's geometry once (a Triton ensemble cannot send
+    outputs of a non-decoupled step beside a decoupled one's)."""
+    if media_sizes is None:
+        return output_tensors
+    pending = [np.array([bytes(x) for x in np.asarray(media_sizes).reshape(-1)[:1]], dtype=np.object_)]
+
+    def encode(record: SeqOutput) -> dict[str, np.ndarray]:
+        out = output_tensors(record)
+        if pending:  # the pump encodes one request's responses in order, on its one thread
+            out["media_sizes"] = pending.pop()
+        return out
+
+    return encode
 
 
 def output_tensors(record: SeqOutput) -> dict[str, np.ndarray]:

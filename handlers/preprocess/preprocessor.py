@@ -19,6 +19,7 @@ from tritonvl.handlers.options import RequestOptions, fit_to_context
 from tritonvl.handlers.params import PreprocessParams, typed
 from tritonvl.handlers.preprocess.clipcache import ClipCache
 from tritonvl.handlers.preprocess.images import each_image, limits_from_params
+from tritonvl.handlers.preprocess.media import media_sizes
 from tritonvl.handlers.preprocess.pixels import (
     VIDEO_KEYS,
     PixelBudget,
@@ -101,6 +102,7 @@ class ModelInputs:
     pixel_values: np.ndarray  # float32 [patches, patch_dim]
     image_grid_thw: np.ndarray  # int64 [images, 3]
     request: str  # JSON: sampling params and response options (see RequestOptions)
+    media_sizes: str = "{}"  # JSON: each image's and video's size, sent and as the model saw it (media.py)
 
 
 def utf8(value: bytes | None, name: str) -> str | None:
@@ -145,10 +147,12 @@ class Preprocessor:
             raise InvalidArgument(f"prompt: {size} bytes of text is over the max_prompt_bytes limit "
                                   f"({self.limits.max_prompt_bytes}; max_model_len={self.max_model_len} tokens)")
         sampling, sampling_json = self.sampling(raw)
-        pixel_values, grid = self.pixels(each_image(sources, self.limits), budgets)  # one decoded at a time
+        sizes: list[tuple[int, int]] = []  # (width, height) of each decoded image
+        pixel_values, grid = self.pixels(each_image(sources, self.limits), budgets, sizes)  # one decoded at a time
         clips = load_videos(videos.found, self.video_limits, self.limits, self.video_geometry,
                             {k: v for k, v in request_pixels.items() if k in VIDEO_KEYS}, self.clips,
                             max_tokens=self.max_model_len)
+        media = media_sizes(self.info.family, self.info.patch_size, sizes, grid, clips)  # grid: images only here
         ids = self.prompt_ids(raw, messages, text, grid, clips, tools)
         if clips:  # the vision step's rows in prompt order: images and videos as their placeholders come
             pixel_values, grid = in_prompt_order(np.asarray(ids), self.info, pixel_values, grid, clips)
@@ -159,7 +163,7 @@ class Preprocessor:
         # second_per_grid_ts: Qwen2.5-VL's mRoPE time step per video (other families' positions ignore it)
         options = RequestOptions(sampling, raw.stream, raw.exclude_input_in_output, text or "", clamp, logprobs,
                                  [c.second_per_grid_t for c in clips] if self.info.family == "qwen2_5_vl" else [])
-        return ModelInputs(np.asarray(ids, dtype=np.int32), pixel_values, grid, options.to_json())
+        return ModelInputs(np.asarray(ids, dtype=np.int32), pixel_values, grid, options.to_json(), media)
 
     def conversation(self, raw: RawRequest, text: str | None) -> tuple[list, list, list[dict], VideoParts]:
         """The request's messages (from ``messages``, else one user turn of ``text_input``), its image
@@ -215,14 +219,18 @@ class Preprocessor:
             return -1
         return top or 0
 
-    def pixels(self, images, budgets: list[PixelBudget] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def pixels(self, images, budgets: list[PixelBudget] | None = None,
+               sizes: list | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Qwen's image processor (its smart_resize) with each image's pixel budget, one image at a time
         (rows concatenated in image order: the processor treats images one by one, so they are one
         call's). ``images`` may be an iterator that decodes each only when asked (``each_image``): the
-        decoded image is dropped before the next is asked for, so one is held at a time."""
+        decoded image is dropped before the next is asked for, so one is held at a time. ``sizes``, if
+        given, gets each image's (width, height)."""
         values, grids = [], []
         for i, image in enumerate(images):
             budget = budgets[i] if budgets else self.budget
+            if sizes is not None:
+                sizes.append(image.size)
             try:
                 out = self.image_processor(images=[image], size=budget.size(), return_tensors="np")
             except ValueError as exc:

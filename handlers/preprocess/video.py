@@ -70,6 +70,7 @@ class VideoRows:
     grid: np.ndarray  # int64 [3]: t, h, w in patches
     second_per_grid_t: float
     frame_times: list[float]  # seconds into the video of each sampled frame (padded like the frames)
+    size: tuple[int, int] = (0, 0)  # (width, height) of the video's frames as decoded, before resizing
 
     def patch_seconds(self) -> list[float]:
         """Per temporal patch, seconds into the video: Qwen3-VL's ``<t seconds>``."""
@@ -94,13 +95,13 @@ def load_video(src: Source, limits: VideoLimits, images: ImageLimits, geo: Geome
     budget = budget or DecodeBudget(limits)
     frames_json = _frame_list(src.item, where)
     if frames_json is not None:
-        frames, sample_fps, times = _decode_list(frames_json, where, opts, limits, images, geo, budget)
+        frames, sample_fps, times, size = _decode_list(frames_json, where, opts, limits, images, geo, budget)
     else:
         data = _video_bytes(src.item, where, limits, images)
-        frames, sample_fps, times = _decode(data, where, opts, limits, images, geo, budget)
+        frames, sample_fps, times, size = _decode(data, where, opts, limits, images, geo, budget)
     rows, grid = _rows(frames, geo)
     times += [times[-1]] * (-len(times) % geo.temporal)  # patchify pads with the last frame
-    return VideoRows(rows, grid, geo.temporal / sample_fps, times)
+    return VideoRows(rows, grid, geo.temporal / sample_fps, times, size)
 
 
 def _rows(frames: list[np.ndarray], geo: Geometry) -> tuple[np.ndarray, np.ndarray]:
@@ -127,10 +128,11 @@ def _resized(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _decode_list(frames: list, where: str, opts: dict, limits: VideoLimits, images: ImageLimits, geo: Geometry,
-                 budget: DecodeBudget) -> tuple[list, float, list[float]]:
-    """A frame list's sampled frames: which ones from the list's length alone, every sampled frame's
-    image header checked (and the request's budget charged) before any is decoded, then each decoded
-    and resized in turn; unsampled frames are never decoded."""
+                 budget: DecodeBudget) -> tuple[list, float, list[float], tuple[int, int]]:
+    """A frame list's sampled frames, their sample rate and times, and the frames' (width, height):
+    which ones from the list's length alone, every sampled frame's image header checked (and the
+    request's budget charged) before any is decoded, then each decoded and resized in turn;
+    unsampled frames are never decoded."""
     if not frames:
         raise InvalidArgument(f"{where}: the frame list is empty")
     if len(frames) > limits.max_frames:
@@ -176,11 +178,12 @@ def _decode_list(frames: list, where: str, opts: dict, limits: VideoLimits, imag
         del img
     budget.check_time(where)
     sample_fps = float(opts.get("fps", limits.fps))
-    return [picked[i] for i in idx], sample_fps, [i / sample_fps for i in idx]
+    return [picked[i] for i in idx], sample_fps, [i / sample_fps for i in idx], (width, height)
 
 
 def _decode(data: bytes, where: str, opts: dict, limits: VideoLimits, images: ImageLimits,
-            geo: Geometry, budget: DecodeBudget) -> tuple[list, float, list[float]]:
+            geo: Geometry, budget: DecodeBudget) -> tuple[list, float, list[float], tuple[int, int]]:
+    """A video file's sampled frames, their sample rate and times, and the frames' (width, height)."""
     import av
 
     try:
@@ -216,7 +219,7 @@ def _decode(data: bytes, where: str, opts: dict, limits: VideoLimits, images: Im
         size = target_size(height, width, n, opts, limits, geo, where) if width and height else None
         if size is not None:
             budget.spend_tokens(video_tokens(n, size, geo), where)
-        wanted_set, picked = set(wanted.tolist()), {}
+        wanted_set, picked, seen = set(wanted.tolist()), {}, None
         with av.open(io.BytesIO(data), mode="r", metadata_errors="ignore") as container:
             for i, frame in enumerate(container.decode(container.streams.video[0])):
                 budget.check_time(where)
@@ -233,6 +236,7 @@ def _decode(data: bytes, where: str, opts: dict, limits: VideoLimits, images: Im
                                         f"{frame.height})")
                 if i in wanted_set:  # resized at once: only the sampled frames, at their final size, are kept
                     rgb = frame.to_ndarray(format="rgb24")
+                    seen = seen or (rgb.shape[1], rgb.shape[0])
                     if size is None:
                         size = target_size(*rgb.shape[:2], n, opts, limits, geo, where)
                         budget.spend_tokens(video_tokens(n, size, geo), where)
@@ -253,8 +257,8 @@ def _decode(data: bytes, where: str, opts: dict, limits: VideoLimits, images: Im
             raise InvalidArgument(f"{where}: frame {i} could not be decoded")
         frames.append(last_frame)
     if not video_fps:  # only num_frames can sample a video without a rate: its frames as if at limits.fps
-        return frames, limits.fps, [i / limits.fps for i in wanted.tolist()]
-    return frames, n / total * video_fps, [i / video_fps for i in wanted.tolist()]
+        return frames, limits.fps, [i / limits.fps for i in wanted.tolist()], seen
+    return frames, n / total * video_fps, [i / video_fps for i in wanted.tolist()], seen
 
 
 def url_of(item) -> str | None:

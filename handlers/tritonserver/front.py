@@ -25,10 +25,11 @@ from tritonvl.client.rules.errors import Overloaded, Unavailable
 
 log = logging.getLogger("tritonvl.front")
 
-PREPROCESS_OUTPUTS = ["input_ids", "pixel_values", "image_grid_thw", "request", "pixel_seal", "request_seal"]
+PREPROCESS_OUTPUTS = ["input_ids", "pixel_values", "image_grid_thw", "request", "pixel_seal", "request_seal",
+                      "media_sizes"]
 VISION_OUTPUTS = ["image_embeds", "image_hashes", "embeds_seal"]
 LLM_OUTPUTS = ["text_output", "finish_reason", "num_input_tokens", "num_output_tokens", "num_image_tokens",
-               "output_ids", "logprobs"]
+               "output_ids", "logprobs", "media_sizes"]
 
 
 class PublicRequest(Protocol):
@@ -125,8 +126,9 @@ class Front:
                                   VISION_OUTPUTS)
             with self._lock:
                 self.streaming[key] = client
+            # media_sizes: llm hands it back with its first response (the ensemble's way too)
             inputs = [pre["input_ids"], vis["image_embeds"], pre["image_grid_thw"], vis["image_hashes"], pre["request"],
-                      pre["request_seal"], vis["embeds_seal"]]
+                      pre["request_seal"], vis["embeds_seal"], pre["media_sizes"]]
             final = gone = False
             for out in self.calls.stream("llm", inputs, self.outputs, key):  # read to its end, always
                 final = "finish_reason" in out  # only the last response carries it (docs/INTERFACE.md)

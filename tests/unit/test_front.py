@@ -48,7 +48,7 @@ def fake_calls(n_tokens: int, stops: list, fail: str = "", delay: float = 0.0) -
     def stream(model, inputs, outputs, key):
         assert inputs == ["preprocess.input_ids", "vision_encoder.image_embeds", "preprocess.image_grid_thw",
                           "vision_encoder.image_hashes", "preprocess.request", "preprocess.request_seal",
-                          "vision_encoder.embeds_seal"]
+                          "vision_encoder.embeds_seal", "preprocess.media_sizes"]
         for i in range(n_tokens):
             if stopped.is_set():
                 yield {"text_output": "", "finish_reason": "cancelled"}

@@ -1,6 +1,7 @@
 """llm (decoupled): input_ids, image_embeds, image_grid_thw, image_hashes, request, request_seal,
-embeds_seal -> text_output, finish_reason, num_input_tokens, num_output_tokens, num_image_tokens,
-output_ids, logprobs. Only inputs this server's pipeline sealed are taken (handlers/seals.py).
+embeds_seal (+ media_sizes, handed back) -> text_output, finish_reason, num_input_tokens,
+num_output_tokens, num_image_tokens, output_ids, logprobs, media_sizes (first response). Only inputs
+this server's pipeline sealed are taken (handlers/seals.py).
 
 execute() only enqueues; the backend's thread owns the device and sends the responses: one per
 text delta when streaming, else exactly one; the last one carries the FINAL flag. A request with
@@ -9,7 +10,7 @@ text delta when streaming, else exactly one; the last one carries the FINAL flag
 
 from tritonvl.handlers.llm.backend import make_backend
 from tritonvl.handlers.llm.stops import StopRegistry
-from tritonvl.handlers.llm.tensors import INPUTS, SEALS, check_seals, job_from_tensors, output_tensors
+from tritonvl.handlers.llm.tensors import INPUTS, SEALS, check_seals, encoder, job_from_tensors
 from tritonvl.handlers.seals import Sealer, load_key
 from tritonvl.handlers.tritonserver import adapter
 
@@ -44,7 +45,7 @@ class TritonPythonModel:
                 self.stops.stop(key)
                 adapter.send_final(request)
                 continue
-            sender = adapter.StreamSender(request, output_tensors)
+            sender = adapter.StreamSender(request, encoder(adapter.first(request, "media_sizes")))
             try:
                 arrays, options = [adapter.required(request, n)[0] for n in INPUTS], adapter.scalar(request, "request")
                 check_seals(self.seals, arrays, options, [adapter.first(request, n) for n in SEALS])

@@ -2,7 +2,8 @@
 
 Inputs: the public interface of the ensemble (text_input, image, video, messages, sampling tensors,
 sampling_parameters, stream, exclude_input_in_output). Outputs: input_ids INT32[-1],
-pixel_values FP32[-1, patch_dim], image_grid_thw INT64[-1, 3], request STRING[1] (JSON options), and
+pixel_values FP32[-1, patch_dim], image_grid_thw INT64[-1, 3], request STRING[1] (JSON options),
+media_sizes STRING[1] (JSON geometry for the client, preprocess/media.py), and
 pixel_seal / request_seal UINT8[32]: HMACs the next steps check (handlers/seals.py).
 Bad input is a per-request INVALID_ARG error; the rest of the batch carries on.
 """
@@ -34,6 +35,7 @@ class TritonPythonModel:
                     "pixel_values": m.pixel_values,
                     "image_grid_thw": m.image_grid_thw,
                     "request": np.array([options], dtype=np.object_),
+                    "media_sizes": np.array([m.media_sizes.encode()], dtype=np.object_),
                     "pixel_seal": self.seals.seal("pixel", m.pixel_values, m.image_grid_thw),
                     "request_seal": self.seals.seal("request", m.input_ids, m.image_grid_thw, options),
                 }))
