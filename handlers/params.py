@@ -327,6 +327,11 @@ class LLMParams(DeviceParams):
         "(docs/STRUCTURED.md)"
     )
     grammar_cache_bytes: int = param(Int(0), "536870912", "compiled grammars kept, LRU by bytes")
+    quantization: str = param(
+        Choice("none", "int8_weight_only", "int4_weight_only", "fp8"), "none",
+        "quantize the decoder's linear layers at load (torchao; docs/QUANTIZATION.md); int4_weight_only: CUDA "
+        "only, fp8: CUDA compute capability >= 8.9; none for a checkpoint that is quantized already",
+    )
     internal_inputs: str = param(
         Choice("sealed", "open"), "sealed", "sealed: only inputs this server's preprocess and vision_encoder made "
         "(handlers/seals.py; a direct call is INVALID_ARG); open: any, for debugging"

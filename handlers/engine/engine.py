@@ -54,7 +54,7 @@ class LLMEngine:
         p = params
         self.info, self.tokenizer, self.device = info, tokenizer, device
         self.runner = ModelRunner(model_dir, info, device, dtype, p.kv_cache_bytes or 0, p.block_size,
-                                  p.attention_backend, p.kv_cache_fraction)
+                                  p.attention_backend, p.kv_cache_fraction, quantization=p.quantization)
         block_size = self.runner.block_size
         capacity = self.runner.num_blocks * block_size
         self.declared_max_len = p.max_model_len or info.max_position_embeddings  # before the KV cache's cap
@@ -91,7 +91,7 @@ class LLMEngine:
                 "dtype": str(self.runner.dtype).removeprefix("torch."), "block_size": cfg.block_size,
                 "num_blocks": cfg.num_blocks, "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
                 "max_num_batched_tokens": cfg.max_num_batched_tokens,
-                "prefix_caching": str(cfg.enable_prefix_caching).lower()}
+                "prefix_caching": str(cfg.enable_prefix_caching).lower(), **self.runner.weights}
 
     # ---- called from Triton's threads ----
     def submit(self, job: Job) -> None:

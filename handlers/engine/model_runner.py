@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tritonvl.client.rules.errors import InvalidArgument
+from tritonvl.handlers import quant
 from tritonvl.handlers.devices import free_device_bytes
 from tritonvl.handlers.engine.scheduler import ScheduledBatch
 from tritonvl.handlers.modelinfo import ModelInfo
@@ -65,12 +66,14 @@ class ModelRunner:
     compiled = None  # a compiled.CompiledStep (llm parameter compile), set by the engine after loading
 
     def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
-                 block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5) -> None:
+                 block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5,
+                 quantization: str = "none") -> None:
         self.info, self.device, self.dtype = info, device, dtype
         chosen = attn.select(attention, device, dtype, info.num_heads, info.num_kv_heads, info.head_dim, block_size)
         self.backend, self.block_size = chosen.backend, chosen.block_size
         block_size = chosen.block_size
-        model = load_full_model(model_dir, device, dtype)
+        model = load_full_model(model_dir, device, dtype, quantization)
+        self.weights = quant.describe(model, quantization)  # llm.quantization and the decoder's bytes
         model.model.visual = None  # the vision_encoder model owns the tower
         self.model = model
         self.lm = model.model.language_model
