@@ -27,14 +27,14 @@ from .errors import (
 from .images import ImageOptions
 from .params import SamplingParams
 from .parsing import OutputParser, StopRules
-from .result import Result, Usage
+from .result import Media, MediaSize, Result, Usage
 from .rules.stops import StopStringMatcher
 from .stream import AsyncTextStream, TextStream
 from .videos import VideoOptions
 
 __all__ = [
-    "AsyncClient", "AsyncTextStream", "Client", "ImageError", "ImageOptions", "InvalidRequest", "ModelNotFound",
-    "ModelNotReady", "OutputParser", "RequestFailed", "RequestTimeout", "RequestTooLarge", "Result",
+    "AsyncClient", "AsyncTextStream", "Client", "ImageError", "ImageOptions", "InvalidRequest", "Media", "MediaSize",
+    "ModelNotFound", "ModelNotReady", "OutputParser", "RequestFailed", "RequestTimeout", "RequestTooLarge", "Result",
     "SamplingParams", "ServerOverloaded", "ServerUnavailable", "ServiceUnavailable", "StopRules",
     "StopStringMatcher", "TextStream", "TritonVLError", "Usage", "VideoError", "VideoOptions",
 ]

@@ -139,6 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(p)
     p.set_defaults(func=_client_command("batch"))
 
+    p = sub.add_parser("ground", help="find an object in an image: boxes in the image's own pixels, drawn",
+                       description="Ask the served model where TARGET is in IMAGE (Qwen's grounding prompt), map "
+                                   "the boxes and points of its answer to IMAGE's own pixels (by the size the "
+                                   "model saw and its family's grid, which the server reports) and print them as "
+                                   "JSON; --out draws them on a copy of the image. Exit status 1 when the answer "
+                                   "has no box or point.",
+                       epilog='example: tritonvl ground street.jpg "the red car" --out boxed.png')
+    p.add_argument("image", metavar="IMAGE", help="image file or http(s) URL")
+    p.add_argument("target", metavar="TARGET", help='what to find, e.g. "the red car"')
+    p.add_argument("--out", metavar="FILE.png", help="write a copy of IMAGE with the boxes, points and labels drawn")
+    p.add_argument("--prompt", help="the whole question instead of Qwen's grounding prompt for TARGET")
+    p.add_argument("--family", choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"],
+                   help="read the answer on this family's grid instead of the served model's")
+    p.add_argument("--answer", metavar="TEXT",
+                   help="map and draw TEXT instead of the model's answer (replaying a saved answer; the image "
+                        "is still sent, for the sizes the model would see)")
+    _connection_options(p)
+    _sampling_options(p, prompt=False)
+    p.set_defaults(func=_client_command("ground"))
+
     p = sub.add_parser("serve", help="run tritonserver on model_repository/",
                        description="Run tritonserver on this project's model repository. Arguments after "
                                    "'--' go to tritonserver unchanged.")

@@ -1,4 +1,4 @@
-"""`tritonvl describe` and `tritonvl chat`."""
+"""`tritonvl describe`, `tritonvl chat` and `tritonvl ground`."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from .client import Client
 from .errors import ModelNotReady, ServerUnavailable, TritonVLError
 from .images import describe_source, load_image
 from .params import SamplingParams
+from .rules.media import coordinates_of
 from .rules.sampling import CLI_FIELDS
 from .videos import describe_video, load_video
 
@@ -161,6 +162,33 @@ def chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             history += [turn, {"role": "assistant", "content": stream.result.text if stream.result else ""}]
     return 0
+
+
+def ground(args: argparse.Namespace) -> int:
+    """One grounding request: the boxes in IMAGE's pixels as JSON on stdout, drawn with --out."""
+    from .grounding import draw, grounding_prompt
+    from .grounding import ground as to_pixels
+
+    params = sampling(args)
+    if args.answer is not None:  # only the sizes are wanted of the server
+        params.setdefault("max_tokens", 1)
+    with open_client(args) as client:
+        image = load_image(args.image, client.image_options)
+        result = client.generate(args.prompt or grounding_prompt(args.target), images=[image], **params)
+    answer = result.text if args.answer is None else args.answer
+    items = to_pixels(answer, result.media, family=args.family)
+    size = result.media.images[0]
+    family = args.family or result.media.family
+    coordinates = coordinates_of(args.family) if args.family else result.media.coordinates
+    print(json.dumps({"image": str(args.image), "target": args.target, "family": family, "coordinates": coordinates,
+                      "width": size.width, "height": size.height, "resized_width": size.resized_width,
+                      "resized_height": size.resized_height, "answer": answer,
+                      "boxes": [g.to_dict() for g in items]}, ensure_ascii=False))
+    if args.out:
+        draw(image, items, args.out)
+    if not items:
+        print("tritonvl ground: the answer has no box or point", file=sys.stderr)
+    return 0 if items else 1
 
 
 def _user_turn(text: str, image: bytes | str | None, videos: list[bytes | str], keys: dict | None = None) -> dict:

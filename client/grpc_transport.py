@@ -58,6 +58,7 @@ def chunk_from_result(result) -> Chunk:
         image_tokens=None if n_img is None else int(n_img),
         final=bool(final),
         logprobs=[] if logprobs is None else [json.loads(e) for e in logprobs.reshape(-1)],
+        media_sizes=_text(first("media_sizes")) or None,
     )
 
 

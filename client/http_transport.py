@@ -64,6 +64,7 @@ def chunk_from_json(obj: dict, final: bool) -> Chunk:
         image_tokens=obj.get("num_image_tokens"),
         final=final or bool(obj.get("finish_reason")),
         logprobs=[json.loads(e) for e in _as_list(obj.get("logprobs"))],
+        media_sizes=obj.get("media_sizes") or None,
     )
 
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from .parsing import OutputParser, StopRules
 from .request import Request
-from .result import Result, Usage
+from .result import Media, Result, Usage
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -28,6 +28,7 @@ class Chunk:
     final: bool = False
     # asked with return_logprobs: per token of ``ids``, {"token", "token_id", "logprob", "top_logprobs"}
     logprobs: list[dict] = field(default_factory=list)
+    media_sizes: str | None = None  # the JSON output, in the first response (docs/INTERFACE.md)
 
 
 class Cancelled(Exception):
@@ -64,6 +65,7 @@ class Generation:
         self.text: list[str] = []
         self.server_reason: str | None = None
         self.usage = Usage(images=len(request.images), videos=len(request.videos))
+        self.media: Media | None = None
         self.result: Result | None = None
 
     def feed(self, chunk: Chunk) -> str:
@@ -79,10 +81,15 @@ class Generation:
             self.usage.output_tokens = min(self.usage.output_tokens, self.parser.count)
         self.result = Result("".join(self.text), final, list(self.parser.ids), self.usage,
                              time.perf_counter() - self.start, self.ttft,
-                             self.parser.stop)
+                             self.parser.stop, self.media)
         return tail, self.result
 
     def _book(self, chunk: Chunk) -> None:
+        if chunk.media_sizes and self.media is None:
+            try:
+                self.media = Media.from_json(chunk.media_sizes)
+            except ValueError:  # a server's odd geometry must not cost the answer: result.media stays None
+                pass
         if chunk.finish_reason:
             self.server_reason = chunk.finish_reason
         for name in ("input_tokens", "output_tokens", "image_tokens"):

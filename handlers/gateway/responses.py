@@ -97,6 +97,15 @@ def tool_finish(finish: str | None, tool_calls: list | None) -> str:
     return "tool_calls" if tool_calls and reason == "stop" else reason
 
 
+def media_sizes(raw: str | None) -> dict:
+    """The extra top-level field of an answer (and of a chat stream's first chunk): ``{"media_sizes":
+    {...}}``, the server's geometry of the request's images and videos (docs/OPENAI.md); {} without it."""
+    try:
+        return {"media_sizes": json.loads(raw)} if raw else {}
+    except ValueError:
+        return {}
+
+
 def error_event(body: dict) -> bytes:
     """An error after the stream started (the status line is already sent): OpenAI's SDKs raise it."""
     return sse(body)

@@ -20,7 +20,7 @@ from tritonvl.handlers.gateway.config import GatewayConfig
 from tritonvl.handlers.gateway.errors import APIError, bad_request, from_triton
 from tritonvl.handlers.gateway.mapping import TritonRequest, parse_chat, parse_completion
 from tritonvl.handlers.gateway.metrics import GatewayMetrics
-from tritonvl.handlers.gateway.responses import DONE, Reply, sse, usage
+from tritonvl.handlers.gateway.responses import DONE, Reply, media_sizes, sse, usage
 from tritonvl.handlers.gateway.tools import ToolPlan, ToolStream, delta_chunks
 from tritonvl.handlers.gateway.triton import TritonBackend
 
@@ -104,8 +104,8 @@ class Gateway:
         if out is None:
             return Response(status_code=CLIENT_GONE)
         content, calls = tools.parse(out.text) if tools is not None else (out.text, None)
-        return JSONResponse(reply.full(content, out.finish_reason, usage(out.prompt_tokens, out.completion_tokens),
-                                       out.logprobs, calls))
+        return JSONResponse({**reply.full(content, out.finish_reason, usage(out.prompt_tokens, out.completion_tokens),
+                                          out.logprobs, calls), **media_sizes(out.media_sizes)})
 
     def _model(self, name: str | None) -> str:
         if name is None:
@@ -162,8 +162,8 @@ class Gateway:
         async def events():
             nonlocal chunk
             try:
-                if reply.chat:
-                    yield sse(reply.chunk("", first=True))
+                if reply.chat:  # the role chunk, with the request's media sizes
+                    yield sse({**reply.chunk("", first=True), **media_sizes(chunk.media_sizes)})
                 while True:
                     if chunk.text:
                         if not state["ttft"]:

@@ -22,6 +22,7 @@ class Outcome:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[dict] | None = None  # per generated token, when asked
+    media_sizes: str | None = None  # the server's geometry JSON (first response), docs/INTERFACE.md
 
 
 class TritonBackend:
@@ -58,9 +59,11 @@ class TritonBackend:
             self.open_calls -= 1
 
     async def collect(self, request: Request) -> Outcome:
-        text, logprobs, last = [], [], Chunk()
+        text, logprobs, last, media = [], [], Chunk(), None
         async for chunk in self.stream(request):
             text.append(chunk.text)
             logprobs.extend(chunk.logprobs)
+            media = media or chunk.media_sizes
             last = chunk
-        return Outcome("".join(text), last.finish_reason, last.input_tokens or 0, last.output_tokens or 0, logprobs)
+        return Outcome("".join(text), last.finish_reason, last.input_tokens or 0, last.output_tokens or 0, logprobs,
+                       media)
