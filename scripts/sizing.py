@@ -7,6 +7,7 @@ cache do. The shapes below are the published config.json values of the Instruct 
 
     python scripts/sizing.py                          # the table (bf16)
     python scripts/sizing.py --config DIR/config.json --device-gib 80   # your own model / device
+    python scripts/sizing.py --config DIR/config.json --weight-bits 4    # its decoder in 4-bit weights
     python scripts/sizing.py --write docs/DEPLOY.md   # regenerate the table in the doc
     python scripts/sizing.py --check docs/DEPLOY.md   # exit 1 if the doc's table is stale
 """
@@ -67,6 +68,13 @@ class Shape:
     def params(self) -> int:
         return self.text_params() + self.vision_params()
 
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of every linear weight of the decoder's layers: what a quantized checkpoint (AWQ,
+        GPTQ, compressed-tensors) or llm.quantization stores in fewer bits; lm_head, embeddings, norms,
+        biases and the vision tower stay 16-bit."""
+        h, kv, i = self.hidden, self.kv_heads * self.head_dim, self.intermediate
+        return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)] * self.layers
+
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes  # K and V, every layer
 
@@ -107,9 +115,13 @@ class Counted:
     layers: int
     kv_heads: int
     head_dim: int
+    linear: tuple = ()  # (out, in) of the decoder layers' linear weights (experts included)
 
     def params(self) -> int:
         return self.total
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        return list(self.linear)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
@@ -125,8 +137,35 @@ def count_config(path: str) -> Counted:
         model = model_class._from_config(config)
     text = getattr(config, "text_config", config)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    layers = model.model.language_model.layers
+    linear = []
+    for name, p in layers.named_parameters():  # 2-D weights of the layers (Linear, fused MoE experts)
+        if p.dim() >= 2 and not name.endswith(("norm.weight", "gate.weight")):
+            linear += [tuple(p.shape[-2:])] * (p.shape[0] if p.dim() == 3 else 1)
     return Counted(Path(path).parent.name or "model", sum(p.numel() for p in model.parameters()),
-                   text.num_hidden_layers, text.num_key_value_heads, head_dim)
+                   text.num_hidden_layers, text.num_key_value_heads, head_dim, tuple(linear))
+
+
+# Quantized decoders (docs/QUANTIZATION.md): bits per weight of the decoder layers' linear layers.
+# 4-bit: AWQ / GPTQ / compressed-tensors W4A16, a 16-bit scale and a 4-bit zero point per group of 128
+# inputs; 8-bit: int8 (W8A8, llm.quantization=int8_weight_only) or FP8, one 16-bit scale per output row.
+GROUP = 128
+WEIGHT_FORMATS = {16: "bf16", 8: "8-bit (int8 W8A8 / FP8 / int8_weight_only)", 4: "4-bit (AWQ / GPTQ / W4A16, g128)"}
+
+
+def weight_bytes(shape, nbytes: int, bits: int = 16) -> int:
+    """Bytes of the weights with the decoder's linear layers in ``bits`` (16: everything in ``nbytes``)."""
+    total = shape.params() * nbytes
+    if bits >= 16:
+        return total
+    for out, inp in shape.linear_shapes():
+        total -= out * inp * nbytes
+        if bits == 8:
+            total += out * inp + out * nbytes
+        else:
+            groups = out * -(-inp // GROUP)
+            total += out * inp * bits // 8 + groups * nbytes + groups * bits // 8
+    return total
 
 
 def shape_from_config(path: str) -> Shape:
@@ -142,10 +181,11 @@ def shape_from_config(path: str) -> Shape:
 
 
 def fit(shape: Shape, device_gib: float, dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB,
-        context: int = CONTEXT) -> dict:
-    """Weights, KV room and a verdict for one instance (vision_encoder + llm) on one device."""
+        context: int = CONTEXT, bits: int = 16) -> dict:
+    """Weights, KV room and a verdict for one instance (vision_encoder + llm) on one device; ``bits``:
+    the decoder's linear weights quantized (the KV cache stays in ``dtype``)."""
     nbytes = DTYPE_BYTES[dtype]
-    weights = shape.params() * nbytes
+    weights = weight_bytes(shape, nbytes, bits)
     per_token = shape.kv_bytes_per_token(nbytes)
     kv_room = device_gib * GIB - weights - reserve_gib * GIB
     tokens = max(int(kv_room // per_token), 0)
@@ -172,6 +212,16 @@ def table(dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB, context: in
             lines.append(f"| {shape.name} | {shape.params() / 1e9:.2f} B | {f['weights_gib']:.1f} | "
                          f"{f['kv_kib_per_token']:.0f} | {device} | {f['kv_gib']:.1f} | {f['kv_tokens']:,} | "
                          f"{f['sequences']} | {f['verdict']} |")
+    lines += ["", f"Quantized decoders: the decoder layers' linear weights in 8 or 4 bits, everything else (vision "
+              f"tower, embeddings, lm_head, norms, biases) and the KV cache in {dtype}.", "",
+              "| model | decoder weights | weights GiB | device | KV GiB | KV tokens | sequences | fits |",
+              "|---|---|---:|---|---:|---:|---:|---|"]
+    for shape in MODELS:
+        for bits in (8, 4):
+            for device, gib in DEVICES:
+                f = fit(shape, gib, dtype, reserve_gib, context, bits)
+                lines.append(f"| {shape.name} | {WEIGHT_FORMATS[bits]} | {f['weights_gib']:.1f} | {device} | "
+                             f"{f['kv_gib']:.1f} | {f['kv_tokens']:,} | {f['sequences']} | {f['verdict']} |")
     return "\n".join(lines)
 
 
@@ -190,13 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=CONTEXT)
     ap.add_argument("--config", help="a model's config.json (any served family): size it instead of the published four")
     ap.add_argument("--device-gib", type=float, help="with --config: the device's memory in GiB")
+    ap.add_argument("--weight-bits", type=int, default=16, choices=(16, 8, 4),
+                    help="with --config: the decoder's linear weights in 8 or 4 bits (a quantized checkpoint)")
     ap.add_argument("--write", metavar="DOC", help="replace the table between the sizing markers in DOC")
     ap.add_argument("--check", metavar="DOC", help="exit 1 if DOC's table differs from this script's")
     args = ap.parse_args(argv)
     if args.config:
         shape = count_config(args.config)
         out = {"params": shape.params(), **fit(shape, args.device_gib or 80.0, args.dtype, args.reserve_gib,
-                                               args.context)}
+                                               args.context, args.weight_bits)}
         print(json.dumps(out, indent=1))
         return 0
     block = table(args.dtype, args.reserve_gib, args.context)

@@ -100,3 +100,42 @@ def _numel(shape) -> int:
     for d in shape:
         n *= d
     return n
+
+
+@pytest.mark.parametrize("shape", sizing.MODELS[:2], ids=lambda s: s.name)
+def test_linear_shapes_are_the_decoders_linear_weights(shape):
+    """What a quantized decoder stores in fewer bits: exactly the weights of the decoder layers'
+    nn.Linear modules of transformers' model (meta device); --config counts the same."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config(shape))
+    layers = model.model.language_model.layers
+    want = sorted(tuple(m.weight.shape) for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    assert sorted(shape.linear_shapes()) == want
+
+
+def test_quantized_weights():
+    """72B: 8-bit decoder weights 71.4 GiB (an H200 or an 80 GB GPU), 4-bit 39.9 GiB (also a 64 GB
+    Ascend 910B); a 4-bit weight is 4 bits + a 16-bit scale and a 4-bit zero per 128."""
+    s72 = {s.name: s for s in sizing.MODELS}["Qwen2.5-VL-72B"]
+    gib = {bits: sizing.weight_bytes(s72, 2, bits) / sizing.GIB for bits in (16, 8, 4)}
+    assert [round(gib[b], 1) for b in (16, 8, 4)] == [136.7, 71.4, 39.9]
+    linear = sum(o * i for o, i in s72.linear_shapes())
+    assert sizing.weight_bytes(s72, 2, 4) == (s72.params() - linear) * 2 + linear // 2 + linear // 128 * 2 + \
+        linear // 128 // 2
+    assert sizing.fit(s72, 139.8, bits=8)["verdict"] == "yes"
+    assert sizing.fit(s72, 64.0, bits=8)["verdict"] == "no: weights exceed the device"
+    assert sizing.fit(s72, 64.0, bits=4)["verdict"] == "yes"
+
+
+def test_config_weight_bits(tmp_path, capsys):
+    """--config --weight-bits 4 on a saved config: the same bytes as the published shape's formula."""
+    import json
+
+    shape = sizing.MODELS[0]
+    hf_config(shape).save_pretrained(tmp_path)
+    assert sizing.main(["--config", str(tmp_path / "config.json"), "--weight-bits", "4"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["weights_gib"] * sizing.GIB == pytest.approx(sizing.weight_bytes(shape, 2, 4))
