@@ -26,6 +26,7 @@ capture.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 import torch
@@ -211,6 +212,23 @@ class _Graph:
         return self.out[:rows].clone()
 
 
+def _utf8_locale() -> None:
+    """Inductor reads its templates with open()'s default encoding (torch 2.13: _inductor/utils.py
+    load_template), which fails in tritonserver's Python stubs where the locale is C (ASCII):
+    UnicodeDecodeError at the first compile. Switch this process's LC_CTYPE to UTF-8 first."""
+    import locale
+
+    if locale.getpreferredencoding(False).lower().replace("-", "") == "utf8":
+        return
+    for name in ("C.UTF-8", "C.utf8", "en_US.UTF-8"):
+        try:
+            locale.setlocale(locale.LC_CTYPE, name)
+            return
+        except locale.Error:
+            continue
+    log.warning("compiled decode step: no UTF-8 locale to switch to; inductor may fail to read its templates")
+
+
 def _backend_fn():
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -221,9 +239,13 @@ def build(runner, mode: str, buckets: tuple[int, ...], max_num_seqs: int, max_mo
     """The engine's hook: ``mode`` "none" -> None; "decode" -> a CompiledStep, warmed up."""
     if mode == "none":
         return None
+    _utf8_locale()
     step = CompiledStep(runner, buckets_for(buckets, max_num_seqs), max_model_len)
     try:
         step.warm_up()
     except Exception as exc:
         raise ValueError(f"compile={mode}: compiling the decode step failed: {type(exc).__name__}: {exc}") from exc
+    # the stub's log (tritonserver's) shows stderr, not the tritonvl logger's INFO records
+    print(f"tritonvl llm: compiled decode step: buckets {step.buckets} ready in {step.compile_s:.1f} s"
+          f"{' (CUDA graphs)' if step.cuda_graphs else ''}", file=sys.stderr, flush=True)
     return step
