@@ -77,8 +77,8 @@ def _torchao_config(scheme: str):
 
 
 def quantize_decoder(model, scheme: str, device) -> int:
-    """Quantize the linear layers of ``model.model.language_model`` in place (torchao); returns how many.
-    ``lm_head``, the embeddings and the vision tower are not touched."""
+    """Quantize the linear layers of ``model.model.language_model`` in place (torchao), each moved to
+    ``device`` first; returns how many. ``lm_head``, the embeddings and the vision tower are not touched."""
     if scheme == "none":
         return 0
     check_scheme(scheme, device)
@@ -90,7 +90,7 @@ def quantize_decoder(model, scheme: str, device) -> int:
     if scheme == "int4_weight_only":  # tinygemm: in_features a multiple of the group
         names = [n for n in names if decoder.get_submodule(n).in_features % 128 == 0]
     chosen = set(names)
-    quantize_(decoder, _torchao_config(scheme), filter_fn=lambda m, fqn: fqn in chosen)
+    quantize_(decoder, _torchao_config(scheme), filter_fn=lambda m, fqn: fqn in chosen, device=device)
     return len(names)
 
 
@@ -206,6 +206,22 @@ def check_checkpoint(model_dir: str, device, scheme: str = "none") -> dict | Non
         raise QuantizationError(f"quant_method {method!r} has no kernel on device {device} in gptqmodel; "
                                 "use a compressed-tensors W4A16 or W8A8 checkpoint")
     return q
+
+
+def prepare_loaded(model) -> None:
+    """After transformers loaded a quantized checkpoint: compressed-tensors keeps packed weights until
+    the model's first forward (a pre-hook on the whole model), which the engine never calls (it runs
+    the decoder's layers): decompress the decoder's quantized layers now, as that hook would (its
+    torch path: int weights dequantized to the load dtype; activation schemes stay in the layers'
+    forward). The vision tower is left alone (the vision_encoder model loads its own)."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    compressor = getattr(quantizer, "compressor", None)
+    if compressor is None or not hasattr(model, "ct_decompress_hook"):
+        return
+    compressor.decompress_model(model.model.language_model)
+    if any(hasattr(m, "weight_packed") for m in model.lm_head.modules()):
+        compressor.decompress_model(model.lm_head)
+    compressor.remove_decompression_hook(model)
 
 
 # weight names that only a quantized linear layer has (compressed-tensors, GPTQ/AWQ)

@@ -76,8 +76,11 @@ def load_full_model(model_dir: str, device: str, dtype, quantization: str = "non
     quant.check_scheme(quantization, device)
     quant.check_checkpoint(model_dir, device, quantization)
     model = model_class(model_dir, 2).from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    model = model.to(device).eval()
+    quant.prepare_loaded(model)
+    # quantized layer by layer on its way to the device (torchao moves each linear layer there first):
+    # the 16-bit decoder never has to fit the device whole
     quant.quantize_decoder(model, quantization, device)
+    model = model.to(device).eval()
     held = quant.describe(model, quantization)
     quant.log(f"decoder {model_dir}: quantization {held['quantization']}, linear layers "
               f"{held['decoder_linear_bytes'] / 2**20:.2f} MiB, with embeddings "

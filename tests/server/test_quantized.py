@@ -1,0 +1,158 @@
+"""Quantized decoders through a real tritonserver (docs/QUANTIZATION.md).
+
+`llm.quantization=int8_weight_only` (torchao at load): greedy output equals transformers' generate()
+on the same model quantized the same way in this process, token for token (text, one image, two
+images, a stream); the engine reports what the decoder holds (tritonvl_engine_info labels) and its
+linear layers are ~1/4 of fp32's. A checkpoint whose quantization_config is broken stops `tritonvl
+serve` with a message naming it and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import requests
+from helpers import Reference, infer_http, joined, make_image, metrics, running_server, stream_grpc
+
+MAX = 12
+SCHEME = "int8_weight_only"
+
+pytest.importorskip("torchao", reason="llm.quantization needs torchao: pip install 'tritonvl[quant]'")
+
+
+@pytest.fixture(scope="module", params=["int8_weight_only", "ct_w4a16"])
+def case(request, model_dir, tmp_path_factory):
+    """(kind, model dir, server) for quantize-at-load on the fp32 test model, then for a
+    compressed-tensors W4A16 (pack-quantized, group 32) checkpoint made from it here."""
+    if shutil.which("tritonserver") is None:
+        pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
+    kind, where = request.param, tmp_path_factory.mktemp(request.param)
+    if kind == "ct_w4a16":
+        pytest.importorskip("compressed_tensors")
+        from quant_checkpoints import make_compressed
+
+        directory, overrides = make_compressed(model_dir, where / "w4a16", "W4A16"), None
+    else:
+        directory, overrides = model_dir, {"llm": {"quantization": kind}}
+    with running_server(directory, where, overrides=overrides) as srv:
+        yield kind, directory, srv
+
+
+@pytest.fixture(scope="module")
+def qserver(case):
+    return case[2]
+
+
+@pytest.fixture(scope="module")
+def ref(case):
+    """generate() on the same quantized model in this process: quantized at load by the function the
+    server runs, or the checkpoint through transformers' compressed-tensors loader."""
+    from tritonvl.handlers import quant
+
+    kind, directory, _ = case
+    reference = Reference(str(directory))
+    if kind == SCHEME:
+        assert quant.quantize_decoder(reference.model, SCHEME, "cpu") > 0
+    return reference
+
+
+def greedy(**fields):
+    return {"temperature": 0.0, "max_tokens": MAX, "exclude_input_in_output": True, **fields}
+
+
+def test_text(qserver, ref):
+    out = infer_http(qserver.http_url, **greedy(text_input="Tell me a story about a lighthouse."))
+    assert out["output_ids"] == ref.generate("Tell me a story about a lighthouse.", max_tokens=MAX)
+
+
+def test_one_image(qserver, ref):
+    img = make_image(200, 150, seed=1)
+    out = infer_http(qserver.http_url, **greedy(text_input="What is in the picture?", image=[img]))
+    assert out["output_ids"] == ref.generate("What is in the picture?", [img], max_tokens=MAX)
+
+
+def test_two_images(qserver, ref):
+    imgs = [make_image(300, 120, seed=4), make_image(64, 200, seed=5)]
+    out = infer_http(qserver.http_url, **greedy(text_input="Compare the two images.", image=imgs))
+    assert out["output_ids"] == ref.generate("Compare the two images.", imgs, max_tokens=MAX)
+
+
+def test_stream_and_prefix_cache(qserver, ref):
+    img = make_image(180, 140, seed=10)
+    fields = greedy(text_input="Stream this answer.", image=[img])
+    want = ref.generate("Stream this answer.", [img], max_tokens=MAX)
+    before = metrics(qserver).get("tritonvl_prefix_cache_hit_tokens_total", 0)
+    responses = stream_grpc(qserver.grpc_url, **fields, stream=True)
+    assert len(responses) > 1 and joined(responses)["output_ids"] == want
+    again = infer_http(qserver.http_url, **fields)  # the same image and prompt: served from the prefix cache
+    assert again["output_ids"] == want
+    assert metrics(qserver)["tritonvl_prefix_cache_hit_tokens_total"] > before
+
+
+def test_the_quantized_model_differs_from_fp32(qserver, model_dir):
+    """The parity above is not fp32's: int8 weights change the logits (here: some greedy tokens)."""
+    fp32 = Reference(str(model_dir))
+    prompts = [("Tell me a story about a lighthouse.", []), ("What is in the picture?", [make_image(200, 150, seed=1)]),
+               ("Compare the two images.", [make_image(300, 120, seed=4), make_image(64, 200, seed=5)])]
+    served = [infer_http(qserver.http_url, **greedy(text_input=t, image=i) if i else greedy(text_input=t))["output_ids"]
+              for t, i in prompts]
+    assert served != [fp32.generate(t, i, max_tokens=MAX) for t, i in prompts]
+
+
+def _linear_bytes(directory) -> int:
+    """Bytes of the decoder's linear layers (every tensor of a *proj module) in a checkpoint's files."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if key.startswith(("model.layers.", "model.language_model.layers.")) and key.rsplit(".", 2)[-2].endswith("proj"):
+                t = f.get_slice(key)
+                total += math.prod(t.get_shape()) * {"F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1,
+                                                     "BF16": 2, "F16": 2}[t.get_dtype()]
+    return total
+
+
+def test_engine_reports_the_decoder_bytes(case, model_dir):
+    """engine_info names the quantization and the bytes the decoder's linear layers hold.
+    int8_weight_only: ~1/4 of fp32 in memory. W4A16: ~1/7 of fp32 on disk, but in memory as fp32
+    (on CPU transformers' compressed-tensors route dequantizes at load; docs/QUANTIZATION.md)."""
+    kind, directory, srv = case
+    text = requests.get(srv.metrics_url, timeout=10).text
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', re.search(r"^tritonvl_engine_info\{([^}]*)\} 1$", text, re.M)[1]))
+    fp32, held = _linear_bytes(model_dir), int(labels["decoder_linear_bytes"])
+    log = open(srv.log_path, errors="replace").read()
+    if kind == SCHEME:
+        print(f"decoder linear layers: fp32 {fp32} bytes, {SCHEME} in memory {held} bytes ({held / fp32:.3f})")
+        assert labels["quantization"] == SCHEME and "quantization int8_weight_only" in log
+        assert 0.25 <= held / fp32 < 0.32, (held, fp32)  # int8 weights + fp32 biases + one fp32 scale per row
+    else:
+        disk = _linear_bytes(directory)
+        print(f"decoder linear layers: fp32 {fp32} bytes, W4A16 on disk {disk} ({disk / fp32:.3f}), "
+              f"in memory {held} ({held / fp32:.3f})")
+        assert labels["quantization"] == "compressed-tensors" and "quantization compressed-tensors" in log
+        assert 0.12 <= disk / fp32 < 0.2, (disk, fp32)  # 4-bit weights + an fp32 scale per 32 + fp32 biases
+        assert held >= fp32  # dequantized (+ the scales kept beside)
+
+
+def test_serve_exits_on_a_broken_quantization_config(model_dir, tmp_path):
+    """A checkpoint whose config.json has a quantization_config without quant_method: the llm model's
+    load fails naming it, and `tritonvl serve` exits non-zero."""
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["quantization_config"] = {"bits": 4}
+    (broken / "config.json").write_text(json.dumps(config))
+    from tritonvl.handlers.tools.launcher import free_port
+
+    cmd = [sys.executable, "-m", "tritonvl.client.cli", "serve", "--model", str(broken),
+           "--http-port", str(free_port()), "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "quantization_config has no quant_method" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]

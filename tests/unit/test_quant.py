@@ -1,0 +1,146 @@
+"""handlers/quant.py: which schemes each device runs, what a quantized checkpoint must say, and that
+quantize-at-load touches only the decoder's linear layers (docs/QUANTIZATION.md)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+
+import pytest
+
+from tritonvl.handlers import quant
+from tritonvl.handlers.quant import QuantizationError
+
+
+def test_none_and_int8_run_on_cpu():
+    quant.check_scheme("none", "cpu")
+    pytest.importorskip("torchao")
+    quant.check_scheme("int8_weight_only", "cpu")
+
+
+@pytest.mark.parametrize("scheme, words", [("int4_weight_only", ["int4_weight_only", "device cpu", "int8_weight_only"]),
+                                           ("fp8", ["fp8", "device cpu", "8.9", "int8_weight_only"])])
+def test_schemes_without_a_cpu_kernel_are_refused_naming_the_device(scheme, words):
+    pytest.importorskip("torchao")
+    with pytest.raises(QuantizationError) as e:
+        quant.check_scheme(scheme, "cpu")
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_a_missing_torchao_is_named_with_what_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    with pytest.raises(QuantizationError, match=r"needs torchao: pip install 'tritonvl\[quant\]'"):
+        quant.check_scheme("int8_weight_only", "cpu")
+
+
+def _with_config(model_dir, tmp_path, quantization_config=None, raw: str | None = None):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
+    (d / "config.json").write_text(raw if raw is not None else json.dumps(config))
+    return str(d)
+
+
+CT = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+      "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int"}}}}
+
+
+def test_plain_checkpoint_has_no_quantization(model_dir):
+    assert quant.check_checkpoint(str(model_dir), "cpu") is None
+    assert quant.check_checkpoint(str(model_dir), "cpu", "int8_weight_only") is None
+
+
+@pytest.mark.parametrize("qc, message", [
+    ("awq", "quantization_config is str, not an object"),
+    ({"bits": 4}, "quantization_config has no quant_method"),
+    ({"quant_method": "bitsandbytes_9bit"}, "quant_method 'bitsandbytes_9bit' in .* is not supported; tritonvl loads "
+                                            "compressed-tensors, gptq, awq"),
+    ({"quant_method": "compressed-tensors"}, "compressed-tensors quantization_config has no config_groups"),
+    ({**CT, "config_groups": {"g": {"weights": {"type": "nf4"}}}}, "weights type 'nf4' is not int or float"),
+])
+def test_broken_or_unknown_quantization_configs_are_named(model_dir, tmp_path, qc, message):
+    d = _with_config(model_dir, tmp_path, qc)
+    with pytest.raises(QuantizationError, match=message):
+        quant.check_checkpoint(d, "cpu")
+
+
+def test_unreadable_config_json(model_dir, tmp_path):
+    d = _with_config(model_dir, tmp_path, raw='{"quantization_config": {')
+    with pytest.raises(QuantizationError, match="cannot read it as JSON"):
+        quant.check_checkpoint(d, "cpu")
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_gptq_and_awq_without_their_library_say_what_to_install(model_dir, tmp_path, method):
+    if importlib.util.find_spec("gptqmodel") is not None:
+        pytest.skip("gptqmodel is installed here")
+    d = _with_config(model_dir, tmp_path, {"quant_method": method, "bits": 4, "group_size": 128})
+    with pytest.raises(QuantizationError, match=f"quant_method '{method}' needs the gptqmodel library, which is "
+                                                "not installed: pip install 'gptqmodel==7.7.0'"):
+        quant.check_checkpoint(d, "cpu")
+
+
+def test_compressed_tensors_missing_library(model_dir, tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "compressed_tensors" else real(name, *a))
+    with pytest.raises(QuantizationError, match="needs the compressed-tensors library.*pip install"):
+        quant.check_checkpoint(_with_config(model_dir, tmp_path, CT), "cpu")
+
+
+def test_fp8_checkpoint_on_a_device_without_fp8_and_double_quantization(model_dir, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    fp8 = {**CT, "format": "float-quantized",
+           "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float"},
+                                         "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}}}
+    d = _with_config(model_dir, tmp_path, fp8)
+    assert quant.check_checkpoint(d, "cpu")["quant_method"] == "compressed-tensors"  # CPU: dequantized (torch path)
+    with pytest.raises(QuantizationError, match="group 'group_0' is FP8 .* device npu:0 has no FP8 matmul"):
+        quant.check_checkpoint(d, "npu:0")
+    with pytest.raises(QuantizationError, match="already quantized .* set llm.quantization=none"):
+        quant.check_checkpoint(d, "cpu", "int8_weight_only")
+
+
+def test_quantize_decoder_touches_only_the_decoders_linear_layers(model_dir):
+    pytest.importorskip("torchao")
+    import torch
+
+    from tritonvl.handlers.weights import load_full_model
+
+    model = load_full_model(str(model_dir), "cpu", torch.float32)
+    before = quant.describe(model, "none")
+    lm = model.model.language_model
+    n = quant.quantize_decoder(model, "int8_weight_only", "cpu")
+    assert n == 7 * len(lm.layers)  # q, k, v, o, gate, up, down
+    assert all(type(m.weight).__name__ == "Int8Tensor" for m in lm.modules() if isinstance(m, torch.nn.Linear))
+    assert type(model.lm_head.weight) is torch.nn.Parameter and type(lm.embed_tokens.weight) is torch.nn.Parameter
+    assert all(type(p) is torch.nn.Parameter for p in model.model.visual.parameters())
+    after = quant.describe(model, "int8_weight_only")
+    ratio = after["decoder_linear_bytes"] / before["decoder_linear_bytes"]
+    assert 0.25 <= ratio < 0.32, ratio  # int8 weights, fp32 biases, one scale per row
+    shrunk = before["decoder_weight_bytes"] - after["decoder_weight_bytes"]
+    assert shrunk == before["decoder_linear_bytes"] - after["decoder_linear_bytes"]
+
+
+def test_tensor_bytes_counts_a_subclass_by_its_parts():
+    pytest.importorskip("torchao")
+    import torch
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    lin = torch.nn.Linear(64, 32, bias=False)
+    assert quant.weight_bytes(lin) == 64 * 32 * 4
+    quantize_(lin, Int8WeightOnlyConfig())
+    assert quant.weight_bytes(lin) == 64 * 32 + 32 * (4 + 1)  # int8 data, fp32 scale and int8 zero per row
+
+
+def test_tower_keys_of_a_quantized_tower_are_refused(tmp_path, model_dir):
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    with pytest.raises(QuantizationError, match="the vision tower of .* is quantized .*blocks.0.attn.qkv.weight_packed"):
+        quant.check_tower_keys(str(d), ["blocks.0.attn.qkv.weight_packed", "blocks.0.attn.qkv.weight_scale"])
+    quant.check_tower_keys(str(d), ["blocks.0.attn.qkv.weight", "merger.mlp.0.bias"])
