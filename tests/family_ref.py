@@ -16,17 +16,32 @@ import json
 
 from PIL import Image
 
+# Small frame budgets (a few tokens per frame) keep the tiny models' videos short on CPU: the server's
+# preprocess gets VIDEO (as --set values), the reference's intake the same limits (video_limits()).
+VIDEO = {"video_min_pixels": 4096, "video_max_pixels": 24576, "video_total_pixels": 98304}
+
+
+def video_limits():
+    from tritonvl.handlers.preprocess.video_rules import VideoLimits
+
+    return VideoLimits(min_pixels=VIDEO["video_min_pixels"], max_pixels=VIDEO["video_max_pixels"],
+                       total_pixels=VIDEO["video_total_pixels"])
+
 
 class FamilyReference:
-    def __init__(self, model_dir) -> None:
+    """``dtype``: the weights' (a torch dtype or its name; float32 for the parity tests)."""
+
+    def __init__(self, model_dir, dtype="float32", device: str = "cpu") -> None:
         import torch
         from transformers import AutoModelForImageTextToText, AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         self.torch = torch
+        self.device = device
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.ip = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.cfg = json.loads(open(f"{model_dir}/config.json").read())
         self.merge = self.cfg["vision_config"]["spatial_merge_size"] ** 2
 
@@ -89,7 +104,7 @@ class FamilyReference:
                                   for i, p in enumerate(parts[1:]))
 
     def generate(self, text=None, images=(), videos=(), messages=None, max_tokens: int = 16) -> list[int]:
-        inputs = self.inputs(text, images, videos, messages)
+        inputs = {k: v.to(self.device) for k, v in self.inputs(text, images, videos, messages).items()}
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
         return out[0, inputs["input_ids"].shape[1]:].tolist()

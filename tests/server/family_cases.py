@@ -12,16 +12,12 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from family_ref import FamilyReference
+from family_ref import VIDEO, FamilyReference, video_limits
 from helpers import data_uri, infer_http, joined, make_image, running_server, stream_grpc
 from videos import intake, make_video
 
-from tritonvl.handlers.preprocess.video_rules import VideoLimits
-
 MAX = 10
-# small frame budgets (a few tokens per frame) keep the tiny model's videos short on CPU
-VIDEO = {"video_min_pixels": 4096, "video_max_pixels": 24576, "video_total_pixels": 98304}
-VIDEO_LIMITS = VideoLimits(min_pixels=4096, max_pixels=24576, total_pixels=98304)
+VIDEO_LIMITS = video_limits()  # the server's preprocess gets VIDEO
 CLIP = make_video(n=8, width=112, height=84, fps=8, seed=1)  # 4 frames sampled: 2 temporal patches
 
 
