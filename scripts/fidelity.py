@@ -219,7 +219,7 @@ def versions() -> dict:
         except OSError:
             return ""
     commit = git("rev-parse", "--short", "HEAD") or "?"
-    if git("status", "--porcelain", "--", "handlers", "client", "model_repository"):
+    if git("status", "--porcelain", "--untracked-files=no", "--", "handlers", "client", "model_repository"):
         commit += " + uncommitted changes"
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "tritonvl_commit": commit}
