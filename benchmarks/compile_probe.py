@@ -1,18 +1,19 @@
-"""Does torch.compile (inductor) speed up the decoder's non-attention work on this CPU?
+"""The compiled decode step (llm parameter compile=decode) against the eager engine, and the older
+probe of torch.compile around attention.
 
-The engine's decode step runs HF's Qwen2.5-VL decoder layers eagerly; the profile
-(benchmarks/profile_step.py) puts about 6-9 ms of a bench-preset batch-1 step in rotary, norms and
-the elementwise ops between the GEMMs. This probe takes the model's own layer modules and times,
-alternated in one process, eager against ``torch.compile`` for what surrounds attention in a layer:
+Default (``--mode engine``): two in-process engines (OfflinePipeline) on the same model, one eager,
+one with ``compile=decode`` and ``compile_buckets`` = the measured batch sizes (so each batch runs
+its own bucket, no padding), alternated in one process: N greedy requests of ``--max-tokens``
+(ignore_eos) submitted at once, output tokens / wall seconds (prefill included), the compile time at
+load, and whether both gave the same tokens.
 
-    pre:  input_layernorm -> q/k/v projections -> mRoPE (cos/sin from positions, applied to q and k)
-    post: o_proj + residual -> post_attention_layernorm -> MLP + residual
+    python benchmarks/compile_probe.py --model bench --batches 1,32
+    python benchmarks/compile_probe.py --mode layers --model bench --batches 1,32   # the older probe
 
-over all layers, at decode batch sizes (each a static shape, as a padded bucket would be), and
-checks the compiled outputs are bitwise equal to eager. Attention is left out (it would be the
-custom op in the compiled step).
-
-    python benchmarks/compile_probe.py --model bench --batches 1,8,32
+``--mode layers``: the model's own layer modules, eager against ``torch.compile`` for what surrounds
+attention in a layer (pre: input_layernorm -> q/k/v -> mRoPE; post: o_proj + residual ->
+post_attention_layernorm -> MLP + residual) over all layers, minimum of ``--reps``, and whether the
+compiled outputs are bitwise equal to eager.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ from machine import cpu_model, load  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mode", choices=("engine", "layers"), default="engine")
     ap.add_argument("--model", default="bench")
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=0, help="engine: runs per cell (default 2); layers: timings (30)")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--workloads", default="text,image")
+    ap.add_argument("--buckets", default="", help="engine: compile_buckets (default: --batches); a batch "
+                    "between two buckets runs padded")
     args = ap.parse_args()
+    if args.mode == "engine":
+        return engine(args)
+    args.reps = args.reps or 30
 
     import torch
     import transformers.models.qwen2_5_vl.modeling_qwen2_5_vl as hf
@@ -89,6 +98,67 @@ def main() -> None:
                 comp.append(time.perf_counter() - t)
             e, c = min(eager) * 1e3, min(comp) * 1e3
             print(f"| {b} | {e:.2f} | {c:.2f} | {c / e:.2f} | {compile_s:.0f} | {equal} | {load()} |", flush=True)
+
+
+def engine(args) -> None:
+    import logging
+    import statistics
+
+    import torch
+    from bench import build_model, make_image
+
+    from tritonvl.handlers.preprocess.preprocessor import RawRequest
+    from tritonvl.handlers.tools.offline import OfflinePipeline
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("tritonvl.engine",):
+        logging.getLogger(name).setLevel(logging.INFO)
+    model = build_model(args.model) if args.model in ("tiny", "bench") else args.model
+    batches = [int(x) for x in args.batches.split(",")]
+    reps = args.reps or 2
+    print(f"# {cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} | model {args.model} "
+          f"| load {load()}", flush=True)
+
+    def requests(workload: str, n: int) -> list:
+        return [RawRequest(text_input=f"Request {i}: describe the history of lighthouses in detail.".encode(),
+                           images=[make_image(i)] if workload == "image" else [],
+                           sampling={"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True})
+                for i in range(n)]
+
+    kw = {"max_num_seqs": max(batches), "kv_cache_bytes": 1 << 30}
+    with OfflinePipeline(model, **kw) as eager:
+        t = time.perf_counter()
+        with OfflinePipeline(model, **kw, compile="decode",
+                             compile_buckets=tuple(int(x) for x in (args.buckets or args.batches).split(","))) as comp:
+            load_s = time.perf_counter() - t
+            step = comp.engine.runner.compiled
+            print(f"# compiled buckets {step.buckets}: compile {step.compile_s:.0f} s (load with compile "
+                  f"{load_s:.0f} s) | load {load()}", flush=True)
+            for pipe in (eager, comp):
+                pipe.generate(requests("text", 2))  # warm-up
+            rows = []
+            for workload in args.workloads.split(","):
+                for b in batches:
+                    tps = {"eager": [], "compiled": []}
+                    ids = {}
+                    loads = []
+                    for _ in range(reps):
+                        for name, pipe in (("eager", eager), ("compiled", comp)):  # alternated
+                            t = time.perf_counter()
+                            res = pipe.generate(requests(workload, b))
+                            wall = time.perf_counter() - t
+                            got = [r.token_ids for r in res]
+                            ids.setdefault(name, got)
+                            tps[name].append(sum(map(len, got)) / wall)
+                        loads.append(load().split()[0])
+                    e, c = statistics.median(tps["eager"]), statistics.median(tps["compiled"])
+                    rows.append((workload, b, e, c, ids["eager"] == ids["compiled"], " / ".join(loads)))
+                    print(f"  {workload} b{b}: eager {e:.1f} compiled {c:.1f} tok/s", flush=True)
+            print(f"# compiled steps {step.steps}, eager fallbacks inside the buckets {step.fallbacks}")
+    print("| workload | batch | eager tok/s | compiled tok/s | compiled / eager | same tokens | load (1 min) |")
+    print("|---|---|---|---|---|---|---|")
+    for workload, b, e, c, same, lds in rows:
+        print(f"| {workload} | {b} | {e:.1f} | {c:.1f} | {c / e:.2f} | {same} | {lds} |")
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def buckets_for(requested: tuple[int, ...], max_num_seqs: int) -> list[int]:
 
 
 class CompiledStep:
-    def __init__(self, runner, buckets: list[int], max_model_len: int, cuda_graphs: bool | None = None) -> None:
+    def __init__(self, runner, buckets: list[int], max_model_len: int, static: bool | None = None) -> None:
+        """``static`` None: CUDA graphs where they can be captured (CUDA, triton backend); True off
+        CUDA runs the same static-buffer path uncaptured (tests)."""
         if not buckets:
             raise ValueError("compile: no decode bucket sizes (compile_buckets is empty)")
         self.runner = runner
@@ -74,9 +76,10 @@ class CompiledStep:
             return out.last_hidden_state[0]
 
         self._compiled = torch.compile(decoder, dynamic=False, fullgraph=True, options=dict(INDUCTOR_OPTIONS) or None)
-        if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and runner.backend.name == "triton"
-        self.cuda_graphs = cuda_graphs
+        if static is None:
+            static = self.device.type == "cuda" and runner.backend.name == "triton"
+        self.static = static
+        self.cuda_graphs = static and self.device.type == "cuda"
         self.max_blocks = -(-max_model_len // runner.block_size)
         self._graphs: dict[int, _Graph] = {}
         self.compile_s = 0.0
@@ -96,7 +99,7 @@ class CompiledStep:
         t0 = time.perf_counter()
         for b in self.buckets:
             t = time.perf_counter()
-            if self.cuda_graphs:
+            if self.static:
                 self._graphs[b] = self._capture(b)
             else:
                 parts = [attn.SeqStep(i, 0, 1, [0]) for i in range(b)]  # context of one token, block 0
@@ -122,7 +125,7 @@ class CompiledStep:
         b = self.bucket(rows)
         if b is None:
             return None
-        if self.cuda_graphs:
+        if self.static:
             hidden = self._graphs[b].replay(step, rows)
             self.steps += hidden is not None
             return hidden
@@ -143,18 +146,27 @@ class CompiledStep:
         self.steps += 1
         return hidden[:rows]
 
-    # ---- CUDA graphs (untested: no GPU where this was written) ----
+    # ---- static buffers + CUDA graphs (the capture is untested: no GPU where this was written) ----
     def _capture(self, b: int) -> _Graph:
-        from .attention.triton_lang_decode import paged_decode
-
+        """The bucket's fixed buffers, the compiled decoder run over them, and on CUDA a CUDAGraph of
+        that run. Off CUDA (``static=True``, tests only) the same buffers are run without capture, so
+        the buffer filling and the static attention path are checked on the CPU."""
         runner, dev = self.runner, self.device
+        if dev.type == "cuda" and runner.backend.name == "triton":
+            from .attention.triton_lang_decode import paged_decode as decode
+        else:
+            decode = paged_decode_torch
         static = StaticDecode(runner.kv_cache, runner.block_size,
                               slot_mapping=torch.zeros(b, dtype=torch.long, device=dev),
                               row_src=torch.zeros(b, dtype=torch.long, device=dev),
                               block_tables=torch.zeros(b, self.max_blocks, dtype=torch.int32, device=dev),
-                              kv_lens=torch.ones(b, dtype=torch.int32, device=dev), decode=paged_decode)
+                              kv_lens=torch.ones(b, dtype=torch.int32, device=dev), decode=decode)
         tokens = torch.zeros(b, dtype=torch.long, device=dev)
         positions = torch.zeros(3, 1, b, dtype=torch.long, device=dev)
+        if dev.type != "cuda":
+            with stepping(static, None):
+                out = self._compiled(tokens, positions)
+            return _Graph(None, static, tokens, positions, out, self._compiled)
         with stepping(static, None):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -166,7 +178,7 @@ class CompiledStep:
             with torch.cuda.graph(graph, pool=self._pool()):
                 out = self._compiled(tokens, positions)
         torch.cuda.synchronize()
-        return _Graph(graph, static, tokens, positions, out)
+        return _Graph(graph, static, tokens, positions, out, self._compiled)
 
     def _pool(self):
         if not hasattr(self, "_mempool"):
@@ -175,41 +187,60 @@ class CompiledStep:
 
 
 class _Graph:
-    """One captured decode bucket and its input buffers."""
+    """One decode bucket's input buffers and its captured graph (None off CUDA: run, not replayed)."""
 
-    def __init__(self, graph, static: StaticDecode, tokens, positions, out) -> None:
+    def __init__(self, graph, static: StaticDecode, tokens, positions, out, compiled) -> None:
         self.graph, self.static, self.tokens, self.positions, self.out = graph, static, tokens, positions, out
+        self.compiled = compiled
 
-    def replay(self, step, rows: int) -> torch.Tensor:
+    def replay(self, step, rows: int) -> torch.Tensor | None:
         s, bs = self.static, self.static.block_size
         parts = step.parts
         dev = self.tokens.device
         ends = [p.start + 1 for p in parts]
-        width = max(-(-e // bs) for e in ends)
+        used = [-(-e // bs) for e in ends]
+        width = max(used)
         if width > s.block_tables.shape[1]:
             return None
-        tables = torch.zeros(len(parts), width, dtype=torch.int32)
+        tables = torch.zeros(rows, width, dtype=torch.long)
         for i, p in enumerate(parts):
-            used = -(-ends[i] // bs)
-            tables[i, :used] = torch.tensor(p.block_table[:used], dtype=torch.int32)
+            tables[i, :used[i]] = torch.tensor(p.block_table[:used[i]])
         pos = torch.tensor([p.start for p in parts])
-        slots = tables[torch.arange(rows), pos // bs].long() * bs + pos % bs
-        b = self.tokens.shape[0]
+        slots = tables[torch.arange(rows), pos // bs] * bs + pos % bs
         self.tokens.zero_()
-        self.tokens[:rows] = torch.tensor(step.tokens, device=dev)
+        self.tokens[:rows] = torch.tensor(step.tokens).to(dev)
         self.positions.zero_()
         self.positions[:, 0, :rows] = step.positions.to(dev)
-        s.slot_mapping.fill_(int(slots[0]))
+        s.slot_mapping.fill_(int(slots[0]))  # padding repeats row 0's write (row_src 0): same slot, same values
         s.slot_mapping[:rows] = slots.to(dev)
         s.row_src.zero_()
-        s.row_src[:rows] = torch.arange(rows, device=dev)
+        s.row_src[:rows] = torch.arange(rows).to(dev)
         s.block_tables.zero_()
-        s.block_tables[:rows, :width] = tables.to(dev)
+        s.block_tables[:rows, :width] = tables.to(dev, torch.int32)
         s.kv_lens.zero_()
-        s.kv_lens[:rows] = torch.tensor(ends, dtype=torch.int32, device=dev)
-        del b
-        self.graph.replay()
-        return self.out[:rows].clone()
+        s.kv_lens[:rows] = torch.tensor(ends, dtype=torch.int32).to(dev)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out[:rows].clone()
+        with stepping(s, None):
+            return self.compiled(self.tokens, self.positions)[:rows]
+
+
+def paged_decode_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                       lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """The paged decode kernel's contract in plain torch, static shapes (every block of the table
+    read, masked by ``lens``; a row of length 0 gives zeros): the stand-in for the CPU test of the
+    static path. q [B, H, D]; k/v_cache [num_blocks, block_size, KVH, D]; block_tables [B, W]."""
+    batch, heads, dim = q.shape
+    _, bs, kvh, _ = k_cache.shape
+    idx = block_tables.long()
+    k = k_cache[idx].reshape(batch, -1, kvh, dim).transpose(1, 2)  # [B, KVH, W*bs, D]
+    v = v_cache[idx].reshape(batch, -1, kvh, dim).transpose(1, 2)
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] < lens.long()[:, None]  # [B, W*bs]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None, None, :], scale=scale,
+        enable_gqa=heads != kvh)[:, :, 0]
+    return torch.where((lens > 0)[:, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
 
 
 def _utf8_locale() -> None:
