@@ -36,6 +36,35 @@ def pick_device(kind: str, device_id: int | str, instance_name: str = "", npu_id
     return "cpu"
 
 
+def tp_devices(first: str, size: int, kind: str = "", instance_name: str = "", npu_ids: str = "") -> list[str]:
+    """The devices of an instance's ``size`` tensor-parallel ranks, ``first`` (pick_device's) for rank 0.
+
+    - CPU: every rank on the CPU (gloo; for tests).
+    - CUDA, KIND_GPU: the GPU Triton gave the instance and the next ``size - 1`` (list one GPU per
+      instance in the group's ``gpus``: 0, 2, ... for size 2).
+    - CUDA otherwise (``device`` cuda with KIND_MODEL/KIND_CPU): instance k takes GPUs k*size .. k*size+size-1.
+    - Ascend: instance k takes ``npu_device_ids`` k*size .. k*size+size-1 (all NPUs from 0 when unset).
+    """
+    if size <= 1:
+        return [first]
+    kind_type, _, index = first.partition(":")
+    if kind_type == "cpu":
+        return ["cpu"] * size
+    k = instance_index(instance_name)
+    if kind_type == "npu":
+        ids = [s.strip() for s in (npu_ids or "").split(",") if s.strip()]
+        if not ids:
+            return [f"npu:{k * size + r}" for r in range(size)]
+        if (k + 1) * size > len(ids):
+            raise ValueError(f"tensor_parallel_size {size}: instance {k} needs npu_device_ids {k * size}.."
+                             f"{(k + 1) * size - 1}, but only {len(ids)} are listed")
+        return [f"npu:{ids[k * size + r]}" for r in range(size)]
+    base = int(index or 0)
+    if (kind or "").upper().removeprefix("KIND_") != "GPU":
+        base = k * size
+    return [f"{kind_type}:{base + r}" for r in range(size)]
+
+
 def cpu_threads(value: str, share: float = 1.0) -> int:
     """The ``num_threads`` parameter: a count, 0 for torch's default (one per core), or ``auto`` for
     ``share`` of the cores (at least 1)."""

@@ -322,6 +322,11 @@ class LLMParams(DeviceParams):
         ListOf(Int(1)), "1,2,4,8,16,32,64", "decode batch sizes compiled when compile=decode (those up to the "
         "first >= max_num_seqs); a batch is padded to the next one"
     )
+    tensor_parallel_size: int = param(
+        Int(1), "1", "ranks the decoder is sharded over (torch.distributed: NCCL on CUDA, HCCL on Ascend, gloo on "
+        "CPU); each instance takes this many devices of its own; heads and KV heads must divide by it "
+        "(docs/DEVICES.md)"
+    )
     grammar_compile_timeout_s: float = param(
         Float(0, open_min=True), "30", "a structured-output grammar still compiling after this fails its request "
         "(docs/STRUCTURED.md)"

@@ -28,6 +28,7 @@ from tritonvl.handlers.engine.sequence import Sequence, stop_ids_for
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
 from tritonvl.handlers.engine.textstream import OutputStream
 from tritonvl.handlers.engine.visual import content_keys, image_spans, timed_spans
+from tritonvl.handlers.devices import tp_devices
 from tritonvl.handlers.metrics import NullSink
 from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.options import fit_to_context
@@ -49,12 +50,15 @@ class SeqState:
 
 class LLMEngine:
     def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype, params: LLMParams,
-                 metrics=None) -> None:
-        """``params``: the llm model's typed parameters (handlers/params.py), taken whole."""
+                 metrics=None, devices: tuple[str, ...] = ()) -> None:
+        """``params``: the llm model's typed parameters (handlers/params.py), taken whole. ``devices``:
+        one per tensor-parallel rank (``device`` first) when ``tensor_parallel_size`` > 1."""
         p = params
         self.info, self.tokenizer, self.device = info, tokenizer, device
         self.runner = ModelRunner(model_dir, info, device, dtype, p.kv_cache_bytes or 0, p.block_size,
-                                  p.attention_backend, p.kv_cache_fraction, quantization=p.quantization)
+                                  p.attention_backend, p.kv_cache_fraction, quantization=p.quantization,
+                                  tp_devices=tuple(devices or tp_devices(device, p.tensor_parallel_size))
+                                  if p.tensor_parallel_size > 1 else ())
         block_size = self.runner.block_size
         capacity = self.runner.num_blocks * block_size
         self.declared_max_len = p.max_model_len or info.max_position_embeddings  # before the KV cache's cap
@@ -91,7 +95,8 @@ class LLMEngine:
                 "dtype": str(self.runner.dtype).removeprefix("torch."), "block_size": cfg.block_size,
                 "num_blocks": cfg.num_blocks, "max_model_len": cfg.max_model_len, "max_num_seqs": cfg.max_num_seqs,
                 "max_num_batched_tokens": cfg.max_num_batched_tokens,
-                "prefix_caching": str(cfg.enable_prefix_caching).lower(), **self.runner.weights}
+                "prefix_caching": str(cfg.enable_prefix_caching).lower(), **self.runner.weights,
+                **({"tensor_parallel_size": self.runner.tp.size} if self.runner.tp else {})}
 
     # ---- called from Triton's threads ----
     def submit(self, job: Job) -> None:
@@ -117,6 +122,7 @@ class LLMEngine:
         self._stop.set()
         self.intake.put(None)
         self.thread.join(timeout=drain_seconds + 10)
+        self.runner.close()  # tensor-parallel workers stop (parallel.py)
 
     # ---- the engine thread ----
     def _loop(self) -> None:
@@ -128,6 +134,8 @@ class LLMEngine:
                 self._reap_cancelled()
                 if self.scheduler.has_work():
                     self.step()
+                else:
+                    self.runner.keepalive()  # tensor-parallel workers hear from rank 0 while idle
                 self.stats.publish(self.intake.qsize() + len(self._grammar_wait or ()), force=busy)
             except Exception as exc:  # a fault in a step: fail what is in flight, keep serving
                 log.exception("engine step failed")
@@ -155,6 +163,8 @@ class LLMEngine:
                 return
             if self._drain_at:
                 raise Unavailable("the server is shutting down")
+            if self.runner.broken:  # a tensor-parallel rank failed: no step can run any more
+                raise Unavailable(self.runner.broken)
             job.check(self.info)
             n = int(job.input_ids.shape[0])
             params = job.options.sampling

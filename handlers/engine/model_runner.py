@@ -21,6 +21,7 @@ from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.weights import load_full_model
 
 from . import attention as attn
+from . import parallel
 from .visual import grid_kinds, mm_token_types
 
 
@@ -58,6 +59,17 @@ class PackedStep:
             if inputs.deepstack is not None:
                 self.deep_src.append(inputs.deepstack[lo:hi])
 
+    def to_wire(self) -> dict:
+        """What a tensor-parallel worker needs to run this step's forward (CPU tensors, picklable)."""
+        return {"positions": self.positions, "tokens": self.tokens, "parts": self.parts,
+                "visual_rows": [t.cpu() for t in self.visual_rows], "visual_src": [t.cpu() for t in self.visual_src],
+                "deep_src": [t.cpu() for t in self.deep_src]}
+
+    @classmethod
+    def from_wire(cls, wire: dict, device) -> PackedStep:
+        return cls(wire["positions"], wire["tokens"], wire["parts"], wire["visual_rows"],
+                   [t.to(device) for t in wire["visual_src"]], [t.to(device) for t in wire["deep_src"]])
+
 
 class ModelRunner:
     """``kv_cache_bytes`` 0: ``kv_cache_fraction`` of the device memory free once the weights are
@@ -67,12 +79,25 @@ class ModelRunner:
 
     def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
                  block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5,
-                 quantization: str = "none") -> None:
+                 quantization: str = "none", tp: parallel.TPGroup | None = None,
+                 tp_devices: tuple[str, ...] = ()) -> None:
         self.info, self.device, self.dtype = info, device, dtype
-        chosen = attn.select(attention, device, dtype, info.num_heads, info.num_kv_heads, info.head_dim, block_size)
+        size = tp.size if tp else max(len(tp_devices), 1)  # tensor parallelism: engine/parallel.py
+        parallel.check_size(info.family, info.num_heads, info.num_kv_heads, size, quantization)
+        chosen = attn.select(attention, device, dtype, info.num_heads // size, info.num_kv_heads // size,
+                             info.head_dim, block_size)
         self.backend, self.block_size = chosen.backend, chosen.block_size
         block_size = chosen.block_size
-        model = load_full_model(model_dir, device, dtype, quantization)
+        self.tp = tp
+        if size > 1 and tp is None:  # rank 0: start the other ranks, which load beside it
+            self.tp = parallel.TPGroup.launch(list(tp_devices), {
+                "model_dir": model_dir, "dtype": str(dtype).removeprefix("torch."), "kv_cache_bytes": kv_cache_bytes,
+                "block_size": block_size, "attention": chosen.backend.name, "kv_cache_fraction": kv_cache_fraction,
+                "num_threads": torch.get_num_threads()})
+        if self.tp is None:
+            model = load_full_model(model_dir, device, dtype, quantization)
+        else:
+            model = parallel.load_shard(model_dir, device, dtype, self.tp)
         self.weights = quant.describe(model, quantization)  # llm.quantization and the decoder's bytes
         model.model.visual = None  # the vision_encoder model owns the tower
         self.model = model
@@ -84,12 +109,29 @@ class ModelRunner:
         self.lm.config._attn_implementation = name
         for layer in self.lm.layers:
             layer.self_attn.config._attn_implementation = name
-        per_token = info.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+        per_token = info.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) // size
         if not kv_cache_bytes:
             kv_cache_bytes = free_device_bytes(device, kv_cache_fraction)
         self.num_blocks = max(int(kv_cache_bytes // (per_token * block_size)), 1)
-        self.kv_cache = torch.zeros(2, info.num_layers, self.num_blocks * block_size, info.num_kv_heads,
+        if self.tp is not None:  # every rank's cache holds the same blocks (of its own KV heads)
+            self.num_blocks = self.tp.all_min(self.num_blocks)
+        self.kv_cache = torch.zeros(2, info.num_layers, self.num_blocks * block_size, info.num_kv_heads // size,
                                     info.head_dim, dtype=dtype, device=device)
+
+    def keepalive(self) -> None:
+        """The engine is idle: tensor-parallel workers hear from rank 0 now and then (parallel.py)."""
+        if self.tp is not None:
+            self.tp.keepalive()
+
+    @property
+    def broken(self) -> str | None:
+        """Why this runner cannot run a step any more (a tensor-parallel rank failed), else None."""
+        return self.tp.broken if self.tp is not None else None
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do without them)."""
+        if self.tp is not None:
+            self.tp.close()
 
     # ---- per sequence, once ----
     def prepare(self, input_ids: np.ndarray, visual_embeds: np.ndarray, grid_thw: np.ndarray,
@@ -130,7 +172,11 @@ class ModelRunner:
         """Forward the step; return the ids of the sequences that sample and their logits [n, vocab]
         (a StepLogits: computed when the sampler asks, whole or as each row's argmax)."""
         step = self.pack(batch)
-        hidden = self.forward(step)  # [T, hidden]
+        if self.tp is not None:  # the other ranks run the same step on their shards
+            self.tp.broadcast(("step", step.to_wire()))
+            hidden = self.tp.guard("step", lambda: self.forward(step))
+        else:
+            hidden = self.forward(step)  # [T, hidden]
         if not step.sample_rows:
             return [], None
         return step.sample_ids, StepLogits(self, hidden[torch.tensor(step.sample_rows, device=self.device)])

@@ -1,0 +1,96 @@
+"""The sharding math of handlers/engine/parallel.py: a decoder layer split over two gloo ranks (in
+processes of their own) gives the unsharded layer's output; sizes that do not divide are refused
+naming the numbers; each instance's devices (handlers/devices.py tp_devices)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tritonvl.handlers.devices import tp_devices
+from tritonvl.handlers.engine.parallel import COLWISE, ROWWISE, check_size
+
+TEXT = {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 1, "num_attention_heads": 6,
+        "num_key_value_heads": 2, "vocab_size": 64, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                        "mrope_section": [2, 3, 3]}}
+
+
+def _layer_and_input(seed: int = 0):
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLRotaryEmbedding
+
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLTextConfig(**TEXT)
+    config._attn_implementation = "sdpa"
+    layer = Qwen2_5_VLDecoderLayer(config, 0).eval()
+    for p in layer.parameters():  # not the init's small values: every slice must matter
+        p.data.normal_(0, 0.3)
+    x = torch.randn(1, 7, config.hidden_size)
+    pos = torch.arange(7)[None, None].expand(3, 1, 7)
+    emb = Qwen2_5_VLRotaryEmbedding(config)(x, pos)
+    return layer, x, emb
+
+
+def _rank(rank: int, size: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from types import SimpleNamespace
+
+    from tritonvl.handlers.engine.parallel import shard_decoder
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=size)
+    layer, x, emb = _layer_and_input()
+    shard_decoder(SimpleNamespace(layers=[layer]), rank, size)
+    assert layer.self_attn.q_proj.weight.shape[0] == TEXT["hidden_size"] // size
+    assert layer.self_attn.k_proj.weight.shape[0] == TEXT["hidden_size"] // TEXT["num_attention_heads"] * 2 // size
+    with torch.inference_mode():
+        y = layer(x, position_embeddings=emb)
+    torch.save(y, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_unsharded_layer(tmp_path):
+    layer, x, emb = _layer_and_input()
+    with torch.inference_mode():
+        want = layer(x, position_embeddings=emb)
+    # fork: the ranks inherit the imported modules (a spawn re-imports transformers in each)
+    mp.start_processes(_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "y")), nprocs=2, join=True,
+                       start_method="fork")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"y.{rank}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_plan_is_transformers_own():
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+
+    plan = {k.removeprefix("layers.*."): v for k, v in Qwen2_5_VLTextConfig.base_model_tp_plan.items()}
+    assert {k for k, v in plan.items() if v == "colwise"} == set(COLWISE)
+    assert {k for k, v in plan.items() if v == "rowwise"} == set(ROWWISE)
+
+
+def test_sizes_that_do_not_divide_are_refused_with_the_numbers():
+    check_size("qwen2_5_vl", 6, 2, 2)
+    check_size("qwen2_5_vl", 6, 2, 1)
+    with pytest.raises(ValueError, match="tensor_parallel_size 4 does not divide the model's num_attention_heads 6 "
+                                         "and num_key_value_heads 2"):
+        check_size("qwen2_5_vl", 6, 2, 4)
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide the model's num_key_value_heads 2"):
+        check_size("qwen2_5_vl", 6, 2, 3)
+    with pytest.raises(ValueError, match="Qwen3-VL-MoE"):
+        check_size("qwen3_vl_moe", 4, 2, 2)
+    with pytest.raises(ValueError, match="quantization"):
+        check_size("qwen2_5_vl", 4, 2, 2, "int8_weight_only")
+
+
+def test_each_instance_gets_devices_of_its_own():
+    assert tp_devices("cpu", 2) == ["cpu", "cpu"]
+    assert tp_devices("cuda:0", 1) == ["cuda:0"]
+    # KIND_GPU: Triton's GPU for the instance and the next ones (gpus: [0] and [2] for two instances)
+    assert tp_devices("cuda:2", 2, "KIND_GPU", "llm_1") == ["cuda:2", "cuda:3"]
+    # KIND_MODEL + device cuda: instance k takes k*N .. k*N+N-1
+    assert tp_devices("cuda:0", 2, "KIND_MODEL", "llm_1") == ["cuda:2", "cuda:3"]
+    assert tp_devices("npu:0", 4, "KIND_MODEL", "llm_0") == ["npu:0", "npu:1", "npu:2", "npu:3"]
+    assert tp_devices("npu:4", 2, "KIND_MODEL", "llm_1", "4,5,6,7") == ["npu:6", "npu:7"]
+    with pytest.raises(ValueError, match="only 2 are listed"):
+        tp_devices("npu:4", 2, "KIND_MODEL", "llm_1", "4,5")
