@@ -8,16 +8,18 @@ the systems alternated (fp32, int8, fp32, int8, ...) so that the load drifts ali
     python benchmarks/quant_bench.py                       # bench preset, concurrency 1 and 32
     python benchmarks/quant_bench.py --levels 1,8,32 --max-tokens 64 --reps 3
 
-Per system and level: decode tokens/s (tokens after each request's first / the time from the first
-request's first token to the last request's end; the median over reps), and per system: the resident
-set size after loading (RSS, psutil) and the bytes of the decoder's linear layers (engine_info's
-decoder_linear_bytes). ``uptime``'s load average is printed beside the figures: the machine may be
+Per system and level: generated tokens/s (every request's tokens / the wall time of the batch, its
+~20-token prompts' prefill included; decode dominates at --max-tokens 64; the median over reps), and
+per system: the resident set size after loading and malloc_trim (RSS, psutil), what importing
+torchao adds to it (measured in the fp32 child, where it was not imported yet) and the bytes of the
+decoder's linear layers and of the whole decoder with its embeddings (engine_info's labels). ``uptime``'s load average is printed beside the figures: the machine may be
 shared, so compare the two columns of one run, not runs with each other.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -43,6 +45,7 @@ def child(args) -> None:
 
     model = build_model(args.model) if args.model in ("tiny", "bench") else args.model
     with OfflinePipeline(model, quantization=args.child, max_num_seqs=64) as pipe:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # what loading freed (fp32 copies) back to the OS, in both
         rss = psutil.Process().memory_info().rss
 
         def run(n: int, offset: int) -> list:
@@ -52,15 +55,18 @@ def child(args) -> None:
                 for i in range(offset, offset + n)])
 
         run(2, 10_000)  # warm-up
-        print(json.dumps({"ready": True, "rss": rss, "threads": torch.get_num_threads(),
+        before = psutil.Process().memory_info().rss
+        import torchao  # noqa: F401  (already imported by the int8 child: what its libraries add to RSS)
+        libs = psutil.Process().memory_info().rss - before
+        print(json.dumps({"ready": True, "rss": rss, "torchao_rss": libs, "threads": torch.get_num_threads(),
                           **pipe.engine.runner.weights}), flush=True)
         for line in sys.stdin:
             n = int(line)
+            t = time.perf_counter()
             res = run(n, 100 * n)
+            wall = time.perf_counter() - t
             assert not any(r.error for r in res), [r.error for r in res]
-            tokens = sum(len(r.token_ids) - 1 for r in res)
-            span = max(r.finished for r in res) - min(r.first_token for r in res)
-            print(json.dumps({"level": n, "decode_tps": tokens / span,
+            print(json.dumps({"level": n, "decode_tps": sum(len(r.token_ids) for r in res) / wall,
                               "ids": [r.token_ids for r in res]}), flush=True)
 
 
@@ -112,10 +118,11 @@ def main() -> int:
     print("| | fp32 | int8_weight_only | ratio |\n|---|---:|---:|---:|")
     for n in levels:
         a, b = statistics.median(tps[("none", n)]), statistics.median(tps[("int8_weight_only", n)])
-        print(f"| decode tokens/s, concurrency {n} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
+        print(f"| generated tokens/s, concurrency {n} | {a:.1f} | {b:.1f} | {b / a:.2f} |")
     a, b = info["none"], info["int8_weight_only"]
     print(f"| resident memory after load (RSS) | {a['rss'] / 2**20:.0f} MiB | {b['rss'] / 2**20:.0f} MiB | "
           f"{b['rss'] / a['rss']:.2f} |")
+    print(f"| of which torchao's libraries | - | {a['torchao_rss'] / 2**20:.0f} MiB | |")
     print(f"| decoder linear layers | {a['decoder_linear_bytes'] / 2**20:.1f} MiB | "
           f"{b['decoder_linear_bytes'] / 2**20:.1f} MiB | {b['decoder_linear_bytes'] / a['decoder_linear_bytes']:.2f} |")
     print(f"| decoder with embeddings | {a['decoder_weight_bytes'] / 2**20:.1f} MiB | "
