@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """What fits on one device: Qwen VL weights + KV cache per token, from each model's config.json.
 
-Each Triton instance of `vision_encoder` + `llm` holds the whole model on ONE device (no tensor or
-pipeline parallelism): a model fits a device only if its weights, a working reserve and a useful KV
-cache do. The shapes below are the published config.json values of the Instruct checkpoints.
+Each Triton instance of `vision_encoder` + `llm` holds the whole model on ONE device unless
+`llm.tensor_parallel_size` splits the decoder over several (the last table, `--tp`): a model fits a
+device only if its weights, a working reserve and a useful KV cache do. The shapes below are the published config.json values of the Instruct checkpoints.
 
     python scripts/sizing.py                          # the table (bf16)
     python scripts/sizing.py --config DIR/config.json --device-gib 80   # your own model / device
     python scripts/sizing.py --config DIR/config.json --weight-bits 4    # its decoder in 4-bit weights
+    python scripts/sizing.py --config DIR/config.json --tp 4             # per device with llm.tensor_parallel_size 4
     python scripts/sizing.py --write docs/DEPLOY.md   # regenerate the table in the doc
     python scripts/sizing.py --check docs/DEPLOY.md   # exit 1 if the doc's table is stale
 """
@@ -78,6 +79,11 @@ class Shape:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes  # K and V, every layer
 
+    def layer_params(self) -> int:
+        """All decoder layers' parameters (what tensor parallelism splits)."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        return self.layers * ((h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * self.intermediate + 2 * h)
+
 
 # Published config.json values (Qwen/Qwen2.5-VL-{3B,7B,32B,72B}-Instruct). The vision tower is the
 # same in all four (depth 32, hidden 1280, intermediate 3420, 16 heads); only its output width differs.
@@ -116,6 +122,8 @@ class Counted:
     kv_heads: int
     head_dim: int
     linear: tuple = ()  # (out, in) of the decoder layers' linear weights (experts included)
+    layers_total: int = 0  # parameters of the decoder layers (what tensor parallelism splits)
+    heads: int = 0
 
     def params(self) -> int:
         return self.total
@@ -125,6 +133,9 @@ class Counted:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+    def layer_params(self) -> int:
+        return self.layers_total
 
 
 def count_config(path: str) -> Counted:
@@ -143,7 +154,8 @@ def count_config(path: str) -> Counted:
         if p.dim() >= 2 and not name.endswith(("norm.weight", "gate.weight")):
             linear += [tuple(p.shape[-2:])] * (p.shape[0] if p.dim() == 3 else 1)
     return Counted(Path(path).parent.name or "model", sum(p.numel() for p in model.parameters()),
-                   text.num_hidden_layers, text.num_key_value_heads, head_dim, tuple(linear))
+                   text.num_hidden_layers, text.num_key_value_heads, head_dim, tuple(linear),
+                   sum(p.numel() for p in layers.parameters()), text.num_attention_heads)
 
 
 # Quantized decoders (docs/QUANTIZATION.md): bits per weight of the decoder layers' linear layers.
@@ -201,6 +213,62 @@ def fit(shape: Shape, device_gib: float, dtype: str = "bfloat16", reserve_gib: f
             "kv_tokens": tokens, "sequences": tokens // context, "verdict": verdict}
 
 
+# Tensor parallelism (llm.tensor_parallel_size, docs/DEVICES.md): the decoder layers split over N
+# devices (q/k/v, gate/up by output rows, o/down by input columns; KV heads split too), everything
+# else whole on rank 0's device: vision tower (its vision_encoder instance shares that device, the
+# worst case), embeddings, lm_head, final norm. The same reserve on every device.
+TP_SIZES = (1, 2, 4, 8)
+
+
+def fit_tp(shape, device_gib: float, tp: int, dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB,
+           context: int = CONTEXT, bits: int = 16) -> dict:
+    """fit() for rank 0's device (the fullest) of an instance sharded over ``tp`` devices: its weights,
+    its KV room; ``sequences`` counts whole sequences (every rank holds 1/tp of each token's KV)."""
+    nbytes = DTYPE_BYTES[dtype]
+    total = weight_bytes(shape, nbytes, bits)
+    whole = (shape.params() - shape.layer_params()) * nbytes  # not split: vision, embeddings, lm_head
+    weights = whole + (total - whole) / tp
+    per_token = shape.kv_bytes_per_token(nbytes) / tp
+    kv_room = device_gib * GIB - weights - reserve_gib * GIB
+    tokens = max(int(kv_room // per_token), 0)
+    if weights > device_gib * GIB:
+        verdict = "no: weights exceed the device"
+    elif kv_room <= 0:
+        verdict = "no: weights + reserve exceed the device"
+    elif tokens < context:
+        verdict = f"no: KV for less than one {context // 1024}k sequence"
+    else:
+        verdict = "yes"
+    return {"tensor_parallel_size": tp, "weights_gib_per_device": weights / GIB,
+            "kv_kib_per_token_per_device": per_token / 1024, "kv_gib": max(kv_room, 0) / GIB,
+            "kv_tokens": tokens, "sequences": tokens // context, "verdict": verdict}
+
+
+def tp_table(dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB, context: int = CONTEXT) -> str:
+    """The smallest tensor_parallel_size (dividing heads and KV heads) at which each model fits each
+    device, per decoder weight format."""
+    names = [d for d, _ in DEVICES]
+    lines = ["", f"Devices per llm instance (`llm.tensor_parallel_size`): the smallest size that fits, of "
+             f"{', '.join(map(str, TP_SIZES))} (it must divide the heads and KV heads), and the {context // 1024}k "
+             f"sequences the KV cache then holds. Per device: the decoder layers / N, and on rank 0's device the "
+             f"vision tower, embeddings and lm_head whole. Quantized rows are arithmetic only: "
+             f"tensor_parallel_size > 1 with llm.quantization is refused today (docs/DEVICES.md).", "",
+             "| model | decoder weights | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for shape in MODELS:
+        for bits in (16, 8, 4):
+            cells = []
+            for _, gib in DEVICES:
+                sizes = [n for n in TP_SIZES if shape.heads % n == 0 and shape.kv_heads % n == 0]
+                found = next(((n, f) for n in sizes
+                              if (f := fit_tp(shape, gib, n, dtype, reserve_gib, context, bits))["verdict"] == "yes"),
+                             None)
+                cells.append(f"{found[0]} ({found[1]['sequences']} seq)" if found else "no")
+            label = "bf16" if bits == 16 and dtype == "bfloat16" else dtype if bits == 16 else f"{bits}-bit"
+            lines.append(f"| {shape.name} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB, context: int = CONTEXT) -> str:
     lines = [f"dtype {dtype}; reserve {reserve_gib:g} GiB per device; sequences of {context} tokens.", "",
              "| model | params | weights GiB | KV KiB/token | device | KV GiB | KV tokens | sequences | "
@@ -222,7 +290,7 @@ def table(dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB, context: in
                 f = fit(shape, gib, dtype, reserve_gib, context, bits)
                 lines.append(f"| {shape.name} | {WEIGHT_FORMATS[bits]} | {f['weights_gib']:.1f} | {device} | "
                              f"{f['kv_gib']:.1f} | {f['kv_tokens']:,} | {f['sequences']} | {f['verdict']} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n" + tp_table(dtype, reserve_gib, context)
 
 
 def splice(doc: str, block: str) -> str:
@@ -242,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device-gib", type=float, help="with --config: the device's memory in GiB")
     ap.add_argument("--weight-bits", type=int, default=16, choices=(16, 8, 4),
                     help="with --config: the decoder's linear weights in 8 or 4 bits (a quantized checkpoint)")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="with --config: llm.tensor_parallel_size (the fullest device of the instance)")
     ap.add_argument("--write", metavar="DOC", help="replace the table between the sizing markers in DOC")
     ap.add_argument("--check", metavar="DOC", help="exit 1 if DOC's table differs from this script's")
     args = ap.parse_args(argv)
@@ -249,6 +319,12 @@ def main(argv: list[str] | None = None) -> int:
         shape = count_config(args.config)
         out = {"params": shape.params(), **fit(shape, args.device_gib or 80.0, args.dtype, args.reserve_gib,
                                                args.context, args.weight_bits)}
+        if args.tp > 1:
+            if shape.heads % args.tp or shape.kv_heads % args.tp:
+                raise SystemExit(f"--tp {args.tp} does not divide num_attention_heads {shape.heads} and "
+                                 f"num_key_value_heads {shape.kv_heads}")
+            out = {"params": shape.params(), **fit_tp(shape, args.device_gib or 80.0, args.tp, args.dtype,
+                                                      args.reserve_gib, args.context, args.weight_bits)}
         print(json.dumps(out, indent=1))
         return 0
     block = table(args.dtype, args.reserve_gib, args.context)

@@ -94,3 +94,24 @@ def test_each_instance_gets_devices_of_its_own():
     assert tp_devices("npu:4", 2, "KIND_MODEL", "llm_1", "4,5,6,7") == ["npu:6", "npu:7"]
     with pytest.raises(ValueError, match="only 2 are listed"):
         tp_devices("npu:4", 2, "KIND_MODEL", "llm_1", "4,5")
+
+
+def test_sizing_per_device_with_tensor_parallelism():
+    """scripts/sizing.py fit_tp: size 1 is fit(); N splits the decoder layers and the KV per token."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "scripts" / "sizing.py"
+    spec = importlib.util.spec_from_file_location("tritonvl_sizing_tp", path)
+    sizing = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sizing  # its dataclasses look their module up
+    spec.loader.exec_module(sizing)
+    m72 = next(s for s in sizing.MODELS if s.name == "Qwen2.5-VL-72B")
+    one, two = sizing.fit(m72, 139.8), sizing.fit_tp(m72, 139.8, 1)
+    assert one["weights_gib"] == pytest.approx(two["weights_gib_per_device"]) and one["verdict"] == two["verdict"]
+    tp2 = sizing.fit_tp(m72, 139.8, 2)
+    whole = (m72.params() - m72.layer_params()) * 2 / 2**30
+    assert tp2["weights_gib_per_device"] == pytest.approx(whole + (one["weights_gib"] - whole) / 2)
+    assert tp2["kv_kib_per_token_per_device"] == pytest.approx(one["kv_kib_per_token"] / 2)
+    assert one["verdict"] != "yes" and tp2["verdict"] == "yes"
