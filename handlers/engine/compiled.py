@@ -139,6 +139,8 @@ class CompiledStep:
             with stepping(meta, self.backend_fn), torch.compiler.set_stance("fail_on_recompile"):
                 hidden = self._compiled(tokens.to(dev), positions.to(dev))
         except RuntimeError as exc:  # a guard failed: never compile on the request path
+            if "recompile" not in str(exc).lower():
+                raise
             self.fallbacks += 1
             if self.fallbacks == 1:
                 log.warning("compiled decode step: batch %d ran eager (%s)", rows, str(exc).splitlines()[0])
@@ -222,7 +224,7 @@ class _Graph:
         if self.graph is not None:
             self.graph.replay()
             return self.out[:rows].clone()
-        with stepping(s, None):
+        with stepping(s, None), torch.compiler.set_stance("fail_on_recompile"):
             return self.compiled(self.tokens, self.positions)[:rows]
 
 
