@@ -208,20 +208,72 @@ def check_checkpoint(model_dir: str, device, scheme: str = "none") -> dict | Non
     return q
 
 
-def prepare_loaded(model) -> None:
-    """After transformers loaded a quantized checkpoint: compressed-tensors keeps packed weights until
-    the model's first forward (a pre-hook on the whole model), which the engine never calls (it runs
-    the decoder's layers): decompress the decoder's quantized layers now, as that hook would (its
-    torch path: int weights dequantized to the load dtype; activation schemes stay in the layers'
-    forward). The vision tower is left alone (the vision_encoder model loads its own)."""
+def prepare_loaded(model, per_layer: bool = True) -> int:
+    """After transformers loaded a quantized checkpoint: compressed-tensors keeps the compressed
+    tensors (packed int4, int8 or fp8 weights, scales, zero points) until the model's first forward,
+    where a pre-hook on the whole model decompresses every layer to full-size weights; the engine never
+    calls that forward (it runs the decoder's layers). ``per_layer`` (the default): each of the
+    decoder's quantized linear layers keeps its compressed tensors and dequantizes its weight in its
+    own forward (``_dequantize_per_layer``), so the decoder's linear layers hold ~1/6 (W4A16) or ~1/4
+    (W8A8, FP8) of fp32's bytes. ``per_layer=False``: decompress them now, as that hook would (the
+    speed comparison in docs/BENCHMARKS.md). Either way the hook is removed and a quantized lm_head is
+    decompressed. The vision tower is left alone (the vision_encoder model loads its own). Returns how
+    many layers dequantize per forward."""
     quantizer = getattr(model, "hf_quantizer", None)
     compressor = getattr(quantizer, "compressor", None)
     if compressor is None or not hasattr(model, "ct_decompress_hook"):
-        return
-    compressor.decompress_model(model.model.language_model)
+        return 0
+    decoder = model.model.language_model
+    n = 0
+    if per_layer:
+        from compressed_tensors.quantization import QuantizationStatus
+        from compressed_tensors.quantization.utils import is_module_quantized
+
+        for module in decoder.modules():
+            if (is_module_quantized(module) and isinstance(module, __import__("torch").nn.Linear)
+                    and getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED):
+                _dequantize_per_layer(module, compressor.force_compression_format)
+                n += 1
+    else:
+        compressor.decompress_model(decoder)
     if any(hasattr(m, "weight_packed") for m in model.lm_head.modules()):
         compressor.decompress_model(model.lm_head)
     compressor.remove_decompression_hook(model)
+    return n
+
+
+def _dequantize_per_layer(module, force_format=None) -> None:
+    """Give a compressed-tensors linear layer (still compressed) a forward that dequantizes its weight
+    into a temporary with the library's own decompression for its format (the values decompress_model
+    gives), quantizes its input activations as the library's forward does (W8A8 int8 / FP8 dynamic
+    per-token: ``forward_quantize``, a quantize-dequantize), runs the matmul and drops the temporary."""
+    import types
+
+    import torch
+    from compressed_tensors.compressors.base import BaseCompressor
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.config import CompressionFormat
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+    from compressed_tensors.utils.module import get_direct_state_dict
+
+    scheme = module.quantization_scheme
+    fmt = CompressionFormat(force_format or scheme.format or infer_module_format(type(module), scheme))
+    decompress = BaseCompressor.get_value_from_registry(fmt.value).decompress
+
+    def forward(self, x):
+        enabled = getattr(self, "quantization_enabled", True)
+        state = decompress(get_direct_state_dict(self), scheme)
+        weight = state["weight"]
+        if weight.dtype != x.dtype:
+            weight = weight.to(x.dtype)
+        if enabled and scheme.input_activations:
+            x = forward_quantize(self, x, "input", scheme.input_activations)
+        out = torch.nn.functional.linear(x, weight, state.get("bias", self.bias))
+        if enabled and scheme.output_activations:
+            out = forward_quantize(self, out, "output", scheme.output_activations)
+        return out
+
+    module.forward = types.MethodType(forward, module)
 
 
 # weight names that only a quantized linear layer has (compressed-tensors, GPTQ/AWQ)
