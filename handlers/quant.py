@@ -130,6 +130,24 @@ def describe(model, quantization: str) -> dict:
             "decoder_weight_bytes": weight_bytes(decoder)}
 
 
+def check_backend(backend: str, scheme: str) -> None:
+    """llm.quantization quantizes the engine's decoder; the generate backend (transformers' generate())
+    would silently run the 16/32-bit model: refuse the pair."""
+    if backend == "generate" and scheme != "none":
+        raise QuantizationError(f"llm.quantization={scheme} is applied by the engine backend only; "
+                                "llm.backend=generate would run the unquantized model: set llm.backend=engine "
+                                "or llm.quantization=none")
+
+
+def check_serving(model_dir: str, device, scheme: str = "none", backend: str = "engine") -> dict | None:
+    """Every check the llm model's load makes before reading weights (``tritonvl serve`` runs it before
+    tritonserver starts, so a bad quantization exits at once instead of after every model's load):
+    the scheme on ``device``, the backend, the checkpoint's ``quantization_config``."""
+    check_scheme(scheme, device)
+    check_backend(backend, scheme)
+    return check_checkpoint(model_dir, device, scheme)
+
+
 # ---- quantized checkpoints ----------------------------------------------------------------------
 
 # quant_method -> (the library transformers' loader needs, its import name, the pip requirement)

@@ -125,6 +125,7 @@ def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int,
 
         print("tritonvl: no --model given: serving the embedded tiny random-weight Qwen2.5-VL", flush=True)
         model_dir = str(ensure_default_model())
+    check_quantization(model_dir, repo or default_model_repository(), device)
     server = find_server()
     env = {**os.environ, **server.env, "TRITONVL_MODEL": model_dir}
     env.pop(API_KEY_ENV, None)  # the gateway's key is the gateway's: not in tritonserver's (and our stubs') env
@@ -151,6 +152,30 @@ def _serve(model: str | None, http_port: int, grpc_port: int, metrics_port: int,
     finally:
         if gateway is not None:
             gateway.stop()
+
+
+def check_quantization(model_dir: str, repo: Path, device: str = "") -> None:
+    """Before tritonserver starts: the llm model's quantization (llm.quantization, llm.backend and the
+    checkpoint's quantization_config) passes the checks its load would make (handlers/quant.py) on the
+    device its first instance would get; else exit non-zero with the message (not after every model's load)."""
+    import re
+
+    from tritonvl.handlers import params, quant
+    from tritonvl.handlers.devices import pick_device
+    from tritonvl.handlers.tools.repository import config_parameters
+
+    config = Path(repo) / "llm" / "config.pbtxt"
+    if not config.is_file():
+        return
+    text = config.read_text()
+    p = params.read("llm", config_parameters(text))
+    kind = re.search(r"kind\s*:\s*(KIND_\w+)", text)
+    where = pick_device(kind[1] if kind else "", 0, "", ",".join(map(str, p.npu_device_ids)),
+                        p.device or device or os.environ.get("TRITONVL_DEVICE", ""))
+    try:
+        quant.check_serving(p.model_path or model_dir, where, p.quantization, p.backend)
+    except quant.QuantizationError as e:
+        raise SystemExit(f"tritonvl serve: the llm model would not load: {e}") from None
 
 
 def free_port() -> int:
