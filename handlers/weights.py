@@ -76,7 +76,9 @@ def load_full_model(model_dir: str, device: str, dtype, quantization: str = "non
     quant.check_scheme(quantization, device)
     quant.check_checkpoint(model_dir, device, quantization)
     model = model_class(model_dir, 2).from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    quant.prepare_loaded(model)
+    # compressed-tensors: the decoder's linear layers keep their compressed tensors and dequantize
+    # their weight per forward (the memory saving); lm_head and the tower as the checkpoint stores them
+    per_layer = quant.prepare_loaded(model)
     # quantized layer by layer on its way to the device (torchao moves each linear layer there first):
     # the 16-bit decoder never has to fit the device whole
     quant.quantize_decoder(model, quantization, device)
@@ -84,5 +86,6 @@ def load_full_model(model_dir: str, device: str, dtype, quantization: str = "non
     held = quant.describe(model, quantization)
     quant.log(f"decoder {model_dir}: quantization {held['quantization']}, linear layers "
               f"{held['decoder_linear_bytes'] / 2**20:.2f} MiB, with embeddings "
-              f"{held['decoder_weight_bytes'] / 2**20:.2f} MiB")
+              f"{held['decoder_weight_bytes'] / 2**20:.2f} MiB"
+              + (f"; {per_layer} linear layers dequantize their weight per forward" if per_layer else ""))
     return model

@@ -144,3 +144,54 @@ def test_tower_keys_of_a_quantized_tower_are_refused(tmp_path, model_dir):
     with pytest.raises(QuantizationError, match="the vision tower of .* is quantized .*blocks.0.attn.qkv.weight_packed"):
         quant.check_tower_keys(str(d), ["blocks.0.attn.qkv.weight_packed", "blocks.0.attn.qkv.weight_scale"])
     quant.check_tower_keys(str(d), ["blocks.0.attn.qkv.weight", "merger.mlp.0.bias"])
+
+
+def test_generate_backend_refuses_llm_quantization(model_dir):
+    """llm.backend=generate would run the unquantized model: the llm model's load refuses the pair."""
+    from types import SimpleNamespace
+
+    from tritonvl.handlers import params
+    from tritonvl.handlers.llm.backend import make_backend
+
+    quant.check_backend("generate", "none")
+    quant.check_backend("engine", "int8_weight_only")
+    args = SimpleNamespace(params=params.typed("llm", backend="generate", quantization="int8_weight_only"),
+                           model_dir=lambda: str(model_dir), device=lambda: "cpu")
+    with pytest.raises(QuantizationError, match="llm.quantization=int8_weight_only is applied by the engine "
+                                                "backend only; llm.backend=generate"):
+        make_backend(args)
+
+
+def test_the_llm_load_refuses_a_broken_quantization_config(model_dir, tmp_path):
+    """The llm model's own load (weights.load_full_model) stops on the check before reading weights
+    (tritonvl serve runs the same check before tritonserver starts: tests/server/test_quantized.py)."""
+    from tritonvl.handlers.weights import load_full_model
+
+    d = _with_config(model_dir, tmp_path, {"bits": 4})
+    with pytest.raises(QuantizationError, match="quantization_config has no quant_method"):
+        load_full_model(d, "cpu", None)
+
+
+@pytest.mark.parametrize("sets, qc, message", [
+    ({}, {"bits": 4}, "quantization_config has no quant_method"),
+    ({}, {"quant_method": "bitsandbytes"}, "quant_method 'bitsandbytes' in .* is not supported"),
+    ({"quantization": "int4_weight_only"}, None, "int4_weight_only has no kernel on device cpu"),
+    ({"quantization": "int8_weight_only", "backend": "generate"}, None, "llm.backend=generate"),
+    ({"quantization": "int8_weight_only"}, CT, "is already quantized"),
+])
+def test_serve_checks_quantization_before_tritonserver(model_dir, tmp_path, sets, qc, message):
+    """tritonvl serve's check (launcher.check_quantization) on the repository it would serve: the
+    llm model's parameters (with --set) and the checkpoint, on the llm instance's device."""
+    if "quantization" in sets:
+        pytest.importorskip("torchao")
+    if qc == CT:
+        pytest.importorskip("compressed_tensors")
+    from tritonvl.handlers.tools.launcher import check_quantization, repository_with
+
+    d = _with_config(model_dir, tmp_path, qc)
+    repo = repository_with(tmp_path / "repo", {"llm": sets}) if sets else None
+    from tritonvl.handlers.tools.repository import default_model_repository
+
+    with pytest.raises(SystemExit, match="tritonvl serve: the llm model would not load: .*" + message):
+        check_quantization(d, repo or default_model_repository(), "cpu")
+    check_quantization(str(model_dir), default_model_repository(), "cpu")  # a plain checkpoint, defaults
