@@ -106,10 +106,12 @@ def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
 
 class RowParallelLinear(torch.nn.Module):
     """A row-parallel linear: this rank's input columns, the partial products summed over the group
-    (all-reduce), the bias added once after the sum."""
+    (all-reduce), the bias added once after the sum. ``group``: a ProcessGroup object to reduce over
+    (None: the default group; the unit tests run ranks as threads with groups of their own)."""
 
-    def __init__(self, linear: torch.nn.Linear, rank: int, size: int) -> None:
+    def __init__(self, linear: torch.nn.Linear, rank: int, size: int, group=None) -> None:
         super().__init__()
+        self.group = group
         self.weight = torch.nn.Parameter(_slice(linear.weight.data, 1, rank, size), requires_grad=False)
         self.bias = linear.bias
         self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
@@ -118,11 +120,14 @@ class RowParallelLinear(torch.nn.Module):
         import torch.distributed as dist
 
         out = torch.nn.functional.linear(x, self.weight)
-        dist.all_reduce(out)
+        if self.group is None:
+            dist.all_reduce(out)
+        else:
+            self.group.allreduce([out]).wait()
         return out if self.bias is None else out + self.bias
 
 
-def shard_decoder(lm, rank: int, size: int) -> None:
+def shard_decoder(lm, rank: int, size: int, group=None) -> None:
     """Keep this rank's slice of every decoder layer of ``lm`` (the text model), in place."""
     for layer in lm.layers:
         for path in COLWISE:
@@ -135,7 +140,7 @@ def shard_decoder(lm, rank: int, size: int) -> None:
         for path in ROWWISE:
             parent, name = path.split(".")
             module = getattr(layer, parent)
-            setattr(module, name, RowParallelLinear(getattr(module, name), rank, size))
+            setattr(module, name, RowParallelLinear(getattr(module, name), rank, size, group))
         attn = layer.self_attn
         for attr in ("num_heads", "num_key_value_heads"):  # informative: HF reshapes with -1
             if hasattr(attn, attr):
