@@ -10,7 +10,9 @@ Two ways to a quantized decoder (docs/QUANTIZATION.md):
   transformers' own loader builds the quantized layers through the method's library;
   ``check_checkpoint`` first names what is wrong (an unknown method, a broken config, a missing
   library, a scheme the device cannot run), so the llm model's load stops with that message and
-  not with a traceback from deep inside a loader.
+  not with a traceback from deep inside a loader (``check_serving``: every check, which `tritonvl
+  serve` also runs before tritonserver starts). compressed-tensors layers stay compressed in memory
+  and dequantize per forward (``prepare_loaded``).
 
 ``weight_bytes`` counts what a module's weights hold in memory (the quantized tensors' own parts),
 reported at load (engine_info labels, the log).
@@ -244,11 +246,12 @@ def prepare_loaded(model, per_layer: bool = True) -> int:
     decoder = model.model.language_model
     n = 0
     if per_layer:
+        import torch
         from compressed_tensors.quantization import QuantizationStatus
         from compressed_tensors.quantization.utils import is_module_quantized
 
         for module in decoder.modules():
-            if (is_module_quantized(module) and isinstance(module, __import__("torch").nn.Linear)
+            if (is_module_quantized(module) and isinstance(module, torch.nn.Linear)
                     and getattr(module, "quantization_status", None) == QuantizationStatus.COMPRESSED):
                 _dequantize_per_layer(module, compressor.force_compression_format)
                 n += 1
