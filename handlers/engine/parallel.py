@@ -18,8 +18,8 @@ timeout (TIMEOUT_S) too: a rank gone or stuck ends in an error, never a hang.
 Process hygiene: the rendezvous is a TCPStore on 127.0.0.1 with a port the kernel picks (port 0);
 a worker dies with its stub (PR_SET_PDEATHSIG plus a parent-pid poll), and exits after its load
 failed; rank 0 kills its workers (SIGTERM, then SIGKILL) on stop, on a failed load and when a rank
-failed. A worker's error is written to a private temporary folder, read back by rank 0 for the
-message, and the folder is removed.
+failed. A worker's error goes to rank 0 through the rendezvous store (in rank 0's memory: no file,
+no shared memory) and into the message the requests get.
 
 Test-only fault injection: ``TRITONVL_TEST_TP_FAULT`` = ``load:<rank>`` (that rank raises while
 loading) or ``step:<rank>:<n>`` (that rank raises in its n-th forward). Never set it in production.
@@ -36,7 +36,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import timedelta
@@ -189,7 +188,6 @@ class TPGroup:
     def __init__(self, rank: int, size: int, device: str) -> None:
         self.rank, self.size, self.device = rank, size, device
         self.workers: list[subprocess.Popen] = []
-        self.tmp: str | None = None
         self.broken: str | None = None
         self.last_sent = time.monotonic()
         self._store = None
@@ -203,7 +201,6 @@ class TPGroup:
 
         size = len(devices)
         group = cls(0, size, devices[0])
-        group.tmp = tempfile.mkdtemp(prefix="tritonvl-tp-")
         try:
             if dist_backend(devices[0]) == "gloo":
                 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
@@ -212,13 +209,14 @@ class TPGroup:
             port = group._store.port
             for rank in range(1, size):
                 args = {**worker_args, "rank": rank, "size": size, "port": port, "device": devices[rank],
-                        "parent": os.getpid(), "tmp": group.tmp}
+                        "parent": os.getpid()}
                 cmd = [python_executable(), "-m", WORKER_MODULE, json.dumps(args)]
                 env = {**os.environ, "PYTHONUNBUFFERED": "1"}
                 group.workers.append(subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL))
             group._init(port)
         except BaseException as exc:
-            reason = group.worker_error() or f"{type(exc).__name__}: {exc}"
+            dead = [f"rank {i + 1} exited with {p.poll()}" for i, p in enumerate(group.workers) if p.poll() is not None]
+            reason = group.worker_error() or "; ".join(dead) or f"{type(exc).__name__}: {exc}"
             group.close()
             raise RankFailed(f"tensor-parallel group of {size} did not start: {reason}") from exc
         log.info("tensor parallel: rank 0 of %d on %s, workers %s", size, devices[0],
@@ -226,10 +224,9 @@ class TPGroup:
         return group
 
     @classmethod
-    def join(cls, rank: int, size: int, port: int, device: str, tmp: str) -> TPGroup:
+    def join(cls, rank: int, size: int, port: int, device: str) -> TPGroup:
         """A worker: join rank 0's group."""
         group = cls(rank, size, device)
-        group.tmp = tmp
         if dist_backend(device) == "gloo":
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         group._store = __import__("torch.distributed", fromlist=["TCPStore"]).TCPStore(
@@ -294,19 +291,28 @@ class TPGroup:
         return self.guard("start-up", reduce)
 
     def worker_error(self) -> str | None:
-        """The first error a worker wrote before it exited (None: none)."""
-        if not self.tmp:
+        """The first error a worker told the store before it exited (None: none)."""
+        if self.rank != 0 or self._store is None:
             return None
         for rank in range(1, self.size):
-            path = Path(self.tmp) / f"error-{rank}"
-            if path.is_file():
-                return f"rank {rank}: " + path.read_text().strip().splitlines()[-1]
+            try:
+                if self._store.check([f"error-{rank}"]):
+                    return f"rank {rank}: " + self._store.get(f"error-{rank}").decode(errors="replace")
+            except Exception:  # noqa: BLE001 - no message then; the caller has its own
+                return None
         return None
+
+    def tell_error(self, exc: BaseException) -> None:
+        """A worker: leave its error for rank 0 (worker_error) before it exits."""
+        try:
+            self._store.set(f"error-{self.rank}", f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - rank 0 may be gone
+            pass
 
     # -- teardown --
     def close(self, timeout: float = 5.0) -> None:
-        """Rank 0: tell the workers to stop, then SIGTERM/SIGKILL what is left; remove the temporary
-        folder. Idempotent."""
+        """Rank 0: tell the workers to stop, then SIGTERM/SIGKILL what is left; every rank leaves the
+        process group (its sockets and the store close). Idempotent."""
         import torch.distributed as dist
 
         if self.rank == 0 and self.workers and not self.broken and all(p.poll() is None for p in self.workers):
@@ -334,9 +340,6 @@ class TPGroup:
             except Exception:  # noqa: BLE001
                 pass
         self._store = None
-        if self.rank == 0 and self.tmp:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp = None
 
 
 # ---- the worker process -------------------------------------------------------------------------
@@ -363,7 +366,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def worker_main(args: dict) -> None:
-    rank = args["rank"]
+    rank, group = args["rank"], None
     _die_with_parent(args["parent"])
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     logging.basicConfig(level=logging.INFO, format=f"tritonvl tp rank {rank}: %(message)s")
@@ -375,7 +378,7 @@ def worker_main(args: dict) -> None:
 
         device, dtype = prepare_device(args["device"], args.get("num_threads", 0))
         dtype = parse_dtype(args["dtype"], dtype)
-        group = TPGroup.join(rank, args["size"], args["port"], device, args["tmp"])
+        group = TPGroup.join(rank, args["size"], args["port"], device)
         runner = ModelRunner(args["model_dir"], load_model_info(args["model_dir"]), device, dtype,
                              args["kv_cache_bytes"], args["block_size"], args["attention"],
                              args["kv_cache_fraction"], tp=group)
@@ -394,10 +397,8 @@ def worker_main(args: dict) -> None:
         import traceback
 
         traceback.print_exc()
-        try:
-            (Path(args["tmp"]) / f"error-{rank}").write_text(f"{type(exc).__name__}: {exc}\n")
-        except OSError:
-            pass
+        if group is not None:
+            group.tell_error(exc)
         sys.stderr.flush()
         os._exit(1)
     os._exit(0)
@@ -405,7 +406,7 @@ def worker_main(args: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="a tensor-parallel worker of the llm (started by rank 0)")
-    parser.add_argument("args", help="JSON: rank, size, port, device, parent, tmp and the runner's arguments")
+    parser.add_argument("args", help="JSON: rank, size, port, device, parent and the runner's arguments")
     worker_main(json.loads(parser.parse_args(argv).args))
 
 
