@@ -192,13 +192,8 @@ def shape_from_config(path: str) -> Shape:
                  vis.get("in_chans", vis.get("in_channels", 3)))
 
 
-def fit(shape: Shape, device_gib: float, dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB,
-        context: int = CONTEXT, bits: int = 16) -> dict:
-    """Weights, KV room and a verdict for one instance (vision_encoder + llm) on one device; ``bits``:
-    the decoder's linear weights quantized (the KV cache stays in ``dtype``)."""
-    nbytes = DTYPE_BYTES[dtype]
-    weights = weight_bytes(shape, nbytes, bits)
-    per_token = shape.kv_bytes_per_token(nbytes)
+def _room(weights: float, per_token: float, device_gib: float, reserve_gib: float, context: int):
+    """(KV bytes left on the device, KV tokens they hold, verdict) for ``weights`` bytes on it."""
     kv_room = device_gib * GIB - weights - reserve_gib * GIB
     tokens = max(int(kv_room // per_token), 0)
     if weights > device_gib * GIB:
@@ -209,6 +204,17 @@ def fit(shape: Shape, device_gib: float, dtype: str = "bfloat16", reserve_gib: f
         verdict = f"no: KV for less than one {context // 1024}k sequence"
     else:
         verdict = "yes"
+    return kv_room, tokens, verdict
+
+
+def fit(shape: Shape, device_gib: float, dtype: str = "bfloat16", reserve_gib: float = RESERVE_GIB,
+        context: int = CONTEXT, bits: int = 16) -> dict:
+    """Weights, KV room and a verdict for one instance (vision_encoder + llm) on one device; ``bits``:
+    the decoder's linear weights quantized (the KV cache stays in ``dtype``)."""
+    nbytes = DTYPE_BYTES[dtype]
+    weights = weight_bytes(shape, nbytes, bits)
+    per_token = shape.kv_bytes_per_token(nbytes)
+    kv_room, tokens, verdict = _room(weights, per_token, device_gib, reserve_gib, context)
     return {"weights_gib": weights / GIB, "kv_kib_per_token": per_token / 1024, "kv_gib": max(kv_room, 0) / GIB,
             "kv_tokens": tokens, "sequences": tokens // context, "verdict": verdict}
 
@@ -229,16 +235,7 @@ def fit_tp(shape, device_gib: float, tp: int, dtype: str = "bfloat16", reserve_g
     whole = (shape.params() - shape.layer_params()) * nbytes  # not split: vision, embeddings, lm_head
     weights = whole + (total - whole) / tp
     per_token = shape.kv_bytes_per_token(nbytes) / tp
-    kv_room = device_gib * GIB - weights - reserve_gib * GIB
-    tokens = max(int(kv_room // per_token), 0)
-    if weights > device_gib * GIB:
-        verdict = "no: weights exceed the device"
-    elif kv_room <= 0:
-        verdict = "no: weights + reserve exceed the device"
-    elif tokens < context:
-        verdict = f"no: KV for less than one {context // 1024}k sequence"
-    else:
-        verdict = "yes"
+    kv_room, tokens, verdict = _room(weights, per_token, device_gib, reserve_gib, context)
     return {"tensor_parallel_size": tp, "weights_gib_per_device": weights / GIB,
             "kv_kib_per_token_per_device": per_token / 1024, "kv_gib": max(kv_room, 0) / GIB,
             "kv_tokens": tokens, "sequences": tokens // context, "verdict": verdict}
