@@ -63,7 +63,10 @@ def load_visual(model_dir: str, device: str, dtype):
     if missing or unexpected:
         raise RuntimeError(f"vision weights in {model_dir} do not fit: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    visual = visual.to(device=device, dtype=dtype)
+    # Parameters are already ``dtype`` (_from_config); a cast of the whole module would also turn
+    # the rotary inv_freq buffers (kept float32 by transformers' own loader) into ``dtype``, which in
+    # bfloat16 changes every image's embeddings against transformers'.
+    visual = visual.to(device=device)
     return visual.eval()
 
 
