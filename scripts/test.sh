@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source scripts/env.sh
-exec python3 -m pytest -q "$@"
+exec python3 -m pytest -q --durations=20 "$@"
