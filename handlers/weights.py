@@ -70,14 +70,14 @@ def load_visual(model_dir: str, device: str, dtype):
     return visual.eval()
 
 
-def load_full_model(model_dir: str, device: str, dtype, quantization: str = "none"):
+def load_full_model(model_dir: str, device: str, dtype, quantization: str = "none", backend: str = "engine"):
     """The whole model (transformers' own loader: handles every checkpoint layout, and a quantized
     checkpoint through its method's library); ``quantization`` (llm.quantization): quantize the
-    decoder's linear layers after loading (handlers/quant.py)."""
+    decoder's linear layers after loading (handlers/quant.py). ``backend`` (llm.backend) is checked
+    with it: the same ``check_serving`` that `tritonvl serve` runs before tritonserver starts."""
     from tritonvl.handlers import quant
 
-    quant.check_scheme(quantization, device)
-    quant.check_checkpoint(model_dir, device, quantization)
+    quant.check_serving(model_dir, device, quantization, backend)
     model = model_class(model_dir, 2).from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
     # compressed-tensors: the decoder's linear layers keep their compressed tensors and dequantize
     # their weight per forward (the memory saving); lm_head and the tower as the checkpoint stores them

@@ -20,11 +20,9 @@ def make_backend(model_args, metrics=None):
         raise ValueError("tensor_parallel_size > 1 needs backend engine (generate() runs on one device)")
     if p.backend == "generate":
         from tritonvl.handlers.llm.generate import GenerateBackend
-        from tritonvl.handlers.quant import check_backend
 
-        check_backend(p.backend, p.quantization)  # generate() would run the unquantized model
-
-        return GenerateBackend(model_dir, info, tokenizer, device, dtype)
+        # its load refuses llm.quantization (quant.check_serving: generate() would run the unquantized model)
+        return GenerateBackend(model_dir, info, tokenizer, device, dtype, p.quantization)
     from tritonvl.handlers.engine.engine import LLMEngine
 
     devices = ()

@@ -59,9 +59,10 @@ class _Book(StoppingCriteria):
 
 
 class GenerateBackend:
-    def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype) -> None:
+    def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype,
+                 quantization: str = "none") -> None:
         self.info, self.tokenizer, self.device, self.dtype = info, tokenizer, device, dtype
-        self.model = load_full_model(model_dir, device, dtype)
+        self.model = load_full_model(model_dir, device, dtype, quantization, backend="generate")
         self.model.model.visual = None  # the vision_encoder model owns the tower
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.stopping = threading.Event()
