@@ -20,6 +20,7 @@ import triton_python_backend_utils as pb_utils
 
 from tritonvl.client.rules.errors import InvalidArgument, RequestError, tagged, untagged
 from tritonvl.handlers.devices import pick_device
+from tritonvl.handlers.noise import quiet_library_noise
 from tritonvl.handlers.params import read as read_params
 
 log = logging.getLogger("tritonvl")
@@ -90,6 +91,7 @@ class ModelArgs:
 
     def __init__(self, args: dict, model: str) -> None:
         enable_faulthandler()  # every model's initialize() comes through here first
+        quiet_library_noise()  # before the first model load imports torchao (handlers/noise.py)
         exit_with_server()
         self.config = json.loads(args["model_config"])
         raw = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
