@@ -154,14 +154,22 @@ class Naive:
 class Triton:
     """(B) or (C): the real model repository, with the llm backend chosen by parameter."""
 
-    def __init__(self, model_dir: str, backend: str, extra_params: dict | None = None, log_path: str = "") -> None:
+    def __init__(self, model_dir: str, backend: str, extra_params: dict | None = None, log_path: str = "",
+                 env: dict | None = None) -> None:
+        """``extra_params``: more llm parameters; ``env``: added to tritonserver's environment."""
         from tritonvl.handlers.tools.launcher import ServerProcess, repository_with
 
         self.tmp = tempfile.mkdtemp(prefix="tritonvl-bench-")
         self.log_path = log_path or f"/tmp/tritonvl-bench-{backend}.log"  # never inside self.tmp: it outlives it
-        repo = repository_with(Path(self.tmp) / "model_repository", {"llm": {"backend": backend, **(extra_params or {})}})
-        self.server = ServerProcess(model_dir, repo=repo, log_path=self.log_path).start()
+        try:
+            repo = repository_with(Path(self.tmp) / "model_repository",
+                                   {"llm": {"backend": backend, **(extra_params or {})}})
+            self.server = ServerProcess(model_dir, repo=repo, log_path=self.log_path, env=env).start()
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
         self.url = f"http://{self.server.http_url}/v2/models/qwen2_5_vl/generate"
+        self.grpc_url = self.server.grpc_url
         self.stream, self.pid = True, self.server.proc.pid
 
     def stop(self) -> None:

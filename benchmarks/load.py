@@ -21,11 +21,12 @@ class Record:
     error: str = ""
     input_tokens: int = 0  # the server's num_input_tokens / num_image_tokens (gRPC path only)
     image_tokens: int = 0
+    text: str = ""  # the streamed text_output pieces, joined
 
 
 async def _one(session, url: str, body: dict, stream: bool) -> Record:
     start = time.perf_counter()
-    ttft, tokens = None, 0
+    ttft, tokens, text = None, 0, []
     try:
         if stream:
             async with session.post(url + "_stream", json={**body, "stream": True}) as r:
@@ -42,29 +43,33 @@ async def _one(session, url: str, body: dict, stream: bool) -> Record:
                     if n and ttft is None:
                         ttft = time.perf_counter() - start
                     tokens += n
+                    text.append(event.get("text_output", ""))
         else:
             async with session.post(url, json=body) as r:
                 out = await r.json(content_type=None)
                 if r.status != 200:
                     return Record(False, time.perf_counter() - start, 0, 0, str(out))
                 tokens = out["num_output_tokens"]
+                text.append(out.get("text_output", ""))
     except Exception as exc:  # a failed request is a data point, not a crash
         return Record(False, time.perf_counter() - start, 0, 0, repr(exc))
     latency = time.perf_counter() - start
-    return Record(True, latency, ttft if ttft is not None else latency, tokens)
+    return Record(True, latency, ttft if ttft is not None else latency, tokens, text="".join(text))
 
 
 async def run_load(url: str, bodies: list[dict], concurrency: int, stream: bool) -> tuple[list[Record], float]:
-    """Send every body once with at most ``concurrency`` in flight; return records and wall time."""
+    """Send every body once with at most ``concurrency`` in flight; return records (in the bodies' order)
+    and wall time."""
     queue: asyncio.Queue = asyncio.Queue()
-    for b in bodies:
-        queue.put_nowait(b)
-    records: list[Record] = []
+    for item in enumerate(bodies):
+        queue.put_nowait(item)
+    records: list[Record] = [None] * len(bodies)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as s:
         async def worker():
             while not queue.empty():
-                records.append(await _one(s, url, queue.get_nowait(), stream))
+                i, body = queue.get_nowait()
+                records[i] = await _one(s, url, body, stream)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -99,7 +104,7 @@ async def grpc_one(client, inputs: list, model: str = "qwen2_5_vl") -> Record:
         yield {"model_name": model, "inputs": inputs}
         await done.wait()  # the stream stays open until the final response is in
 
-    start, ttft, tokens, counts = time.perf_counter(), None, 0, {}
+    start, ttft, tokens, counts, text = time.perf_counter(), None, 0, {}, []
     try:
         async for result, error in client.stream_infer(requests()):
             if error is not None:
@@ -108,6 +113,9 @@ async def grpc_one(client, inputs: list, model: str = "qwen2_5_vl") -> Record:
             if ids is not None and ids.size:
                 ttft = ttft or time.perf_counter() - start
                 tokens += ids.size
+            piece = result.as_numpy("text_output")
+            if piece is not None:
+                text += [t if isinstance(t, bytes) else str(t).encode() for t in piece.reshape(-1)]
             for name in ("num_input_tokens", "num_image_tokens"):
                 arr = result.as_numpy(name)
                 if arr is not None:
@@ -120,21 +128,22 @@ async def grpc_one(client, inputs: list, model: str = "qwen2_5_vl") -> Record:
         done.set()
     latency = time.perf_counter() - start
     return Record(True, latency, ttft or latency, tokens, "", counts.get("num_input_tokens", 0),
-                  counts.get("num_image_tokens", 0))
+                  counts.get("num_image_tokens", 0), b"".join(text).decode("utf-8", "replace"))
 
 
 async def run_grpc_load(url: str, bodies: list[dict], concurrency: int) -> tuple[list[Record], float]:
     """``run_load`` over gRPC streaming: each body is a dict of input tensors (``grpc_inputs``)."""
     import tritonclient.grpc.aio as aio
 
-    queue = [grpc_inputs(b) for b in bodies]  # built before the clock starts
+    queue = list(enumerate(grpc_inputs(b) for b in bodies))  # built before the clock starts
     queue.reverse()
-    records: list[Record] = []
+    records: list[Record] = [None] * len(bodies)
     client = aio.InferenceServerClient(url)
     try:
         async def worker():
             while queue:
-                records.append(await grpc_one(client, queue.pop()))
+                i, inputs = queue.pop()
+                records[i] = await grpc_one(client, inputs)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
