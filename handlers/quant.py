@@ -6,8 +6,8 @@ Two ways to a quantized decoder (docs/QUANTIZATION.md):
   ``quantize_`` replaces the weights of the decoder's linear layers (``model.language_model``);
   the vision tower, the embeddings and ``lm_head`` stay as loaded. Each scheme is refused on a
   device without a kernel for it (``check_scheme``), before anything loads.
-- A checkpoint whose config.json has a ``quantization_config`` (compressed-tensors, GPTQ, AWQ):
-  transformers' own loader builds the quantized layers through the method's library;
+- A checkpoint whose config.json has a ``quantization_config``: compressed-tensors through
+  transformers' own loader and the library; GPTQ and AWQ (gemm) read by handlers/packed_quant.py;
   ``check_checkpoint`` first names what is wrong (an unknown method, a broken config, a missing
   library, a scheme the device cannot run), so the llm model's load stops with that message and
   not with a traceback from deep inside a loader (``check_serving``: every check, which `tritonvl
@@ -122,7 +122,7 @@ def describe(model, quantization: str) -> dict:
 
     decoder = model.model.language_model
     linear = sum(weight_bytes(m) for m in decoder.modules() if type(m).__name__ != "Embedding"
-                 and (isinstance(m, torch.nn.Linear) or hasattr(m, "quantization_scheme"))
+                 and (isinstance(m, torch.nn.Linear) or hasattr(m, "quantization_scheme") or hasattr(m, "qweight"))
                  and not list(m.children()))
     q = getattr(model.config, "quantization_config", None)
     if q is not None and not isinstance(q, dict):
@@ -152,11 +152,12 @@ def check_serving(model_dir: str, device, scheme: str = "none", backend: str = "
 
 # ---- quantized checkpoints ----------------------------------------------------------------------
 
-# quant_method -> (the library transformers' loader needs, its import name, the pip requirement)
+# quant_method -> (the library transformers' loader needs, its import name, the pip requirement);
+# None: tritonvl reads the format itself (handlers/packed_quant.py: GPTQ's and AWQ-gemm's int32 packing)
 METHODS = {
     "compressed-tensors": ("compressed-tensors", "compressed_tensors", "compressed-tensors==0.20.0"),
-    "gptq": ("gptqmodel", "gptqmodel", "gptqmodel==7.7.0"),
-    "awq": ("gptqmodel", "gptqmodel", "gptqmodel==7.7.0"),
+    "gptq": None,
+    "awq": None,
 }
 
 
@@ -206,6 +207,18 @@ def check_checkpoint(model_dir: str, device, scheme: str = "none") -> dict | Non
     if method not in METHODS:
         raise QuantizationError(f"quant_method {method!r} in {model_dir}/config.json is not supported; "
                                 f"tritonvl loads {', '.join(METHODS)} (docs/QUANTIZATION.md)")
+    if METHODS[method] is None:
+        from tritonvl.handlers.packed_quant import PackedConfigError, parse_config
+
+        try:
+            parse_config(q)
+        except PackedConfigError as e:
+            raise QuantizationError(f"{model_dir}/config.json: {e}") from e
+        if _device_kind(device) == "npu":
+            raise QuantizationError(f"quant_method {method!r}: tritonvl's {method} unpacking (int32 bit shifts "
+                                    f"per forward) is not tried on device {device}; use a compressed-tensors "
+                                    "W4A16 or W8A8 checkpoint")
+        return q
     dist, module, pip = METHODS[method]
     if importlib.util.find_spec(module) is None:
         raise QuantizationError(f"quant_method {method!r} needs the {dist} library, which is not installed: "
@@ -222,9 +235,6 @@ def check_checkpoint(model_dir: str, device, scheme: str = "none") -> dict | Non
                 raise QuantizationError(f"compressed-tensors config group {name!r} is FP8 "
                                         f"({weights.get('num_bits')}-bit float); device {device} has no FP8 "
                                         "matmul: use an int8 (W8A8) or W4A16 checkpoint")
-    if method in ("gptq", "awq") and kind == "npu":
-        raise QuantizationError(f"quant_method {method!r} has no kernel on device {device} in gptqmodel; "
-                                "use a compressed-tensors W4A16 or W8A8 checkpoint")
     return q
 
 

@@ -77,11 +77,16 @@ def load_full_model(model_dir: str, device: str, dtype, quantization: str = "non
     with it: the same ``check_serving`` that `tritonvl serve` runs before tritonserver starts."""
     from tritonvl.handlers import quant
 
-    quant.check_serving(model_dir, device, quantization, backend)
-    model = model_class(model_dir, 2).from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
-    # compressed-tensors: the decoder's linear layers keep their compressed tensors and dequantize
-    # their weight per forward (the memory saving); lm_head and the tower as the checkpoint stores them
-    per_layer = quant.prepare_loaded(model)
+    q = quant.check_serving(model_dir, device, quantization, backend)
+    if q is not None and q["quant_method"] in ("gptq", "awq"):  # int32-packed: read by tritonvl itself
+        from tritonvl.handlers import packed_quant
+
+        model, per_layer = packed_quant.load_model(model_dir, model_class(model_dir, 2), dtype, q)
+    else:
+        model = model_class(model_dir, 2).from_pretrained(model_dir, dtype=dtype, attn_implementation="sdpa")
+        # compressed-tensors: the decoder's linear layers keep their compressed tensors and dequantize
+        # their weight per forward (the memory saving); lm_head and the tower as the checkpoint stores them
+        per_layer = quant.prepare_loaded(model)
     # quantized layer by layer on its way to the device (torchao moves each linear layer there first):
     # the 16-bit decoder never has to fit the device whole
     quant.quantize_decoder(model, quantization, device)

@@ -5,7 +5,9 @@ on the same model quantized the same way in this process, token for token (text,
 images, a stream); the engine reports what the decoder holds (tritonvl_engine_info labels) and its
 linear layers are ~1/4 of fp32's. A compressed-tensors W4A16 checkpoint: the same parity against
 generate() on it, and its decoder's linear layers stay packed in memory (~0.16 of fp32's; each
-dequantizes its weight per forward). A checkpoint whose quantization_config is broken stops `tritonvl
+dequantizes its weight per forward). GPTQ and AWQ checkpoints (made here by the reference packer):
+greedy output equals generate() on the fake-quantized model, and the decoder's linear layers stay packed
+(~0.15 of fp32's). A checkpoint whose quantization_config is broken stops `tritonvl
 serve` before tritonserver starts, with a message naming it and a non-zero exit.
 """
 
@@ -28,10 +30,17 @@ SCHEME = "int8_weight_only"
 pytest.importorskip("torchao", reason="llm.quantization needs torchao: pip install 'tritonvl[quant]'")
 
 
-@pytest.fixture(scope="module", params=["int8_weight_only", "ct_w4a16"])
+# GPTQ (4-bit sym, v1 zeros, as Qwen's GPTQ-Int4 releases) and AWQ gemm (4-bit asym, as Qwen's AWQ
+# releases), group 32, made by the reference packer in tests/quant_checkpoints.py
+PACKED = {"gptq": {"method": "gptq", "sym": True}, "awq": {"method": "awq"}}
+ORACLES = {}  # kind -> the fake-quantized fp32 checkpoint beside the packed one
+
+
+@pytest.fixture(scope="module", params=["int8_weight_only", "ct_w4a16", "gptq", "awq"])
 def case(request, model_dir, tmp_path_factory):
     """(kind, model dir, server) for quantize-at-load on the fp32 test model, then for a
-    compressed-tensors W4A16 (pack-quantized, group 32) checkpoint made from it here."""
+    compressed-tensors W4A16 (pack-quantized, group 32) checkpoint made from it here, then for GPTQ and
+    AWQ checkpoints made from it here."""
     if shutil.which("tritonserver") is None:
         pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
     kind, where = request.param, tmp_path_factory.mktemp(request.param)
@@ -40,6 +49,10 @@ def case(request, model_dir, tmp_path_factory):
         from quant_checkpoints import make_compressed
 
         directory, overrides = make_compressed(model_dir, where / "w4a16", "W4A16"), None
+    elif kind in PACKED:
+        from quant_checkpoints import make_packed
+
+        (directory, ORACLES[kind]), overrides = make_packed(model_dir, where / kind, **PACKED[kind]), None
     else:
         directory, overrides = model_dir, {"llm": {"quantization": kind}}
     with running_server(directory, where, overrides=overrides) as srv:
@@ -54,11 +67,13 @@ def qserver(case):
 @pytest.fixture(scope="module")
 def ref(case):
     """generate() on the same quantized model in this process: quantized at load by the function the
-    server runs, or the checkpoint through transformers' compressed-tensors loader."""
+    server runs, the checkpoint through transformers' compressed-tensors loader, or (GPTQ, AWQ: no
+    library installs here) the fake-quantized fp32 model the packer wrote: scale * (code - zero) per
+    weight, computed from the codes before packing, so an unpacking error changes the tokens."""
     from tritonvl.handlers import quant
 
     kind, directory, _ = case
-    reference = Reference(str(directory))
+    reference = Reference(str(ORACLES.get(kind, directory)))
     if kind == SCHEME:
         assert quant.quantize_decoder(reference.model, SCHEME, "cpu") > 0
     return reference
@@ -134,6 +149,15 @@ def test_engine_reports_the_decoder_bytes(case, model_dir):
         print(f"decoder linear layers: fp32 {fp32} bytes, {SCHEME} in memory {held} bytes ({held / fp32:.3f})")
         assert labels["quantization"] == SCHEME and "quantization int8_weight_only" in log
         assert 0.25 <= held / fp32 < 0.32, (held, fp32)  # int8 weights + fp32 biases + one fp32 scale per row
+    elif kind in PACKED:
+        disk = _linear_bytes(directory)
+        print(f"decoder linear layers: fp32 {fp32} bytes, {kind} on disk {disk} ({disk / fp32:.3f}), "
+              f"in memory {held} ({held / fp32:.3f})")
+        assert labels["quantization"] == kind and f"quantization {kind}" in log
+        assert "21 linear layers dequantize their weight per forward" in log
+        # 4-bit codes (int32 words) + fp16 scales and zeros per 32 (+ GPTQ's g_idx) + fp16 biases
+        assert 0.13 <= disk / fp32 < 0.17, (disk, fp32)
+        assert 0.13 <= held / fp32 < 0.17 and held <= disk * 1.02, (held, disk, fp32)  # biases cast to fp32
     else:
         disk = _linear_bytes(directory)
         print(f"decoder linear layers: fp32 {fp32} bytes, W4A16 on disk {disk} ({disk / fp32:.3f}), "
