@@ -77,9 +77,9 @@ def instrument(pipe, timers: Timers, steps: list) -> None:
     eng.scheduler.schedule = timers.wrap("schedule", eng.scheduler.schedule)
     runner.pack = timers.wrap("pack", runner.pack)
     runner.forward = timers.wrap("other(fwd)", runner.forward)
-    runner._logits = timers.wrap("lm_head", runner._logits)
-    if hasattr(runner, "_argmax"):  # the fused greedy output layer, called from sampling
-        runner._argmax = timers.wrap("lm_head", runner._argmax)
+    head = runner.head  # the output layer (engine/output_head.py), called from sampling
+    head.logits = timers.wrap("lm_head", head.logits)
+    head.argmax = timers.wrap("lm_head", head.argmax)
     eng.sample = timers.wrap("sampling", eng.sample)
     eng.postprocess = timers.wrap("postprocess", eng.postprocess)
     mr.attn.build_meta = timers.wrap("meta", mr.attn.build_meta)

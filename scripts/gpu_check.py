@@ -127,7 +127,7 @@ def decode_speed(model_dir: Path, device: str, dtype: str, engine_kwargs: dict, 
     runner = pipe.engine.runner
     elt = torch.empty((), dtype=runner.dtype).element_size()
     weight_bytes = sum(p.numel() for p in runner.lm.layers.parameters()) * elt
-    weight_bytes += runner.lm_head.weight.numel() * elt + sum(p.numel() for p in runner.lm.norm.parameters()) * elt
+    weight_bytes += runner.head.weight_bytes + sum(p.numel() for p in runner.lm.norm.parameters()) * elt
     kv_per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * elt
     bw = bandwidth(device)
     rows = []

@@ -22,6 +22,7 @@ from tritonvl.handlers.weights import load_full_model
 
 from . import attention as attn
 from . import parallel
+from .output_head import OutputHead
 from .visual import grid_kinds, mm_token_types
 
 
@@ -102,7 +103,8 @@ class ModelRunner:
         model.model.visual = None  # the vision_encoder model owns the tower
         self.model = model
         self.lm = model.model.language_model
-        self.lm_head = model.lm_head
+        # the output layer (on CPU re-laid in vocabulary blocks; an untied weight released): output_head.py
+        self.head = OutputHead.build(model.lm_head, device, self.lm.embed_tokens)
         # The hop to our attention: every decoder layer now calls the function registered under
         # attn.ATTN_NAME, and run() hands it the step's StepMeta as the ``tvl_meta`` keyword.
         name = attn.register(chosen.fn)
@@ -246,37 +248,6 @@ class ModelRunner:
                          use_cache=False, tvl_meta=meta, **deep).last_hidden_state
         return hidden[0]
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """[n, hidden] -> [n, vocab] float. On CPU, for 2..16 rows, W @ h.T runs MKL's tall GEMM, up to
-        2x faster than F.linear's short-wide one (measured on the tiny model); the result is a view."""
-        w = self.lm_head.weight
-        if h.device.type == "cpu" and 2 <= h.shape[0] <= 16 and getattr(self.lm_head, "bias", None) is None:
-            return torch.mm(w, h.T).T.float()
-        return self.lm_head(h).float()
-
-    def _argmax(self, h: torch.Tensor) -> list[int]:
-        """Each row's argmax of its logits, without the [n, vocab] logits on CPU for 2+ rows: the output
-        layer in vocabulary chunks of ARGMAX_CHUNK rows, each chunk's max kept (the first of equal
-        maxima wins, as torch.argmax). At batch 32 on the bench preset this skips writing and re-reading
-        19 MB of logits (benchmarks/profile_step.py, docs/BENCHMARKS.md)."""
-        w = self.lm_head.weight
-        if h.device.type != "cpu" or h.shape[0] < 2 or getattr(self.lm_head, "bias", None) is not None:
-            return self._logits(h).argmax(dim=-1).tolist()
-        best_v = best_i = None
-        ht = h.T
-        for c0 in range(0, w.shape[0], ARGMAX_CHUNK):
-            v, i = torch.mm(w[c0:c0 + ARGMAX_CHUNK], ht).max(dim=0)  # [n] each
-            if best_v is None:
-                best_v, best_i = v, i
-            else:
-                better = v > best_v
-                best_v = torch.where(better, v, best_v)
-                best_i = torch.where(better, i + c0, best_i)
-        return best_i.tolist()
-
-
-ARGMAX_CHUNK = 4096  # vocabulary rows per GEMM in ModelRunner._argmax (8 MB of fp32 weight at hidden 512)
-
 
 class StepLogits:
     """The logits of a step's sampled rows, computed on demand: ``full()`` [n, vocab] float (what
@@ -288,12 +259,12 @@ class StepLogits:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self._hidden.shape[0], self._runner.lm_head.weight.shape[0]))
+        return torch.Size((self._hidden.shape[0], self._runner.head.vocab))
 
     @torch.inference_mode()
     def full(self) -> torch.Tensor:
         if self._full is None:
-            self._full = self._runner._logits(self._hidden)
+            self._full = self._runner.head.logits(self._hidden)
         return self._full
 
     @torch.inference_mode()
@@ -301,7 +272,7 @@ class StepLogits:
         """Every row's argmax (from the full logits when they were already made)."""
         if self._full is not None:
             return self._full.argmax(dim=-1).tolist()
-        return self._runner._argmax(self._hidden)
+        return self._runner.head.argmax(self._hidden)
 
     def __getitem__(self, index):
         return self.full()[index]

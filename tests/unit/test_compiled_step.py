@@ -107,7 +107,7 @@ def compare_steps(pipe, requests) -> list[tuple[int, float, bool]]:
             hidden_e = forward(s)
         finally:
             runner.compiled = step
-        same = torch.equal(runner._logits(hidden_c).argmax(-1), runner._logits(hidden_e).argmax(-1))
+        same = torch.equal(runner.head.logits(hidden_c).argmax(-1), runner.head.logits(hidden_e).argmax(-1))
         out.append((len(s.parts), float((hidden_c - hidden_e).abs().max()), same))
         return hidden_e
 

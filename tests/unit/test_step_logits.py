@@ -1,6 +1,7 @@
-"""The fused greedy output layer (model_runner.StepLogits / ModelRunner._argmax): every row's argmax
-without the [n, vocab] logits, token-identical to the whole-logits path, ties included; batches of
-plain greedy rows take it, rows with logprobs, penalties or sampling still get whole logits."""
+"""The output layer (engine/output_head.py) and the fused greedy path (model_runner.StepLogits): the
+CPU head re-laid in vocabulary blocks gives the module's own logits and every row's argmax, ties and
+a partial last block included; batches of plain greedy rows never build the whole logits; rows with
+logprobs, penalties or sampling still get them; the engine's tokens are the same either way."""
 
 from __future__ import annotations
 
@@ -10,40 +11,95 @@ import pytest
 import torch
 
 from tritonvl.handlers.engine import model_runner as mr
+from tritonvl.handlers.engine import output_head as oh
 from tritonvl.handlers.engine.sampler import SeqSampler, sample_batch
 from tritonvl.handlers.sampling import SamplingParams
 
 
-def fake_runner(vocab: int, hidden: int, seed: int = 0):
+def linear(vocab: int, hidden: int, seed: int = 0) -> torch.nn.Linear:
     torch.manual_seed(seed)
-    lm_head = torch.nn.Linear(hidden, vocab, bias=False)
-    runner = types.SimpleNamespace(lm_head=lm_head, calls=[])
-    runner._logits = lambda h: (runner.calls.append("full"), mr.ModelRunner._logits(runner, h))[1]
-    runner._argmax = lambda h: (runner.calls.append("argmax"), mr.ModelRunner._argmax(runner, h))[1]
+    return torch.nn.Linear(hidden, vocab, bias=False)
+
+
+def fake_runner(vocab: int, hidden: int, seed: int = 0):
+    head = oh.OutputHead.build(linear(vocab, hidden, seed), "cpu")
+    runner = types.SimpleNamespace(head=head, calls=[])
+    logits, argmax = head.logits, head.argmax
+    head.logits = lambda h: (runner.calls.append("full"), logits(h))[1]
+    head.argmax = lambda h: (runner.calls.append("argmax"), argmax(h))[1]
     return runner
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 32])
-def test_chunked_argmax_equals_whole_logits(rows):
-    vocab = 3 * mr.ARGMAX_CHUNK + 123  # a partial last chunk
-    runner = fake_runner(vocab, 64)
+@pytest.mark.parametrize("vocab", [3 * oh.BLOCK + 123, 2 * oh.BLOCK, oh.BLOCK - 5])  # partial tail, none, no block
+def test_blocked_head_equals_the_module(rows, vocab):
+    lin = linear(vocab, 64)
     h = torch.randn(rows, 64)
     with torch.inference_mode():
-        want = mr.ModelRunner._logits(runner, h).argmax(dim=-1).tolist()
-        assert mr.ModelRunner._argmax(runner, h) == want
+        want = lin(h)
+        head = oh.OutputHead.build(lin, "cpu")
+        assert isinstance(head, oh.BlockedHead)
+        got = head.logits(h)
+        assert got.shape == (rows, vocab)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert head.argmax(h) == got.argmax(dim=-1).tolist()  # the same products, the same ids
 
 
-def test_ties_across_chunks_give_the_first_index():
-    vocab = 2 * mr.ARGMAX_CHUNK + 10
-    runner = fake_runner(vocab, 16)
+def test_blocked_head_greedy_ids_equal_the_modules():
+    lin = linear(3 * oh.BLOCK + 7, 32, seed=1)
+    h = torch.randn(16, 32)
+    with torch.inference_mode():
+        want = lin(h).argmax(dim=-1).tolist()
+        assert oh.OutputHead.build(lin, "cpu").argmax(h) == want
+
+
+def test_ties_across_blocks_and_the_tail_give_the_first_index():
+    lin = linear(2 * oh.BLOCK + 10, 16)
     with torch.no_grad():
-        w = runner.lm_head.weight
+        w = lin.weight
         w.mul_(0.01)
-        w[5] = w[mr.ARGMAX_CHUNK + 5] = w[2 * mr.ARGMAX_CHUNK + 1] = 1.0  # the same maximum in three chunks
+        w[oh.BLOCK + 5] = w[5] = w[2 * oh.BLOCK + 1] = 1.0  # the same maximum in two blocks and the tail
     h = torch.ones(3, 16)
     with torch.inference_mode():
-        assert mr.ModelRunner._argmax(runner, h) == [5, 5, 5]
-        assert mr.ModelRunner._logits(runner, h).argmax(dim=-1).tolist() == [5, 5, 5]
+        head = oh.OutputHead.build(lin, "cpu")
+        assert head.argmax(h) == [5, 5, 5]
+        assert head.logits(h).argmax(dim=-1).tolist() == [5, 5, 5]
+
+
+def test_tail_wins_when_strictly_greater():
+    lin = linear(oh.BLOCK + 10, 16)
+    with torch.no_grad():
+        lin.weight.mul_(0.01)
+        lin.weight[oh.BLOCK + 3] = 1.0
+    with torch.inference_mode():
+        assert oh.OutputHead.build(lin, "cpu").argmax(torch.ones(2, 16)) == [oh.BLOCK + 3] * 2
+
+
+def test_untied_weight_released_tied_kept_other_devices_untouched():
+    lin = linear(oh.BLOCK + 1, 8)
+    oh.OutputHead.build(lin, "cpu")
+    assert lin.weight is None  # the blocks are the only copy
+    emb = torch.nn.Embedding(oh.BLOCK + 1, 8)
+    tied = linear(oh.BLOCK + 1, 8)
+    tied.weight = emb.weight
+    head = oh.OutputHead.build(tied, "cpu", emb)
+    assert isinstance(head, oh.BlockedHead) and tied.weight is emb.weight
+    for dev in ("cuda:0", "npu:1"):  # not built there: the module's own forward, weight untouched
+        m = linear(oh.BLOCK + 1, 8)
+        head = oh.OutputHead.build(m, dev)
+        assert type(head) is oh.OutputHead and m.weight is not None
+    biased = torch.nn.Linear(8, oh.BLOCK + 1)
+    assert type(oh.OutputHead.build(biased, "cpu")) is oh.OutputHead
+
+
+def test_bf16_head_matches_the_module():
+    lin = linear(oh.BLOCK + 50, 32).to(torch.bfloat16)
+    h = torch.randn(4, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = lin(h).float()
+        got = oh.OutputHead.build(lin, "cpu").logits(h)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
 
 
 def sampler(**kw) -> SeqSampler:
@@ -52,18 +108,18 @@ def sampler(**kw) -> SeqSampler:
 
 
 def test_plain_greedy_batch_never_builds_whole_logits():
-    runner = fake_runner(mr.ARGMAX_CHUNK + 77, 32)
+    runner = fake_runner(oh.BLOCK + 77, 32)
     h = torch.randn(4, 32)
     samplers = [sampler() for _ in range(4)]
     got = sample_batch(samplers, mr.StepLogits(runner, h))
     assert runner.calls == ["argmax"]
     with torch.inference_mode():
-        assert got == mr.ModelRunner._logits(runner, h).argmax(dim=-1).tolist()
+        assert got == runner.head.logits(h).argmax(dim=-1).tolist()
     assert [s.output_ids for s in samplers] == [[t] for t in got]
 
 
 def test_a_row_that_needs_logits_gets_whole_logits_and_the_same_greedy_tokens():
-    runner = fake_runner(mr.ARGMAX_CHUNK + 77, 32)
+    runner = fake_runner(oh.BLOCK + 77, 32)
     h = torch.randn(3, 32)
     with torch.inference_mode():
         plain = sample_batch([sampler() for _ in range(3)], mr.StepLogits(runner, h))
@@ -88,6 +144,7 @@ def test_engine_output_identical_with_and_without_the_fused_layer(model_dir):
                        sampling={"max_tokens": 12, "ignore_eos": True, "temperature": 0.0}) for i in range(6)]
     with OfflinePipeline(str(model_dir), kv_cache_bytes=1 << 24) as pipe:
         runner = pipe.engine.runner
+        assert isinstance(runner.head, oh.BlockedHead)
         fused = [r.token_ids for r in pipe.generate(reqs)]
         run = runner.run
         runner.run = lambda batch: (lambda ids, lg: (ids, lg.full() if lg is not None else None))(*run(batch))

@@ -1,0 +1,93 @@
+"""The output layer: a step's sampled hidden rows -> logits [n, vocab], or each row's greedy id.
+
+On CPU the [vocab, hidden] weight is re-laid once at load as vocabulary blocks: ``blocks[j]`` is the
+contiguous [hidden, BLOCK] slice of columns j*BLOCK.. of W.T (the rows past the last whole block in
+``tail``). A batch-1 step then reads the weight as a few long contiguous GEMVs at memory bandwidth;
+``F.linear`` on the row-major weight ran the same product at about half that on these CPUs (the
+whole step at batch 1 is mostly this read: 311 MB on the bench preset). With 2+ rows the blocks give
+the chunked greedy path (the [n, vocab] logits never leave the block loop's cache-sized pieces) for
+free. Elsewhere (CUDA, NPU), or for an output layer with a bias or a non-float weight, it is the
+module's own forward. docs/BENCHMARKS.md, "Output layer", has the figures.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+BLOCK = 4096  # vocabulary columns per block (8 MB of fp32 weight at hidden 512)
+
+
+class OutputHead:
+    """``logits(h)`` -> [n, vocab] float; ``argmax(h)`` -> each row's greedy id (the first of equal
+    maxima, as ``torch.argmax`` over ``logits(h)``: both read the same products)."""
+
+    def __init__(self, lm_head: nn.Module) -> None:
+        self.module = lm_head
+        self.vocab = lm_head.weight.shape[0]
+
+    @classmethod
+    def build(cls, lm_head: nn.Module, device, embeddings: nn.Module | None = None) -> OutputHead:
+        """The blocked head on CPU for a plain bias-free float ``nn.Linear``, else the module itself.
+        An untied output weight is released once blocked (``embeddings``: the input embedding, whose
+        weight a tied head shares and must keep)."""
+        w = getattr(lm_head, "weight", None)
+        plain = (type(lm_head) is nn.Linear and lm_head.bias is None and isinstance(w, torch.Tensor)
+                 and w.dtype in (torch.float32, torch.bfloat16, torch.float16) and not w.is_meta)
+        if str(device).split(":")[0] != "cpu" or not plain:
+            return cls(lm_head)
+        tied = embeddings is not None and getattr(embeddings, "weight", None) is w
+        return BlockedHead(lm_head, release=not tied)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of output weight a step reads."""
+        w = self.module.weight
+        return w.numel() * w.element_size()
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.module(h).float()
+
+    def argmax(self, h: torch.Tensor) -> list[int]:
+        return self.logits(h).argmax(dim=-1).tolist()
+
+
+class BlockedHead(OutputHead):
+    def __init__(self, lm_head: nn.Linear, release: bool = True) -> None:
+        w = lm_head.weight.detach()
+        self.vocab, hidden = w.shape
+        self.nb = self.vocab // BLOCK
+        cut = self.nb * BLOCK
+        # [nb, hidden, BLOCK]: block j is columns j*BLOCK.. of W.T, contiguous
+        self.blocks = w[:cut].reshape(self.nb, BLOCK, hidden).transpose(1, 2).contiguous()
+        self.tail = w[cut:].T.contiguous() if cut < self.vocab else None  # [hidden, vocab - cut]
+        self.module = None
+        if release:  # nothing else reads an untied output weight (the engine calls no model forward)
+            lm_head.weight = None
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.blocks, self.tail) if t is not None)
+
+    def _products(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = h.to(self.blocks.dtype)
+        return torch.matmul(h, self.blocks), (h @ self.tail if self.tail is not None else None)  # [nb, n, B], [n, t]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        body, tail = self._products(h)
+        out = body.permute(1, 0, 2).reshape(h.shape[0], self.nb * BLOCK)
+        return (torch.cat([out, tail], dim=1) if tail is not None else out).float()
+
+    def argmax(self, h: torch.Tensor) -> list[int]:
+        if not self.nb:  # a vocabulary smaller than one block
+            return self.logits(h).argmax(dim=-1).tolist()
+        body, tail = self._products(h)
+        idx = body.argmax(dim=2)  # [nb, n]: each block's first maximum
+        best = body.gather(2, idx[..., None])[..., 0]  # [nb, n]
+        j = best.argmax(dim=0)  # [n]: the first block holding the row's maximum
+        ids = idx.gather(0, j[None])[0] + j * BLOCK
+        if tail is not None:  # the tail wins only when strictly greater (it comes last)
+            t_idx = tail.argmax(dim=1)
+            t_best = tail.gather(1, t_idx[:, None])[:, 0]
+            ids = torch.where(t_best > best.gather(0, j[None])[0], t_idx + self.nb * BLOCK, ids)
+        return ids.tolist()
