@@ -4,10 +4,11 @@ On CPU the [vocab, hidden] weight is re-laid once at load as vocabulary blocks: 
 contiguous [hidden, BLOCK] slice of columns j*BLOCK.. of W.T (the rows past the last whole block in
 ``tail``). A batch-1 step then reads the weight as a few long contiguous GEMVs at memory bandwidth;
 ``F.linear`` on the row-major weight ran the same product at about half that on these CPUs (the
-whole step at batch 1 is mostly this read: 311 MB on the bench preset). With 2+ rows the blocks give
-the chunked greedy path (the [n, vocab] logits never leave the block loop's cache-sized pieces) for
-free. Elsewhere (CUDA, NPU), or for an output layer with a bias or a non-float weight, it is the
-module's own forward. docs/BENCHMARKS.md, "Output layer", has the figures.
+whole step at batch 1 is mostly this read: 311 MB on the bench preset). For 2+ rows an fp32 head
+also keeps oneDNN's packed copy of the weight (``torch.ops.mkldnn``, what inductor's CPU linear
+uses): its GEMM ran 25-40% faster than MKL's or the blocks' on 4-32 rows here (MKL's sgemm reaches
+about half of this AMD CPU's peak); that copy costs the head's size again in memory. Elsewhere (CUDA,
+NPU), or for an output layer with a bias or a non-float weight, it is the module's own forward. docs/BENCHMARKS.md, "Output layer", has the figures.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn as nn
 
 BLOCK = 4096  # vocabulary columns per block (8 MB of fp32 weight at hidden 512)
+PACK_ROWS = 32  # the batch size oneDNN's packed layout is chosen for (it serves every row count)
 
 
 class OutputHead:
@@ -61,6 +63,7 @@ class BlockedHead(OutputHead):
         # [nb, hidden, BLOCK]: block j is columns j*BLOCK.. of W.T, contiguous
         self.blocks = w[:cut].reshape(self.nb, BLOCK, hidden).transpose(1, 2).contiguous()
         self.tail = w[cut:].T.contiguous() if cut < self.vocab else None  # [hidden, vocab - cut]
+        self.packed = _onednn_pack(w) if w.dtype == torch.float32 else None  # for 2+ rows
         self.module = None
         if release:  # nothing else reads an untied output weight (the engine calls no model forward)
             lm_head.weight = None
@@ -74,13 +77,18 @@ class BlockedHead(OutputHead):
         return torch.matmul(h, self.blocks), (h @ self.tail if self.tail is not None else None)  # [nb, n, B], [n, t]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self._logits(h)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None and h.shape[0] > 1:
+            return torch.ops.mkldnn._linear_pointwise(h.float(), self.packed, None, "none", [], "")
         body, tail = self._products(h)
         out = body.permute(1, 0, 2).reshape(h.shape[0], self.nb * BLOCK)
         return (torch.cat([out, tail], dim=1) if tail is not None else out).float()
 
     def argmax(self, h: torch.Tensor) -> list[int]:
-        if not self.nb:  # a vocabulary smaller than one block
-            return self.logits(h).argmax(dim=-1).tolist()
+        if not self.nb or (self.packed is not None and h.shape[0] > 1):  # whole logits (oneDNN or one small block)
+            return self._logits(h).argmax(dim=-1).tolist()
         body, tail = self._products(h)
         idx = body.argmax(dim=2)  # [nb, n]: each block's first maximum
         best = body.gather(2, idx[..., None])[..., 0]  # [nb, n]
@@ -91,3 +99,19 @@ class BlockedHead(OutputHead):
             t_best = tail.gather(1, t_idx[:, None])[:, 0]
             ids = torch.where(t_best > best.gather(0, j[None])[0], t_idx + self.nb * BLOCK, ids)
         return ids.tolist()
+
+
+def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's packed copy of the fp32 [vocab, hidden] weight, checked against a plain product once;
+    None where this torch has no oneDNN linear (or it disagrees), and the blocks serve every row count."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+        if got.shape != (2, w.shape[0]) or not torch.allclose(got, probe @ w.T, rtol=1e-4, atol=1e-4):
+            return None
+        return packed
+    except (AttributeError, RuntimeError):
+        return None

@@ -38,7 +38,7 @@ def test_blocked_head_equals_the_module(rows, vocab):
     with torch.inference_mode():
         want = lin(h)
         head = oh.OutputHead.build(lin, "cpu")
-        assert isinstance(head, oh.BlockedHead)
+        assert isinstance(head, oh.BlockedHead) and head.packed is not None  # oneDNN's copy for 2+ rows
         got = head.logits(h)
         assert got.shape == (rows, vocab)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -90,6 +90,22 @@ def test_untied_weight_released_tied_kept_other_devices_untouched():
         assert type(head) is oh.OutputHead and m.weight is not None
     biased = torch.nn.Linear(8, oh.BLOCK + 1)
     assert type(oh.OutputHead.build(biased, "cpu")) is oh.OutputHead
+
+
+def test_packed_copy_only_when_it_agrees(monkeypatch):
+    """oneDNN's packed head is kept only after one product agrees with the weight's; a disagreeing or
+    missing op leaves the blocks serving every row count (still equal to the module)."""
+    lin = linear(oh.BLOCK + 9, 16)
+    real = torch.ops.mkldnn._linear_pointwise
+    with torch.inference_mode():
+        want = lin(torch.ones(3, 16))
+    broken = types.SimpleNamespace(_reorder_linear_weight=torch.ops.mkldnn._reorder_linear_weight,
+                                   _linear_pointwise=lambda *a: real(*a) + 1.0)
+    monkeypatch.setattr(torch.ops, "mkldnn", broken)
+    head = oh.OutputHead.build(lin, "cpu")
+    assert head.packed is None
+    with torch.inference_mode():
+        torch.testing.assert_close(head.logits(torch.ones(3, 16)), want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_head_matches_the_module():
