@@ -15,7 +15,6 @@ import shutil
 import pytest
 from quant_checkpoints import make_packed  # tests/ is on the path (tests/conftest.py)
 
-
 CASES = {
     "awq": {"method": "awq"},
     "gptq_sym": {"method": "gptq", "sym": True},  # v1 zeros (zero - 1), as Qwen's GPTQ-Int4 releases
@@ -32,17 +31,19 @@ def packed(request, model_dir, tmp_path_factory):
     return request.param, d, ref
 
 
-def _fp32_linear_bytes(model_dir):
+@pytest.fixture(scope="module")
+def fp32(model_dir):
+    """The unquantized model: (its decoder's linear bytes, the model)"""
     import torch
 
     from tritonvl.handlers import quant
     from tritonvl.handlers.weights import model_class
 
-    model = model_class(str(model_dir), 2).from_pretrained(str(model_dir), dtype=torch.float32)
-    return quant.describe(model, "none")["decoder_linear_bytes"]
+    model = model_class(str(model_dir), 2).from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return quant.describe(model, "none")["decoder_linear_bytes"], model
 
 
-def test_logits_equal_the_fake_quantized_model_and_layers_stay_packed(packed, model_dir):
+def test_logits_equal_the_fake_quantized_model_and_layers_stay_packed(packed, fp32):
     import torch
 
     from tritonvl.handlers import quant
@@ -54,14 +55,13 @@ def test_logits_equal_the_fake_quantized_model_and_layers_stay_packed(packed, mo
     layers = [m for m in model.model.language_model.modules() if isinstance(m, PackedLinear)]
     assert len(layers) == 7 * model.config.text_config.num_hidden_layers
     assert not any(type(m) is torch.nn.Linear for m in model.model.language_model.modules())
-    held, fp32 = quant.describe(model, "none"), _fp32_linear_bytes(model_dir)
-    ratio = held["decoder_linear_bytes"] / fp32
-    print(f"{name}: decoder linear layers {held['decoder_linear_bytes']} bytes in memory, fp32 {fp32} ({ratio:.3f})")
+    (fp32_bytes, fp), held = fp32, quant.describe(model, "none")
+    ratio = held["decoder_linear_bytes"] / fp32_bytes
+    print(f"{name}: decoder linear layers {held['decoder_linear_bytes']} bytes in memory, fp32 {fp32_bytes} ({ratio:.3f})")
     assert held["quantization"] == CASES[name]["method"]
     # 4-bit: codes + fp16 scales per 32 + zeros (+ g_idx) ~0.15; 8-bit ~0.28
     assert (0.27 <= ratio < 0.3) if CASES[name].get("bits") == 8 else (0.13 <= ratio < 0.17), ratio
     oracle = model_class(str(ref), 2).from_pretrained(str(ref), dtype=torch.float32).eval()
-    fp = model_class(str(model_dir), 2).from_pretrained(str(model_dir), dtype=torch.float32).eval()
     ids = torch.arange(3, 40).unsqueeze(0)
     with torch.no_grad():
         got = model(input_ids=ids).logits
@@ -71,14 +71,14 @@ def test_logits_equal_the_fake_quantized_model_and_layers_stay_packed(packed, mo
         assert module.qweight.dtype == torch.int32 and module.scales.dtype == torch.float16
 
 
-def test_the_tower_loads_alone_in_32_bit(model_dir, tmp_path):
+def test_the_tower_loads_alone_in_32_bit(model_dir, tmp_path, fp32):
     import torch
 
-    from tritonvl.handlers.weights import load_visual, model_class
+    from tritonvl.handlers.weights import load_visual
 
     d, _ = make_packed(model_dir, tmp_path / "awq", method="awq")
     visual = load_visual(str(d), "cpu", torch.float32)
-    fp = model_class(str(model_dir), 2).from_pretrained(str(model_dir), dtype=torch.float32).model.visual
+    fp = fp32[1].model.visual
     assert all(p.dtype == torch.float32 for p in visual.parameters())
     assert all(torch.equal(a, b) for a, b in zip(visual.state_dict().values(), fp.state_dict().values()))
 
