@@ -77,6 +77,7 @@ def instrument(pipe, timers: Timers, steps: list) -> None:
     eng.scheduler.schedule = timers.wrap("schedule", eng.scheduler.schedule)
     runner.pack = timers.wrap("pack", runner.pack)
     runner.forward = timers.wrap("other(fwd)", runner.forward)
+    runner.timers = timers  # for the variants that swap the head (_mkl_head)
     head = runner.head  # the output layer (engine/output_head.py), called from sampling
     head.logits = timers.wrap("lm_head", head.logits)
     head.argmax = timers.wrap("lm_head", head.argmax)
@@ -142,7 +143,9 @@ def main() -> None:
     ap.add_argument("--torch-profiler", action="store_true", help="also print torch.profiler's top ops of "
                     "the batch-32 decode steps")
     ap.add_argument("--ab", action="store_true", help="alternate the engine as it is with the engine "
-                    "computing whole logits every step (before the fused greedy output layer)")
+                    "computing whole logits every step (before the fused greedy output layer) and with the "
+                    "output layer as before engine/output_head.py (mkl-head)")
+    ap.add_argument("--variants", default="", help="with --ab: which of full-logits,mkl-head,now (default all)")
     ap.add_argument("--reps", type=int, default=1, help="runs of each workload (and variant)")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", help="llm parameters")
     args = ap.parse_args()
@@ -174,6 +177,8 @@ def main() -> None:
         pipe.generate(requests("text", 2, 10_000))  # warm-up
         instrument(pipe, timers, steps)
         variants = VARIANTS if args.ab else {"now": None}
+        if args.ab and args.variants:
+            variants = {k: VARIANTS[k] for k in args.variants.split(",")}
         results, tokens = [], {}
         for workload in args.workloads.split(","):
             for b in [int(x) for x in args.batches.split(",")]:
@@ -215,7 +220,54 @@ def _full_logits(pipe):
     return lambda: setattr(runner, "run", run)
 
 
-VARIANTS = {"full-logits": _full_logits, "now": None}
+class _RowMajorHead:
+    """The output layer as it was before engine/output_head.py: F.linear over the row-major
+    [vocab, hidden] weight (MKL; W @ h.T for 2-16 rows), and for 2+ greedy rows the argmax over
+    4096-row chunks of that weight."""
+
+    def __init__(self, head) -> None:
+        import torch
+        parts = [head.blocks.transpose(1, 2).reshape(-1, head.blocks.shape[1])]
+        if head.tail is not None:
+            parts.append(head.tail.T)
+        self.w = torch.cat(parts).contiguous()
+        self.vocab = self.w.shape[0]
+
+    def logits(self, h):
+        import torch
+        if 2 <= h.shape[0] <= 16:
+            return torch.mm(self.w, h.T).T.float()
+        return torch.nn.functional.linear(h, self.w).float()
+
+    def argmax(self, h):
+        import torch
+        if h.shape[0] < 2:
+            return self.logits(h).argmax(dim=-1).tolist()
+        best_v = best_i = None
+        for c0 in range(0, self.vocab, 4096):
+            v, i = torch.mm(self.w[c0:c0 + 4096], h.T).max(dim=0)
+            if best_v is None:
+                best_v, best_i = v, i
+            else:
+                better = v > best_v
+                best_v, best_i = torch.where(better, v, best_v), torch.where(better, i + c0, best_i)
+        return best_i.tolist()
+
+
+def _mkl_head(pipe):
+    """The engine with the output layer as before (row-major weight, MKL): engine/output_head.py's A/B."""
+    runner = pipe.engine.runner
+    head = runner.head
+    if not hasattr(runner, "_row_major_head"):
+        old = _RowMajorHead(head)
+        old.logits = runner.timers.wrap("lm_head", old.logits)
+        old.argmax = runner.timers.wrap("lm_head", old.argmax)
+        runner._row_major_head = old
+    runner.head = runner._row_major_head
+    return lambda: setattr(runner, "head", head)
+
+
+VARIANTS = {"full-logits": _full_logits, "mkl-head": _mkl_head, "now": None}
 
 
 def print_table(results) -> None:
