@@ -7,7 +7,8 @@ contiguous [hidden, BLOCK] slice of columns j*BLOCK.. of W.T (the rows past the 
 whole step at batch 1 is mostly this read: 311 MB on the bench preset). For 2+ rows an fp32 head
 also keeps oneDNN's packed copy of the weight (``torch.ops.mkldnn``, what inductor's CPU linear
 uses): its GEMM ran 25-40% faster than MKL's or the blocks' on 4-32 rows here (MKL's sgemm reaches
-about half of this AMD CPU's peak); that copy costs the head's size again in memory. Elsewhere (CUDA,
+about half of this AMD CPU's peak); that copy costs the head's size again in memory, so it is made
+only for heads up to PACK_MAX_BYTES. Elsewhere (CUDA,
 NPU), or for an output layer with a bias or a non-float weight, it is the module's own forward. docs/BENCHMARKS.md, "Output layer", has the figures.
 """
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 
 BLOCK = 4096  # vocabulary columns per block (8 MB of fp32 weight at hidden 512)
 PACK_ROWS = 32  # the batch size oneDNN's packed layout is chosen for (it serves every row count)
+PACK_MAX_BYTES = 1 << 30  # a bigger head (7B+ in fp32) is not copied again: the blocks serve 2+ rows too
 
 
 class OutputHead:
@@ -63,7 +65,8 @@ class BlockedHead(OutputHead):
         # [nb, hidden, BLOCK]: block j is columns j*BLOCK.. of W.T, contiguous
         self.blocks = w[:cut].reshape(self.nb, BLOCK, hidden).transpose(1, 2).contiguous()
         self.tail = w[cut:].T.contiguous() if cut < self.vocab else None  # [hidden, vocab - cut]
-        self.packed = _onednn_pack(w) if w.dtype == torch.float32 else None  # for 2+ rows
+        small = w.numel() * w.element_size() <= PACK_MAX_BYTES
+        self.packed = _onednn_pack(w) if w.dtype == torch.float32 and small else None  # for 2+ rows
         self.module = None
         if release:  # nothing else reads an untied output weight (the engine calls no model forward)
             lm_head.weight = None

@@ -108,6 +108,12 @@ def test_packed_copy_only_when_it_agrees(monkeypatch):
         torch.testing.assert_close(head.logits(torch.ones(3, 16)), want, rtol=1e-5, atol=1e-5)
 
 
+def test_no_packed_copy_past_the_size_limit(monkeypatch):
+    monkeypatch.setattr(oh, "PACK_MAX_BYTES", 1000)
+    head = oh.OutputHead.build(linear(oh.BLOCK + 9, 16), "cpu")
+    assert isinstance(head, oh.BlockedHead) and head.packed is None
+
+
 def test_bf16_head_matches_the_module():
     lin = linear(oh.BLOCK + 50, 32).to(torch.bfloat16)
     h = torch.randn(4, 32, dtype=torch.bfloat16)
