@@ -117,13 +117,26 @@ class PackedLinear(torch.nn.Module):
             codes = unpack_words(self.qweight, bits, 0)  # [in, out]
             if self.spec["v1"]:  # GPTQ v1 stores zero - 1 (in the packed bits: wraps at 0)
                 zeros = torch.bitwise_and(zeros + 1, (1 << bits) - 1)
-            groups = self.g_idx.long()
+            groups = None if self._groups_in_order() else self.g_idx.long()
         else:
             codes, zeros = _awq_columns(unpack_words(self.qweight, 4, 1)), _awq_columns(zeros)
-            groups = torch.arange(self.in_features, device=codes.device) // self.group_size
+            groups = None
         # in float32, rounded once to ``dtype`` (fp16 scales are not exact in bfloat16)
-        weight = (codes - zeros[groups]).to(torch.float32) * self.scales[groups].to(torch.float32)  # [in, out]
+        scales = self.scales.to(torch.float32)
+        if groups is None:  # consecutive rows per group: broadcast, no [in, out] gather of zeros/scales
+            shape = (zeros.shape[0], self.group_size, self.out_features)
+            weight = ((codes.view(shape) - zeros.unsqueeze(1)).to(torch.float32) * scales.unsqueeze(1))
+            weight = weight.view(self.in_features, self.out_features)
+        else:  # act-order: each input row's group from g_idx
+            weight = (codes - zeros[groups]).to(torch.float32) * scales[groups]  # [in, out]
         return weight.to(dtype).t().contiguous()
+
+    def _groups_in_order(self) -> bool:
+        """GPTQ's g_idx is row // group_size (no act-order): checked once, after the tensors are loaded."""
+        if getattr(self, "_in_order", None) is None:
+            rows = torch.arange(self.in_features, device=self.g_idx.device)
+            self._in_order = bool(torch.equal(self.g_idx.long(), rows // self.group_size))
+        return self._in_order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
