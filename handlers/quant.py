@@ -320,7 +320,8 @@ def check_tower_keys(model_dir: str, keys) -> None:
         raise QuantizationError(
             f"the vision tower of {model_dir} is quantized ({q.get('quant_method', 'unknown method')}: "
             f"{bad[0]}, ... {len(bad)} tensors); tritonvl runs the tower in 16/32-bit: quantize the "
-            "decoder only (compressed-tensors: ignore the tower, e.g. ignore=['re:.*visual.*', 'lm_head'])")
+            "decoder only (compressed-tensors: ignore the tower, e.g. ignore=['re:.*visual.*', 'lm_head']; "
+            "AWQ: modules_to_not_convert=['visual'])")
 
 
 def log(message: str) -> None:

@@ -90,7 +90,8 @@ def test_a_quantized_tower_is_refused(model_dir, tmp_path):
     from tritonvl.handlers.weights import load_visual
 
     d, _ = make_packed(model_dir, tmp_path / "tower", method="gptq", sym=True, quantize_tower=True)
-    with pytest.raises(QuantizationError, match=r"the vision tower of .* is quantized \(gptq: blocks\.0\.attn\."):
+    with pytest.raises(QuantizationError, match=r"the vision tower of .* is quantized \(gptq: blocks\.0\.attn\..*"
+                       r"AWQ: modules_to_not_convert=\[.visual.\]\)"):
         load_visual(str(d), "cpu", torch.float32)
 
 
@@ -148,3 +149,35 @@ def test_a_checkpoint_that_does_not_fit_is_refused(model_dir, tmp_path):
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(PackedConfigError, match=r"1 tensors of .* fit no part of the model: \['model.layers.0.mlp.extra_proj"):
         load_full_model(str(d), "cpu", torch.float32)
+
+
+def test_a_sharded_checkpoint_with_its_own_lm_head(model_dir, tmp_path):
+    """As the published 7B+ releases: several safetensors files behind model.safetensors.index.json,
+    lm_head stored (tie_word_embeddings false). Logits equal the oracle's saved the same way."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tritonvl.handlers.weights import load_full_model, model_class
+
+    d, ref = make_packed(model_dir, tmp_path / "awq", method="awq")
+    for directory in (d, ref):
+        state = load_file(str(directory / "model.safetensors"))
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].flip(0).contiguous()
+        keys = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+                  "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+        for file, names in shards.items():
+            save_file({k: state[k] for k in names}, str(directory / file), metadata={"format": "pt"})
+        (directory / "model.safetensors").unlink()
+        index = {"metadata": {}, "weight_map": {k: f for f, names in shards.items() for k in names}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+        config = json.loads((directory / "config.json").read_text())
+        config["tie_word_embeddings"] = False
+        (directory / "config.json").write_text(json.dumps(config))
+    model = load_full_model(str(d), "cpu", torch.float32)
+    oracle = model_class(str(ref), 2).from_pretrained(str(ref), dtype=torch.float32).eval()
+    assert model.lm_head.weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, oracle.lm_head.weight)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, oracle(input_ids=ids).logits)
