@@ -35,6 +35,9 @@ PIECES = ["schedule", "pack", "meta", "embed", "rotary", "linears", "attention",
           "forward", "lm_head", "sampling", "postprocess", "loop rest", "step"]
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.thread_time (the engine thread's own CPU time)
+
+
 class Timers:
     """Exclusive times: a wrapped call's time less that of the wrapped calls inside it (the fused
     greedy lm_head runs inside sampling; the pieces of the forward inside the forward)."""
@@ -47,11 +50,11 @@ class Timers:
         def timed(*a, **k):
             frame = [0.0]
             self.stack.append(frame)
-            t = time.perf_counter()
+            t = CLOCK()
             try:
                 return fn(*a, **k)
             finally:
-                elapsed = time.perf_counter() - t
+                elapsed = CLOCK() - t
                 self.stack.pop()
                 self.acc[name] += elapsed - frame[0]
                 if self.stack:
@@ -108,10 +111,10 @@ def instrument(pipe, timers: Timers, steps: list) -> None:
 
     def timed_step():
         seen["rows"] = seen["tokens"] = 0
-        t = time.perf_counter()
+        t = CLOCK()
         step()
         acc = timers.take()
-        acc["step"] = time.perf_counter() - t
+        acc["step"] = CLOCK() - t
         if seen["rows"]:
             steps.append(("decode" if seen["tokens"] == seen["rows"] else "prefill", seen["rows"], acc))
 
@@ -146,6 +149,9 @@ def main() -> None:
                     "computing whole logits every step (before the fused greedy output layer) and with the "
                     "output layer as before engine/output_head.py (mkl-head)")
     ap.add_argument("--variants", default="", help="with --ab: which of full-logits,mkl-head,now (default all)")
+    ap.add_argument("--cpu-time", action="store_true", help="one torch thread, and every piece timed by the "
+                    "engine thread's CPU time (time.thread_time): time taken by other processes on a shared "
+                    "machine does not count (their cache and memory traffic still does)")
     ap.add_argument("--reps", type=int, default=1, help="runs of each workload (and variant)")
     ap.add_argument("--engine", action="append", default=[], metavar="KEY=VALUE", help="llm parameters")
     args = ap.parse_args()
@@ -159,6 +165,11 @@ def main() -> None:
     model = build_model(args.model) if args.model in ("tiny", "bench") else args.model
     kw = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
     kw.setdefault("max_num_seqs", 64)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.thread_time
+        torch.set_num_threads(1)
+        kw["num_threads"] = 1
 
     print(f"# {os.uname().nodename} | {cpu_model()} | torch {torch.__version__} threads "
           f"{torch.get_num_threads()} | model {args.model} | load {load()}")

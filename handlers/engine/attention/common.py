@@ -30,8 +30,8 @@ def gathered_prefills(meta: StepMeta, layer: int, query: torch.Tensor, out: torc
     gqa = query.shape[1] != k_cache.shape[1]
     for part in meta.prefills:
         q = query[:, :, part.q_start:part.q_end]  # [1, H, n, D]
-        k = k_cache[part.ctx_slots].transpose(0, 1)[None]  # [1, KVH, ctx, D]
-        v = v_cache[part.ctx_slots].transpose(0, 1)[None]
+        k = k_cache.index_select(0, part.ctx_slots).transpose(0, 1)[None]  # [1, KVH, ctx, D]
+        v = v_cache.index_select(0, part.ctx_slots).transpose(0, 1)[None]
         n, ctx = q.shape[2], k.shape[2]
         # query i (absolute position first_pos + i) sees keys 0..first_pos + i
         mask = torch.arange(ctx, device=q.device)[None, :] <= (part.first_pos + torch.arange(n, device=q.device))[:, None]
