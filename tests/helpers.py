@@ -44,6 +44,7 @@ class Reference:
         self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             model_dir, dtype=dtype or torch.float32).to(device).eval()
         self.cfg = json.loads(open(f"{model_dir}/config.json").read())
+        self._answers: dict = {}
 
     def inputs(self, text: str | None = None, images: list[bytes] = (), messages: list | None = None) -> dict:
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
@@ -66,10 +67,16 @@ class Reference:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **kwargs}
 
     def generate(self, text=None, images=(), messages=None, max_tokens: int = 16, **gen) -> list[int]:
-        inputs = {k: v.to(self.device) for k, v in self.inputs(text, images, messages).items()}
-        with self.torch.inference_mode():
-            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, **gen)
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
+        """Greedy token ids; each distinct question is computed once per instance (modules share the
+        session's ``reference``, and several ask the same prompts)."""
+        key = (text, tuple(images), json.dumps(messages, sort_keys=True), max_tokens, json.dumps(gen, sort_keys=True,
+                                                                                             default=repr))
+        if key not in self._answers:
+            inputs = {k: v.to(self.device) for k, v in self.inputs(text, images, messages).items()}
+            with self.torch.inference_mode():
+                out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, **gen)
+            self._answers[key] = out[0, inputs["input_ids"].shape[1]:].tolist()
+        return list(self._answers[key])
 
 
 def _inputs(module, fields: dict):
@@ -128,29 +135,37 @@ def infer_http(url: str, **fields) -> dict:
     return out
 
 
-def stream_grpc(url: str, timeout: float = 120, **fields) -> list[dict]:
-    """All responses of one streamed request, in order (raises on an error response)."""
+def stream_results(url: str, model: str, inputs: list, timeout: float = 120, **infer) -> list:
+    """Every response (a tritonclient InferResult) of one gRPC stream to ``model``, up to and with
+    the one flagged final; raises an error response. ``infer``: more async_stream_infer arguments
+    (e.g. outputs=[...])."""
     import tritonclient.grpc as grpcclient
 
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     try:
         client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), responses))
-        client.async_stream_infer(MODEL, _inputs(grpcclient, fields), enable_empty_final_response=True)
+        client.async_stream_infer(model, inputs, enable_empty_final_response=True, **infer)
         out = []
         while True:
             result, error = responses.get(timeout=timeout)
             if error is not None:
                 raise error
+            out.append(result)
             final = result.get_response().parameters.get("triton_final_response")
-            parsed = _result(result)
-            if parsed:
-                out.append(parsed)
             if final is not None and final.bool_param:
                 return out
     finally:
         client.stop_stream()
         client.close()
+
+
+def stream_grpc(url: str, timeout: float = 120, **fields) -> list[dict]:
+    """All responses of one streamed request, in order (raises on an error response)."""
+    import tritonclient.grpc as grpcclient
+
+    parsed = (_result(r) for r in stream_results(url, MODEL, _inputs(grpcclient, fields), timeout))
+    return [p for p in parsed if p]
 
 
 def joined(responses: list[dict]) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import MODEL, _inputs, infer_http, make_image, stream_grpc
+from helpers import MODEL, _inputs, infer_http, make_image, stream_grpc, stream_results
 
 MODELS = ("preprocess", "vision_encoder", "llm", "qwen2_5_vl", "qwen2_5_vl_ensemble")
 CRASH_LINES = re.compile(r"Fatal Python error|Segmentation fault|Signal \((11|6|7|4|8)\)")
@@ -100,28 +100,15 @@ def one_output_stream(url: str) -> list[str]:
     """A stream that asks for text_output only: the front and llm must send just that."""
     import tritonclient.grpc as grpcclient
 
-    got: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
     texts = []
-    try:
-        client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), got))
-        client.async_stream_infer(MODEL, _inputs(grpcclient, {"text_input": "one output", "max_tokens": 6,
-                                                               "stream": True}),
-                                  outputs=[grpcclient.InferRequestedOutput("text_output")],
-                                  enable_empty_final_response=True)
-        while True:
-            result, error = got.get(timeout=120)
-            assert error is None, error
-            names = {o.name for o in result.get_response().outputs}
-            assert names <= {"text_output"}, names
-            if names:
-                texts.append(result.as_numpy("text_output").reshape(-1)[0].decode())
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                return texts
-    finally:
-        client.stop_stream()
-        client.close()
+    for result in stream_results(url, MODEL, _inputs(grpcclient, {"text_input": "one output", "max_tokens": 6,
+                                                                   "stream": True}),
+                                 outputs=[grpcclient.InferRequestedOutput("text_output")]):
+        names = {o.name for o in result.get_response().outputs}
+        assert names <= {"text_output"}, names
+        if names:
+            texts.append(result.as_numpy("text_output").reshape(-1)[0].decode())
+    return texts
 
 
 @pytest.fixture(scope="module")

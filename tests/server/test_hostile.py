@@ -13,15 +13,13 @@ still work: the seals refuse only what the pipeline did not make.
 from __future__ import annotations
 
 import json
-import queue
 import threading
 import urllib.request
-from functools import partial
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from helpers import Reference, make_image, stream_grpc
+from helpers import Reference, make_image, stream_grpc, stream_results
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 IMAGE = make_image(160, 120, seed=41)
@@ -58,25 +56,8 @@ def call(url: str, model: str, values: dict, outputs: list[str]) -> dict:
 
 def call_llm(url: str, values: dict, timeout: float = 60) -> list[int]:
     """The llm model's token ids for one request (raises the error response)."""
-    q: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        client.start_stream(callback=partial(lambda qq, result, error: qq.put((result, error)), q))
-        client.async_stream_infer("llm", tensors(values), enable_empty_final_response=True)
-        ids = []
-        while True:
-            result, error = q.get(timeout=timeout)
-            if error is not None:
-                raise error
-            out = result.as_numpy("output_ids")
-            if out is not None:
-                ids.extend(out.reshape(-1).tolist())
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                return ids
-    finally:
-        client.stop_stream()
-        client.close()
+    outs = (r.as_numpy("output_ids") for r in stream_results(url, "llm", tensors(values), timeout))
+    return [t for out in outs if out is not None for t in out.reshape(-1).tolist()]
 
 
 def pipeline(url: str) -> tuple[dict, dict]:

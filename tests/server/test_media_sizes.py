@@ -18,7 +18,7 @@ import sys
 import openai
 import pytest
 import requests
-from helpers import data_uri, infer_http, make_image
+from helpers import _inputs, data_uri, infer_http, make_image, stream_results
 from PIL import Image
 from videos import make_video
 
@@ -69,32 +69,14 @@ def test_grpc_stream_first_response_only(server, model):
 
 def raw_stream(url: str, model: str, **fields) -> list[dict]:
     """Each response's outputs (media_sizes as text) of one gRPC stream."""
-    import queue
-    from functools import partial
-
-    import helpers
     import tritonclient.grpc as grpcclient
 
-    responses: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), responses))
-        client.async_stream_infer(model, helpers._inputs(grpcclient, fields), enable_empty_final_response=True)
-        out = []
-        while True:
-            result, error = responses.get(timeout=120)
-            if error is not None:
-                raise error
-            names = {o.name for o in result.get_response().outputs}
-            if names:
-                out.append({n: result.as_numpy(n).reshape(-1)[0].decode() if n == "media_sizes" else True
-                            for n in names})
-            final = result.get_response().parameters.get("triton_final_response")
-            if final is not None and final.bool_param:
-                return out
-    finally:
-        client.stop_stream()
-        client.close()
+    out = []
+    for result in stream_results(url, model, _inputs(grpcclient, fields)):
+        names = {o.name for o in result.get_response().outputs}
+        if names:
+            out.append({n: result.as_numpy(n).reshape(-1)[0].decode() if n == "media_sizes" else True for n in names})
+    return out
 
 
 def test_http_sse_first_event_only(server):
