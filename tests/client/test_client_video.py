@@ -11,24 +11,22 @@ import json
 import sys
 
 import pytest
-from helpers import infer_http, make_image, running_server
+from helpers import infer_http, make_image
 from videos import frame_list, make_video
 
 from tritonvl.client import AsyncClient, Client, InvalidRequest, VideoError
 from tritonvl.client.cli import main
 
 MAX = 8
-SETTINGS = {"video_min_pixels": 4 * 28 * 28, "video_max_pixels": 24 * 28 * 28, "video_total_pixels": 96 * 28 * 28,
-            "max_video_seconds": 30, "max_video_frames": 300, "max_video_bytes": 2_000_000}
 CLIP = make_video(n=8, width=112, height=84, fps=8, seed=51)
 CLIP2 = make_video(n=6, width=84, height=112, fps=4, fmt="webm", seed=52)
 PROTOCOLS = ["grpc", "http"]
 
 
 @pytest.fixture(scope="module")
-def vserver(model_dir, tmp_path_factory):
-    with running_server(model_dir, tmp_path_factory.mktemp("server"), overrides={"preprocess": SETTINGS}) as srv:
-        yield srv
+def vserver(video_server):
+    """The session's video server (tests/conftest.py VIDEO_SETTINGS: 30 s, 300 frames, 2 MB at most)."""
+    return video_server
 
 
 def url(server, protocol: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import openai
 import pytest
@@ -16,28 +15,21 @@ from helpers import data_uri, infer_http, make_image
 from videos import frame_list, make_video
 
 from tritonvl.handlers.gateway.process import GatewayProcess
-from tritonvl.handlers.tools.launcher import ServerProcess, free_port
+from tritonvl.handlers.tools.launcher import free_port
 
 MAX = 8
-SETTINGS = {"video_min_pixels": 4 * 28 * 28, "video_max_pixels": 24 * 28 * 28, "video_total_pixels": 96 * 28 * 28,
-            "max_video_seconds": 30, "max_video_frames": 300, "max_video_bytes": 2_000_000}
 CLIP = make_video(n=8, width=112, height=84, fps=8, seed=71)
 WEBM = make_video(n=6, width=84, height=112, fps=4, fmt="webm", seed=72)
 NOT_A_VIDEO = b"\x00\x01not a video" * 40
 
 
 @pytest.fixture(scope="module")
-def stack(model_dir, tmp_path_factory):
-    """(tritonserver, gateway), both stopped at the end."""
-    if shutil.which("tritonserver") is None:
-        pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
+def stack(video_server, tmp_path_factory):
+    """(the session's video server: tests/conftest.py VIDEO_SETTINGS, this module's gateway before it)."""
     logs = tmp_path_factory.mktemp("gateway_video")
-    with ServerProcess(str(model_dir), log_path=str(logs / "tritonserver.log"),
-                       overrides={"preprocess": SETTINGS}) as srv:
-        with GatewayProcess(srv.grpc_url, free_port(), log_path=str(logs / "gateway.log")) as gw:
-            yield srv, gw
-            assert gw.proc.poll() is None, "the gateway died during the tests"
-        assert srv.proc.poll() is None, "the server died during the tests:\n" + srv.log_tail()
+    with GatewayProcess(video_server.grpc_url, free_port(), log_path=str(logs / "gateway.log")) as gw:
+        yield video_server, gw
+        assert gw.proc.poll() is None, "the gateway died during the tests"
 
 
 @pytest.fixture(scope="module")

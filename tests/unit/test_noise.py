@@ -9,6 +9,7 @@ import sys
 
 from tritonvl.handlers import noise
 
+
 def test_which_extension_failures_are_noise(monkeypatch):
     other = f"cpython-{sys.version_info.major}{sys.version_info.minor + 1}"
     this = f"cpython-{sys.version_info.major}{sys.version_info.minor}"
