@@ -5,7 +5,6 @@ greedy text equals transformers' generate()."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 
 import openai
 import pytest
@@ -14,7 +13,7 @@ from conftest import text_of
 from helpers import data_uri, make_image
 
 from tritonvl.handlers.gateway.process import GatewayProcess
-from tritonvl.handlers.tools.launcher import ServerProcess, free_port
+from tritonvl.handlers.tools.launcher import free_port
 
 MAX = 12
 IMG = make_image(160, 120, seed=21)
@@ -22,15 +21,13 @@ IMG2 = make_image(96, 140, seed=22, fmt="JPEG")
 
 
 @pytest.fixture(scope="module")
-def gateway(model_dir, tmp_path_factory):
-    """tritonserver + gateway; the served name is the model path as given (vLLM's default)."""
-    if shutil.which("tritonserver") is None:
-        pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
-    logs = tmp_path_factory.mktemp("gateway")
-    with ServerProcess(str(model_dir), log_path=str(logs / "tritonserver.log")) as srv:
-        with GatewayProcess(srv.grpc_url, free_port(), model=str(model_dir), log_path=str(logs / "gateway.log")) as gw:
-            yield gw
-            assert gw.proc.poll() is None, "the gateway died during the tests"
+def gateway(server, model_dir, tmp_path_factory):
+    """This module's gateway before the session's tritonserver (tests/conftest.py: the test model, default
+    settings); the served name is the model path as given (vLLM's default)."""
+    log = tmp_path_factory.mktemp("gateway") / "gateway.log"
+    with GatewayProcess(server.grpc_url, free_port(), model=str(model_dir), log_path=str(log)) as gw:
+        yield gw
+        assert gw.proc.poll() is None, "the gateway died during the tests"
 
 
 @pytest.fixture(scope="module")
