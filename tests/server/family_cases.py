@@ -4,6 +4,9 @@ A module sets ``FAMILY`` (a preset of tiny_model.PRESETS) and star-imports this 
 (one per module) serves that family's tiny random model. Videos: the reference takes the rows the
 server's own intake builds (see tests/family_ref.py); what is checked is their way through the tower,
 the prompt (Qwen3-VL: timestamps per temporal patch), the rope positions and the engine.
+
+The text / image / two images / stream checks are plain functions (``PARITY``) that other modules run
+against their own servers (quantized, compiled, tensor parallel).
 """
 
 from __future__ import annotations
@@ -56,28 +59,56 @@ def test_family_is_read_from_config(request, family_dir):
     assert load_model_info(family_dir).family == request.module.FAMILY
 
 
+# ---- parity checks shared with other servers' modules (quantized, compiled, tensor parallel) --------
+# Each takes a server, a reference (``generate(text, images, max_tokens=)``) and the answer length.
+
+
+def check_text(srv, ref, max_tokens: int = MAX) -> None:
+    fields = greedy(text_input="Tell me about lighthouses.", max_tokens=max_tokens)
+    assert infer_http(srv.http_url, **fields)["output_ids"] == ref.generate(fields["text_input"], max_tokens=max_tokens)
+
+
+def check_one_image(srv, ref, max_tokens: int = MAX) -> None:
+    img = make_image(200, 150, seed=1)
+    out = infer_http(srv.http_url, **greedy(text_input="What is in the picture?", image=[img], max_tokens=max_tokens))
+    assert out["output_ids"] == ref.generate("What is in the picture?", [img], max_tokens=max_tokens)
+
+
+def check_two_images(srv, ref, max_tokens: int = MAX) -> None:
+    imgs = [make_image(300, 120, seed=4), make_image(64, 200, seed=5)]
+    out = infer_http(srv.http_url, **greedy(text_input="Compare the two images.", image=imgs, max_tokens=max_tokens))
+    assert out["output_ids"] == ref.generate("Compare the two images.", imgs, max_tokens=max_tokens)
+
+
+def check_stream(srv, ref, max_tokens: int = MAX) -> tuple[dict, list[int]]:
+    """A gRPC stream with an image equals generate(); returns the request's fields and the expected
+    ids (a caller may ask again, e.g. to see the prefix cache)."""
+    img = make_image(180, 140, seed=10)
+    fields = greedy(text_input="Stream this.", image=[img], max_tokens=max_tokens)
+    want = ref.generate("Stream this.", [img], max_tokens=max_tokens)
+    responses = stream_grpc(srv.grpc_url, **fields, stream=True)
+    assert len(responses) > 1
+    assert joined(responses)["output_ids"] == want
+    return fields, want
+
+
+PARITY = [check_text, check_one_image, check_two_images, check_stream]
+
+
 def test_text(family_server, family_ref):
-    out = infer_http(family_server.http_url, **greedy(text_input="Tell me about lighthouses."))
-    assert out["output_ids"] == family_ref.generate("Tell me about lighthouses.", max_tokens=MAX)
+    check_text(family_server, family_ref)
 
 
 def test_one_image(family_server, family_ref):
-    img = make_image(200, 150, seed=1)
-    out = infer_http(family_server.http_url, **greedy(text_input="What is in the picture?", image=[img]))
-    assert out["output_ids"] == family_ref.generate("What is in the picture?", [img], max_tokens=MAX)
+    check_one_image(family_server, family_ref)
 
 
 def test_two_images(family_server, family_ref):
-    imgs = [make_image(300, 120, seed=4), make_image(64, 200, seed=5)]
-    out = infer_http(family_server.http_url, **greedy(text_input="Compare the two images.", image=imgs))
-    assert out["output_ids"] == family_ref.generate("Compare the two images.", imgs, max_tokens=MAX)
+    check_two_images(family_server, family_ref)
 
 
 def test_stream_equals_generate(family_server, family_ref):
-    img = make_image(180, 140, seed=10)
-    responses = stream_grpc(family_server.grpc_url, **greedy(text_input="Stream this.", image=[img]), stream=True)
-    assert len(responses) > 1
-    assert joined(responses)["output_ids"] == family_ref.generate("Stream this.", [img], max_tokens=MAX)
+    check_stream(family_server, family_ref)
 
 
 def test_messages_with_image_url(family_server, family_ref):

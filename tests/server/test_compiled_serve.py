@@ -1,7 +1,8 @@
-"""The compiled decode step through a real tritonserver (`llm.compile=decode`, buckets 1 and 4 to
-keep the compile at load short): greedy output equals transformers' generate() token for token,
-text, an image, a stream, and three requests at once (decode steps padded to the bucket of 4); the
-compile happened at load (the stub's log says so) and the server stays ready."""
+"""The compiled decode step through a real tritonserver (`llm.compile=decode`, one bucket of 4 to keep
+the compile at load short: every decode step, one request's too, is padded to 4 rows): greedy output
+equals transformers' generate() token for token, text, an image, two images, a stream, and three
+requests at once; the compile happened at load (the stub's log says so) and the server stays ready.
+Bucket choice (1 against 4) and unpadded batch-1 steps: tests/unit/test_compiled_step.py."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from helpers import Reference, infer_http, joined, make_image, running_server, stream_grpc
+from family_cases import PARITY
+from helpers import infer_http, make_image, running_server
 
 MAX = 10
 
@@ -20,13 +22,13 @@ def cserver(model_dir, tmp_path_factory):
     if shutil.which("tritonserver") is None:
         pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
     with running_server(model_dir, tmp_path_factory.mktemp("cserver"), ready_timeout=900,
-                        overrides={"llm": {"compile": "decode", "compile_buckets": "1,4"}}) as srv:
+                        overrides={"llm": {"compile": "decode", "compile_buckets": "4"}}) as srv:
         yield srv
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    return Reference(str(model_dir))
+def ref(reference):
+    return reference  # the session's generate() on the test model (tests/conftest.py)
 
 
 def greedy(**fields):
@@ -35,25 +37,13 @@ def greedy(**fields):
 
 def test_compiled_at_load(cserver):
     log = open(cserver.log_path, errors="replace").read()
-    assert "compiled decode step: buckets [1, 4] ready in" in log, log[-3000:]
+    assert "compiled decode step: buckets [4] ready in" in log, log[-3000:]
 
 
-def test_text_equals_generate(cserver, ref):
-    prompt = "Tell me a story about a lighthouse."
-    assert infer_http(cserver.http_url, **greedy(text_input=prompt))["output_ids"] == ref.generate(prompt, max_tokens=MAX)
-
-
-def test_image_equals_generate(cserver, ref):
-    img = make_image(200, 150, seed=1)
-    out = infer_http(cserver.http_url, **greedy(text_input="What is in the picture?", image=[img]))
-    assert out["output_ids"] == ref.generate("What is in the picture?", [img], max_tokens=MAX)
-
-
-def test_stream_equals_generate(cserver, ref):
-    img = make_image(180, 140, seed=10)
-    responses = stream_grpc(cserver.grpc_url, **greedy(text_input="Stream this answer.", image=[img]), stream=True)
-    assert len(responses) > 1
-    assert joined(responses)["output_ids"] == ref.generate("Stream this answer.", [img], max_tokens=MAX)
+@pytest.mark.parametrize("check", PARITY, ids=lambda c: c.__name__)
+def test_equals_generate(cserver, ref, check):
+    """text, an image, two images, a stream (tests/server/family_cases.py)."""
+    check(cserver, ref, MAX)
 
 
 def test_padded_batch_equals_generate(cserver, ref):

@@ -22,7 +22,8 @@ import sys
 
 import pytest
 import requests
-from helpers import Reference, infer_http, joined, make_image, metrics, running_server, stream_grpc
+from family_cases import PARITY, check_stream
+from helpers import Reference, infer_http, make_image, metrics, running_server
 
 MAX = 12
 SCHEME = "int8_weight_only"
@@ -83,38 +84,23 @@ def greedy(**fields):
     return {"temperature": 0.0, "max_tokens": MAX, "exclude_input_in_output": True, **fields}
 
 
-def test_text(qserver, ref):
-    out = infer_http(qserver.http_url, **greedy(text_input="Tell me a story about a lighthouse."))
-    assert out["output_ids"] == ref.generate("Tell me a story about a lighthouse.", max_tokens=MAX)
-
-
-def test_one_image(qserver, ref):
-    img = make_image(200, 150, seed=1)
-    out = infer_http(qserver.http_url, **greedy(text_input="What is in the picture?", image=[img]))
-    assert out["output_ids"] == ref.generate("What is in the picture?", [img], max_tokens=MAX)
-
-
-def test_two_images(qserver, ref):
-    imgs = [make_image(300, 120, seed=4), make_image(64, 200, seed=5)]
-    out = infer_http(qserver.http_url, **greedy(text_input="Compare the two images.", image=imgs))
-    assert out["output_ids"] == ref.generate("Compare the two images.", imgs, max_tokens=MAX)
+@pytest.mark.parametrize("check", PARITY[:3], ids=lambda c: c.__name__)
+def test_equals_generate(qserver, ref, check):
+    """text, an image, two images (tests/server/family_cases.py)."""
+    check(qserver, ref, MAX)
 
 
 def test_stream_and_prefix_cache(qserver, ref):
-    img = make_image(180, 140, seed=10)
-    fields = greedy(text_input="Stream this answer.", image=[img])
-    want = ref.generate("Stream this answer.", [img], max_tokens=MAX)
     before = metrics(qserver).get("tritonvl_prefix_cache_hit_tokens_total", 0)
-    responses = stream_grpc(qserver.grpc_url, **fields, stream=True)
-    assert len(responses) > 1 and joined(responses)["output_ids"] == want
+    fields, want = check_stream(qserver, ref, MAX)  # a gRPC stream with an image equals generate()
     again = infer_http(qserver.http_url, **fields)  # the same image and prompt: served from the prefix cache
     assert again["output_ids"] == want
     assert metrics(qserver)["tritonvl_prefix_cache_hit_tokens_total"] > before
 
 
-def test_the_quantized_model_differs_from_fp32(qserver, model_dir):
+def test_the_quantized_model_differs_from_fp32(qserver, reference):
     """The parity above is not fp32's: int8 weights change the logits (here: some greedy tokens)."""
-    fp32 = Reference(str(model_dir))
+    fp32 = reference
     prompts = [("Tell me a story about a lighthouse.", []), ("What is in the picture?", [make_image(200, 150, seed=1)]),
                ("Compare the two images.", [make_image(300, 120, seed=4), make_image(64, 200, seed=5)])]
     served = [infer_http(qserver.http_url, **greedy(text_input=t, image=i) if i else greedy(text_input=t))["output_ids"]

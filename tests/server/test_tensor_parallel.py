@@ -12,8 +12,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from family_cases import PARITY
 from family_ref import FamilyReference
-from helpers import Reference, infer_http, joined, make_image, stream_grpc, wait_for
+from helpers import infer_http, make_image, wait_for
 from videos import intake, make_video
 
 from tritonvl.handlers.engine.parallel import FAULT_ENV, WORKER_MODULE
@@ -44,8 +45,8 @@ def tp_server(model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    return Reference(str(model_dir))
+def ref(reference):
+    return reference  # the session's generate() on the test model (tests/conftest.py)
 
 
 def greedy(**fields):
@@ -111,10 +112,10 @@ def test_text_equals_generate_and_tp1(tp_server, ref, server):
     assert out["output_ids"] == infer_http(server.http_url, **greedy(text_input=prompt))["output_ids"]  # tp 1
 
 
-def test_image_equals_generate(tp_server, ref):
-    img = make_image(200, 150, seed=1)
-    out = infer_http(tp_server.http_url, **greedy(text_input="What is in the picture?", image=[img]))
-    assert out["output_ids"] == ref.generate("What is in the picture?", [img], max_tokens=MAX)
+@pytest.mark.parametrize("check", PARITY[1:], ids=lambda c: c.__name__)
+def test_equals_generate(tp_server, ref, check):
+    """an image, two images, a stream (tests/server/family_cases.py; text above, with tp 1)."""
+    check(tp_server, ref, MAX)
 
 
 def test_video_equals_generate(tp_server, model_dir):
@@ -123,13 +124,6 @@ def test_video_equals_generate(tp_server, model_dir):
     out = infer_http(tp_server.http_url, **greedy(text_input="What happens in the video?", video=[clip]))
     want = fref.generate("What happens in the video?", videos=[intake(fref.ip, LIMITS)(clip)], max_tokens=MAX)
     assert out["output_ids"] == want
-
-
-def test_stream_equals_generate(tp_server, ref):
-    img = make_image(180, 140, seed=10)
-    responses = stream_grpc(tp_server.grpc_url, **greedy(text_input="Stream this answer.", image=[img]), stream=True)
-    assert len(responses) > 1
-    assert joined(responses)["output_ids"] == ref.generate("Stream this answer.", [img], max_tokens=MAX)
 
 
 def test_sixteen_concurrent_requests(tp_server, ref):
