@@ -1,4 +1,5 @@
-"""Gateway tests: each module starts its own tritonserver and gateway and stops both."""
+"""Gateway tests: each module starts its own gateway (and stops it) in front of a tritonserver of its
+own or a session one (tests/conftest.py: ``server``, ``video_server``)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from helpers import Reference
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    return Reference(str(model_dir))
+def ref(reference):
+    return reference  # the session's generate() on the test model (tests/conftest.py)
 
 
 def text_of(ref: Reference, ids: list[int]) -> str:
