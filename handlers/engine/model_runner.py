@@ -103,8 +103,9 @@ class ModelRunner:
         model.model.visual = None  # the vision_encoder model owns the tower
         self.model = model
         self.lm = model.model.language_model
-        # the output layer (on CPU re-laid in vocabulary blocks; an untied weight released): output_head.py
-        self.head = OutputHead.build(model.lm_head, device, self.lm.embed_tokens)
+        # the output layer (on CPU re-laid in vocabulary blocks; an untied weight released): output_head.py;
+        # none on a tensor-parallel worker (rank 0 alone samples)
+        self.head = None if model.lm_head is None else OutputHead.build(model.lm_head, device, self.lm.embed_tokens)
         # The hop to our attention: every decoder layer now calls the function registered under
         # attn.ATTN_NAME, and run() hands it the step's StepMeta as the ``tvl_meta`` keyword.
         name = attn.register(chosen.fn)
