@@ -1,5 +1,6 @@
 """An ordinary environment does not make the server drain (issue 24, "the watchdog sees only real
-shutdowns"), each on a real tritonserver of its own:
+shutdowns"), on real tritonservers (1 and 3 share one: the dead proxy stays in its environment while 3
+loads its slow model; 2 has its own, also the reference of 1 and 3):
 
 1. A dead proxy in the server's environment (http_proxy, https_proxy, HTTP_PROXY, HTTPS_PROXY at a
    loopback port nobody listens on, no no_proxy): 12 s of requests, one a second, over HTTP and
@@ -137,20 +138,61 @@ def plain(model_dir, tmp_path_factory):
         srv.stop()
 
 
-def test_a_dead_proxy_in_the_environment_changes_nothing(model_dir, tmp_path, plain):
-    expected = plain.expected
+SLOW_MODEL = '''
+import time
+
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        time.sleep(8)  # the server is not ready while this model loads
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.get_input_tensor_by_name(r, "X")]) for r in requests]
+'''
+
+SLOW_CONFIG = '''name: "slow_to_load"
+backend: "python"
+max_batch_size: 0
+input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+'''
+
+
+@pytest.fixture(scope="module")
+def proxied(model_dir, tmp_path_factory):
+    """The server of tests 1 and 3: a dead proxy in its environment (every proxy variable at a loopback
+    port nobody listens on, no no_proxy), explicit model-control mode with the pipeline loaded at start,
+    and a repository copy that also holds ``slow_to_load`` (test 3 loads it)."""
+    from tritonvl.handlers.tools.repository import default_model_repository
+
+    where = tmp_path_factory.mktemp("proxied")
+    repo = where / "repo"
+    shutil.copytree(default_model_repository(), repo, ignore=shutil.ignore_patterns("__pycache__"))
+    (repo / "slow_to_load" / "1").mkdir(parents=True)
+    (repo / "slow_to_load" / "config.pbtxt").write_text(SLOW_CONFIG)
+    (repo / "slow_to_load" / "1" / "model.py").write_text(SLOW_MODEL)
     proxy = f"http://127.0.0.1:{dead_port()}"
     env = {var: proxy for var in PROXY_VARS} | {"no_proxy": "", "NO_PROXY": ""}
-    with ServerProcess(str(model_dir), log_path=str(tmp_path / "server.log"), env=env) as srv:
-        start, i, answered = time.monotonic(), 0, []
-        while time.monotonic() - start < WINDOW:
-            got = ask(srv, i)  # raises on "the server is shutting down"
-            assert got == expected[i % 4], (i, got, expected[i % 4])
-            answered.append(round(time.monotonic() - start, 1))
-            i += 1
-            time.sleep(1.0)
-        assert srv.proc.poll() is None and http_status("127.0.0.1", srv.http_port) == 200
-        assert_probed(srv)
+    pipeline = [f"--load-model={m}" for m in ("preprocess", "vision_encoder", "llm", "qwen2_5_vl")]
+    with ServerProcess(str(model_dir), repo=repo, log_path=str(where / "server.log"), env=env,
+                       extra=["--model-control-mode=explicit", *pipeline]) as srv:
+        yield srv
+
+
+def test_a_dead_proxy_in_the_environment_changes_nothing(proxied, plain):
+    srv, expected = proxied, plain.expected
+    start, i, answered = time.monotonic(), 0, []
+    while time.monotonic() - start < WINDOW:
+        got = ask(srv, i)  # raises on "the server is shutting down"
+        assert got == expected[i % 4], (i, got, expected[i % 4])
+        answered.append(round(time.monotonic() - start, 1))
+        i += 1
+        time.sleep(1.0)
+    assert srv.proc.poll() is None and http_status("127.0.0.1", srv.http_port) == 200
+    assert_probed(srv)
     assert len(answered) >= 6 and answered[-1] > WINDOW - 3, answered
 
 
@@ -188,65 +230,32 @@ def test_a_non_loopback_http_address_serves_past_the_probe_interval_and_still_dr
     assert plain.proc.wait(40) == 0, plain.log_tail()
 
 
-SLOW_MODEL = '''
-import time
+def test_a_model_briefly_not_ready_does_not_drain(proxied, plain):
+    srv, expected = proxied, plain.expected
+    assert [ask(srv, i) for i in range(4)] == [expected[i] for i in range(4)]  # served: a stop would be noticed
+    loaded: dict = {}
 
-import triton_python_backend_utils as pb_utils
+    def load():
+        conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=120)
+        try:
+            conn.request("POST", "/v2/repository/models/slow_to_load/load")
+            loaded["status"] = conn.getresponse().status
+        finally:
+            conn.close()
 
-
-class TritonPythonModel:
-    def initialize(self, args):
-        time.sleep(8)  # the server is not ready while this model loads
-
-    def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.get_input_tensor_by_name(r, "X")]) for r in requests]
-'''
-
-SLOW_CONFIG = '''name: "slow_to_load"
-backend: "python"
-max_batch_size: 0
-input [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
-output [ { name: "X" data_type: TYPE_INT32 dims: [ 1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-'''
-
-
-def test_a_model_briefly_not_ready_does_not_drain(model_dir, tmp_path):
-    from tritonvl.handlers.tools.repository import default_model_repository
-
-    repo = tmp_path / "repo"
-    shutil.copytree(default_model_repository(), repo, ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "slow_to_load" / "1").mkdir(parents=True)
-    (repo / "slow_to_load" / "config.pbtxt").write_text(SLOW_CONFIG)
-    (repo / "slow_to_load" / "1" / "model.py").write_text(SLOW_MODEL)
-    pipeline = [f"--load-model={m}" for m in ("preprocess", "vision_encoder", "llm", "qwen2_5_vl")]
-    with ServerProcess(str(model_dir), repo=repo, log_path=str(tmp_path / "server.log"),
-                       extra=["--model-control-mode=explicit", *pipeline]) as srv:
-        expected = {i: ask(srv, i) for i in range(4)}  # served: a stop would be noticed from now on
-        loaded: dict = {}
-
-        def load():
-            conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=120)
-            try:
-                conn.request("POST", "/v2/repository/models/slow_to_load/load")
-                loaded["status"] = conn.getresponse().status
-            finally:
-                conn.close()
-
-        loader = threading.Thread(target=load)
-        loader.start()
-        statuses, i = [], 1
-        while loader.is_alive():
-            statuses.append(http_status("127.0.0.1", srv.http_port))
-            assert ask(srv, i) == expected[i % 4], i  # answered while the server is not ready
-            i += 1
-            time.sleep(0.5)
-        loader.join()
-        assert loaded.get("status") == 200, loaded
-        assert 400 in statuses, f"the server was never seen not ready: {statuses}"
-        time.sleep(3)  # a drain started during the load would refuse what follows
-        assert [ask(srv, i) for i in range(4)] == [expected[i] for i in range(4)]
-        assert http_status("127.0.0.1", srv.http_port) == 200
-        assert_probed(srv)
+    loader = threading.Thread(target=load)
+    loader.start()
+    statuses, i = [], 1
+    while loader.is_alive():
+        statuses.append(http_status("127.0.0.1", srv.http_port))
+        assert ask(srv, i) == expected[i % 4], i  # answered while the server is not ready
+        i += 1
+        time.sleep(0.5)
+    loader.join()
+    assert loaded.get("status") == 200, loaded
+    assert 400 in statuses, f"the server was never seen not ready: {statuses}"
+    time.sleep(3)  # a drain started during the load would refuse what follows
+    assert [ask(srv, i) for i in range(4)] == [expected[i] for i in range(4)]
+    assert http_status("127.0.0.1", srv.http_port) == 200
+    assert_probed(srv)
     assert i > 6, "too few requests during the load"
-
