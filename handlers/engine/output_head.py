@@ -91,7 +91,7 @@ class BlockedHead(OutputHead):
 
     def argmax(self, h: torch.Tensor) -> list[int]:
         if not self.nb or (self.packed is not None and h.shape[0] > 1):  # whole logits (oneDNN or one small block)
-            return self._logits(h).argmax(dim=-1).tolist()
+            return first_argmax(self._logits(h)).tolist()
         body, tail = self._products(h)
         idx = body.argmax(dim=2)  # [nb, n]: each block's first maximum
         best = body.gather(2, idx[..., None])[..., 0]  # [nb, n]
@@ -118,3 +118,24 @@ def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
         return packed
     except (AttributeError, RuntimeError):
         return None
+
+
+def first_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for [n, vocab] logits (the first of equal maxima), by way of ``amax``: each
+    row's maximum per BLOCK columns (amax is vectorised; torch's CPU argmax ran ~4x slower: 10.4 against
+    2.4 ms over [32, 151936]), then argmax inside the first block that holds it."""
+    n, vocab = x.shape
+    nb = vocab // BLOCK
+    if nb < 2 or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    cut = nb * BLOCK
+    blocks = x[:, :cut].view(n, nb, BLOCK)
+    block_max = blocks.amax(dim=-1)  # [n, nb]
+    best = block_max.amax(dim=-1)  # [n]
+    j = (block_max == best[:, None]).to(torch.uint8).argmax(dim=-1)  # the first block holding it
+    rows = torch.arange(n, device=x.device)
+    ids = blocks[rows, j].argmax(dim=-1) + j * BLOCK
+    if cut < vocab:  # the tail wins only when strictly greater (it comes last)
+        tail = x[:, cut:]
+        ids = torch.where(tail.amax(dim=-1) > best, tail.argmax(dim=-1) + cut, ids)
+    return ids

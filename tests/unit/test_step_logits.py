@@ -173,3 +173,19 @@ def test_engine_output_identical_with_and_without_the_fused_layer(model_dir):
         whole = [r.token_ids for r in pipe.generate(reqs)]
     assert all(len(t) == 12 for t in fused)
     assert fused == whole
+
+
+@pytest.mark.parametrize("rows,vocab", [(32, 151936), (1, 151936), (7, 3 * oh.BLOCK + 5), (5, 2 * oh.BLOCK), (3, 100)])
+def test_first_argmax_equals_torch_argmax(rows, vocab):
+    x = torch.randn(rows, vocab)
+    assert torch.equal(oh.first_argmax(x), x.argmax(dim=-1))
+
+
+def test_first_argmax_ties_and_tail():
+    x = torch.zeros(4, 3 * oh.BLOCK + 9)
+    x[:, 7] = x[:, oh.BLOCK + 7] = x[:, -1] = 1.0  # equal maxima in two blocks and the tail: the first wins
+    assert oh.first_argmax(x).tolist() == [7] * 4
+    x[:, -1] = 2.0  # the tail strictly greater
+    assert oh.first_argmax(x).tolist() == [x.shape[1] - 1] * 4
+    x[1, 2 * oh.BLOCK + 3] = 5.0  # one row's maximum in a later block
+    assert oh.first_argmax(x).tolist() == [x.shape[1] - 1, 2 * oh.BLOCK + 3] + [x.shape[1] - 1] * 2
