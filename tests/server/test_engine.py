@@ -10,12 +10,12 @@ from functools import partial
 
 import numpy as np
 import pytest
-from helpers import GaugePeak, Reference, infer_http, joined, make_image, metrics, stream_grpc, wait_for
+from helpers import GaugePeak, infer_http, joined, make_image, metrics, stream_grpc, wait_for
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    return Reference(str(model_dir))
+def ref(reference):
+    return reference  # the session's generate() on the test model (tests/conftest.py)
 
 
 def mixed_cases(n: int, max_images: int = 3) -> list[dict]:

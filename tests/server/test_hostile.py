@@ -19,7 +19,7 @@ import urllib.request
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from helpers import Reference, make_image, stream_grpc, stream_results
+from helpers import make_image, stream_grpc, stream_results
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 IMAGE = make_image(160, 120, seed=41)
@@ -28,8 +28,8 @@ MAX = 10
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    return Reference(str(model_dir))
+def ref(reference):
+    return reference  # the session's generate() on the test model (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

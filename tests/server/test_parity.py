@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import Reference, data_uri, infer_http, joined, make_image, stream_grpc
+from helpers import data_uri, infer_http, joined, make_image, stream_grpc
 
 MAX = 12
 
 
 @pytest.fixture(scope="module")
-def ref(model_dir):
-    return Reference(str(model_dir))
+def ref(reference):
+    return reference  # the session's generate() on the test model (tests/conftest.py)
 
 
 def greedy(**fields):
