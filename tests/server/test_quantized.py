@@ -3,9 +3,10 @@
 `llm.quantization=int8_weight_only` (torchao at load): greedy output equals transformers' generate()
 on the same model quantized the same way in this process, token for token (text, one image, two
 images, a stream); the engine reports what the decoder holds (tritonvl_engine_info labels) and its
-linear layers are ~1/4 of fp32's. A compressed-tensors W4A16 checkpoint: the same parity against
-generate() on it, and its decoder's linear layers stay packed in memory (~0.16 of fp32's; each
-dequantizes its weight per forward). GPTQ and AWQ checkpoints (made here by the reference packer):
+linear layers are ~1/4 of fp32's. compressed-tensors checkpoints (W4A16, W8A8, FP8 dynamic): the same
+parity against generate() on the checkpoint (transformers' compressed-tensors loader), and the
+decoder's linear layers stay packed in memory (~0.16 of fp32's for W4A16, ~0.26 for W8A8 and FP8;
+each dequantizes its weight per forward). GPTQ and AWQ checkpoints (made here by the reference packer):
 greedy output equals generate() on the fake-quantized model, and the decoder's linear layers stay packed
 (~0.15 of fp32's). A checkpoint whose quantization_config is broken stops `tritonvl
 serve` before tritonserver starts, with a message naming it and a non-zero exit.
@@ -34,22 +35,24 @@ pytest.importorskip("torchao", reason="llm.quantization needs torchao: pip insta
 # GPTQ (4-bit sym, v1 zeros, as Qwen's GPTQ-Int4 releases) and AWQ gemm (4-bit asym, as Qwen's AWQ
 # releases), group 32, made by the reference packer in tests/quant_checkpoints.py
 PACKED = {"gptq": {"method": "gptq", "sym": True}, "awq": {"method": "awq"}}
+# compressed-tensors presets, each checkpoint made from the test model with the library's own API
+COMPRESSED = {"ct_w4a16": "W4A16", "ct_w8a8": "W8A8", "ct_fp8": "FP8_DYNAMIC"}
 ORACLES = {}  # kind -> the fake-quantized fp32 checkpoint beside the packed one
 
 
-@pytest.fixture(scope="module", params=["int8_weight_only", "ct_w4a16", "gptq", "awq"])
+@pytest.fixture(scope="module", params=["int8_weight_only", *COMPRESSED, "gptq", "awq"])
 def case(request, model_dir, tmp_path_factory):
-    """(kind, model dir, server) for quantize-at-load on the fp32 test model, then for a
-    compressed-tensors W4A16 (pack-quantized, group 32) checkpoint made from it here, then for GPTQ and
-    AWQ checkpoints made from it here."""
+    """(kind, model dir, server) for quantize-at-load on the fp32 test model, then for compressed-tensors
+    checkpoints made from it here (W4A16 pack-quantized, group 32; W8A8 int8 per channel with dynamic
+    per-token int8 activations; FP8 dynamic), then for GPTQ and AWQ checkpoints made from it here."""
     if shutil.which("tritonserver") is None:
         pytest.importorskip("pytriton", reason="no tritonserver: run scripts/setup.sh")
     kind, where = request.param, tmp_path_factory.mktemp(request.param)
-    if kind == "ct_w4a16":
+    if kind in COMPRESSED:
         pytest.importorskip("compressed_tensors")
         from quant_checkpoints import make_compressed
 
-        directory, overrides = make_compressed(model_dir, where / "w4a16", "W4A16"), None
+        directory, overrides = make_compressed(model_dir, where / kind, COMPRESSED[kind]), None
     elif kind in PACKED:
         from quant_checkpoints import make_packed
 
@@ -118,7 +121,7 @@ def _linear_bytes(directory) -> int:
             if key.startswith(("model.layers.", "model.language_model.layers.")) and key.rsplit(".", 2)[-2].endswith("proj"):
                 t = f.get_slice(key)
                 total += math.prod(t.get_shape()) * {"F32": 4, "I32": 4, "I64": 8, "I8": 1, "U8": 1,
-                                                     "BF16": 2, "F16": 2}[t.get_dtype()]
+                                                     "BF16": 2, "F16": 2, "F8_E4M3": 1}[t.get_dtype()]
     return total
 
 
@@ -146,12 +149,15 @@ def test_engine_reports_the_decoder_bytes(case, model_dir):
         assert 0.13 <= held / fp32 < 0.17 and held <= disk * 1.02, (held, disk, fp32)  # biases cast to fp32
     else:
         disk = _linear_bytes(directory)
-        print(f"decoder linear layers: fp32 {fp32} bytes, W4A16 on disk {disk} ({disk / fp32:.3f}), "
+        print(f"decoder linear layers: fp32 {fp32} bytes, {COMPRESSED[kind]} on disk {disk} ({disk / fp32:.3f}), "
               f"in memory {held} ({held / fp32:.3f})")
         assert labels["quantization"] == "compressed-tensors" and "quantization compressed-tensors" in log
         assert "linear layers dequantize their weight per forward" in log
-        assert 0.12 <= disk / fp32 < 0.2, (disk, fp32)  # 4-bit weights + an fp32 scale per 32 + fp32 biases
-        assert 0.12 <= held / fp32 < 0.2, (held, fp32)  # what the disk holds (packed int32, scales, shapes)
+        # W4A16: 4-bit weights + an fp32 scale per 32 + fp32 biases; W8A8 / FP8: 1-byte weights + an fp32
+        # scale per output row + fp32 biases. In memory: what the disk holds (the packed weights stay).
+        lo, hi = (0.12, 0.2) if kind == "ct_w4a16" else (0.24, 0.32)
+        assert lo <= disk / fp32 < hi, (disk, fp32)
+        assert lo <= held / fp32 < hi, (held, fp32)
 
 
 def test_serve_exits_on_a_broken_quantization_config(model_dir, tmp_path):
