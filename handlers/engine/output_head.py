@@ -8,8 +8,9 @@ whole step at batch 1 is mostly this read: 311 MB on the bench preset). For 2+ r
 also keeps oneDNN's packed copy of the weight (``torch.ops.mkldnn``, what inductor's CPU linear
 uses): its GEMM ran 25-40% faster than MKL's or the blocks' on 4-32 rows here (MKL's sgemm reaches
 about half of this AMD CPU's peak); that copy costs the head's size again in memory, so it is made
-only for heads up to PACK_MAX_BYTES. Elsewhere (CUDA,
-NPU), or for an output layer with a bias or a non-float weight, it is the module's own forward. docs/BENCHMARKS.md, "Output layer", has the figures.
+only for heads up to PACK_MAX_BYTES. Elsewhere (CUDA, NPU), or for an output layer with a bias or a
+non-float weight, it is the module's own forward. docs/BENCHMARKS.md ("Against OpenVINO GenAI") has
+the figures.
 """
 
 from __future__ import annotations
@@ -75,33 +76,18 @@ class BlockedHead(OutputHead):
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.blocks, self.tail) if t is not None)
 
-    def _products(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = h.to(self.blocks.dtype)
-        return torch.matmul(h, self.blocks), (h @ self.tail if self.tail is not None else None)  # [nb, n, B], [n, t]
-
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._logits(h)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and h.shape[0] > 1:
             return torch.ops.mkldnn._linear_pointwise(h.float(), self.packed, None, "none", [], "")
-        body, tail = self._products(h)
-        out = body.permute(1, 0, 2).reshape(h.shape[0], self.nb * BLOCK)
-        return (torch.cat([out, tail], dim=1) if tail is not None else out).float()
+        h = h.to(self.blocks.dtype)
+        out = torch.matmul(h, self.blocks).permute(1, 0, 2).reshape(h.shape[0], self.nb * BLOCK)  # [nb, n, B] -> [n, nb*B]
+        return (torch.cat([out, h @ self.tail], dim=1) if self.tail is not None else out).float()
 
     def argmax(self, h: torch.Tensor) -> list[int]:
-        if not self.nb or (self.packed is not None and h.shape[0] > 1):  # whole logits (oneDNN or one small block)
-            return first_argmax(self._logits(h)).tolist()
-        body, tail = self._products(h)
-        idx = body.argmax(dim=2)  # [nb, n]: each block's first maximum
-        best = body.gather(2, idx[..., None])[..., 0]  # [nb, n]
-        j = best.argmax(dim=0)  # [n]: the first block holding the row's maximum
-        ids = idx.gather(0, j[None])[0] + j * BLOCK
-        if tail is not None:  # the tail wins only when strictly greater (it comes last)
-            t_idx = tail.argmax(dim=1)
-            t_best = tail.gather(1, t_idx[:, None])[:, 0]
-            ids = torch.where(t_best > best.gather(0, j[None])[0], t_idx + self.nb * BLOCK, ids)
-        return ids.tolist()
+        return first_argmax(self._logits(h)).tolist()
 
 
 def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
