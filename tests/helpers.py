@@ -25,6 +25,17 @@ def make_image(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
+def proc_info(p, what: str = "name"):
+    """``p.name()`` / ``p.cmdline()`` of a psutil process; "" / [] for one gone meanwhile (a process
+    tree snapshot holds the stub monitors' short-lived children)."""
+    import psutil
+
+    try:
+        return getattr(p, what)()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return [] if what == "cmdline" else ""
+
+
 def data_uri(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import requests
 from conftest import gateway_metrics
-from helpers import wait_for
+from helpers import proc_info, wait_for
 
 from tritonvl.handlers.gateway.process import GatewayProcess
 from tritonvl.handlers.tools.launcher import free_port
@@ -116,23 +116,15 @@ def test_every_endpoint_but_health_and_metrics_needs_the_key(served):
     assert gateway_metrics(served.url)['tritonvl_gateway_rejected_total{reason="auth"}'] >= 30
 
 
-def _cmdline(p) -> list[str]:
-    """A process' command line; [] for one that is gone (the stub monitors' short `sleep`s come and go)."""
-    try:
-        return p.cmdline()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return []
-
-
 def test_serve_binds_loopback_and_keeps_keys_off_command_lines(served):
     tree = [psutil.Process(served.proc.pid), *psutil.Process(served.proc.pid).children(recursive=True)]
-    (gateway,) = [p for p in tree if "gateway" in _cmdline(p)]
+    (gateway,) = [p for p in tree if "gateway" in proc_info(p, "cmdline")]
     listening = {c.laddr for c in gateway.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
     assert listening == {("127.0.0.1", served.port)}, listening
     for p in tree:
-        assert not any(k in " ".join(_cmdline(p)) for k in KEYS), _cmdline(p)
+        assert not any(k in " ".join(proc_info(p, "cmdline")) for k in KEYS), proc_info(p, "cmdline")
     assert gateway.environ()["TRITONVL_API_KEY"].split() == list(KEYS)
-    (triton,) = [p for p in tree if p.name() == "tritonserver"]
+    (triton,) = [p for p in tree if proc_info(p) == "tritonserver"]
     assert "TRITONVL_API_KEY" not in triton.environ()  # not the server's (nor its Python stubs') to hold
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from helpers import MODEL, _inputs, _result
+from helpers import MODEL, _inputs, _result, proc_info
 
 EXIT_TIMEOUT = 30  # what the launcher passes to tritonserver
 DRAIN = 4  # llm drain_deadline_s for this test (default 20)
@@ -124,7 +124,7 @@ def test_sigterm_under_tritonvl_serve_drains_then_ends_every_stream(model_dir, t
             assert serve.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
         procs = tree(serve.pid)
-        first_pid["pid"] = next(p.pid for p in procs if p.name() == "tritonserver")
+        first_pid["pid"] = next(p.pid for p in procs if proc_info(p) == "tritonserver")
         streams = [Stream(f"localhost:{grpc}", i) for i in range(4)]
         for s in streams:
             assert s.first.wait(120), s.error
