@@ -370,6 +370,9 @@ def worker_main(args: dict) -> None:
     _die_with_parent(args["parent"])
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     logging.basicConfig(level=logging.INFO, format=f"tritonvl tp rank {rank}: %(message)s")
+    from tritonvl.handlers.noise import quiet_library_noise
+
+    quiet_library_noise()  # a worker loads the model too, so torchao's import noise comes here as well
     try:
         from tritonvl.handlers.devices import parse_dtype, prepare_device
         from tritonvl.handlers.modelinfo import load_model_info

@@ -6,10 +6,12 @@ claimed on the CPU (handlers/engine/parallel.py, docs/DEVICES.md)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from family_cases import PARITY
@@ -103,6 +105,15 @@ def test_one_worker_rank_runs_under_the_llm_stub(tp_server):
     import psutil
 
     assert psutil.Process(worker).ppid() == stub
+
+
+def test_worker_log_has_no_torchao_import_noise(tp_server):
+    """The worker loads the model too, so it installs handlers/noise.py's filter as the stubs do."""
+    if importlib.util.find_spec("torchao") is None:
+        pytest.skip("torchao is not installed: its import warnings cannot occur")
+    log = Path(tp_server.log_path).read_text(errors="replace")
+    assert "tp rank 1" in log  # the worker's own lines do reach this log
+    assert "/torchao/_C" not in log, [line for line in log.splitlines() if "/torchao/_C" in line][:4]
 
 
 def test_text_equals_generate_and_tp1(tp_server, ref, server):
