@@ -22,7 +22,7 @@ from tritonvl.handlers.weights import load_full_model
 
 from . import attention as attn
 from . import parallel
-from .output_head import OutputHead
+from .output_head import OutputHead, first_argmax
 from .visual import grid_kinds, mm_token_types
 
 
@@ -272,7 +272,7 @@ class StepLogits:
     def argmax(self) -> list[int]:
         """Every row's argmax (from the full logits when they were already made)."""
         if self._full is not None:
-            return self._full.argmax(dim=-1).tolist()
+            return first_argmax(self._full).tolist()
         return self._runner.head.argmax(self._hidden)
 
     def __getitem__(self, index):
