@@ -3,6 +3,7 @@
     python benchmarks/peer_openvino.py                       # set up (once), export, run, print the table
     python benchmarks/peer_openvino.py --concurrency 1,8 --workloads text --json /tmp/peer.json
     python benchmarks/peer_openvino.py --systems served,openvino --client grpc
+    python benchmarks/peer_openvino.py --set compile=decode    # llm parameters for both tritonvl systems
     python benchmarks/peer_openvino.py --report /tmp/peer.json   # the table again from a saved run
 
 Set-up (once, in its OWN virtual environment, ``.venv-peer-openvino/`` at the repository root,
@@ -211,6 +212,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="OUT", help="write the figures there (--report prints the table again)")
     ap.add_argument("--report", metavar="IN", help="print the table of a saved --json run and exit")
     ap.add_argument("--log-dir", default="/tmp/tritonvl-bench-logs", help="where the server's log is kept")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="llm_set",
+                    help="an llm parameter for both tritonvl systems (docs/PARAMETERS.md), e.g. compile=decode")
     ap.add_argument("--setup-only", action="store_true")
     args = ap.parse_args(argv)
     if args.report:
@@ -237,11 +240,17 @@ def main(argv=None) -> int:
     if args.setup_only:
         print(f"peer venv {VENV}; exported model {ov_dir}")
         return 0
+    from tritonvl.handlers.params import read
+
+    llm_set = dict(kv.split("=", 1) for kv in args.llm_set)
+    typed_set = read("llm", llm_set)  # a misspelt name or a bad value stops here, before anything loads
+    llm_kwargs = {k: getattr(typed_set, k) for k in llm_set}
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     max_seqs = max(64, max(levels))
     results = {"cpu": cpu_model(), "model": args.model, "max_tokens": args.max_tokens, "threads": threads,
                "served_vision_threads": cpu_threads("auto", share=0.5), "client": args.client, "systems": systems,
+               "llm_set": llm_set,
                "load_at_start": load(), "rows": []}
     print(f"# {results['cpu']} | model {args.model} | {args.max_tokens} output tokens, greedy | {threads_note(results)}"
           f" | served over {args.client} | load {load()}", flush=True)
@@ -287,9 +296,9 @@ def main(argv=None) -> int:
             from tritonvl.handlers.preprocess.preprocessor import RawRequest
             from tritonvl.handlers.tools.offline import OfflinePipeline
 
-            pipe = stack.enter_context(OfflinePipeline(model_dir, max_num_seqs=max_seqs))
+            pipe = stack.enter_context(OfflinePipeline(model_dir, **{"max_num_seqs": max_seqs, **llm_kwargs}))
         if "served" in systems:
-            server = Triton(model_dir, "engine", {"max_num_seqs": max_seqs, "num_threads": threads},
+            server = Triton(model_dir, "engine", {"max_num_seqs": max_seqs, "num_threads": threads, **llm_set},
                             log_file(args.log_dir, f"peer-openvino-served-{args.model}.log"),
                             env={"OMP_NUM_THREADS": str(threads)})  # preprocess; the vision encoder: its auto
             stack.callback(server.stop)
@@ -350,8 +359,9 @@ def finish_row(row: dict) -> None:
 
 
 def threads_note(results: dict) -> str:
+    extra = "".join(f", llm {k}={v}" for k, v in results.get("llm_set", {}).items())
     return (f"torch threads {results['threads']} (in-process; the server's engine and preprocess), "
-            f"{results.get('served_vision_threads', '?')} in the server's vision encoder (its auto)")
+            f"{results.get('served_vision_threads', '?')} in the server's vision encoder (its auto){extra}")
 
 
 def report(results: dict) -> str:

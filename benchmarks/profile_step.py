@@ -73,7 +73,6 @@ def instrument(pipe, timers: Timers, steps: list) -> None:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from tritonvl.handlers.engine import model_runner as mr
-    from tritonvl.handlers.engine.attention import ATTN_NAME
 
     eng = pipe.engine
     runner = eng.runner
@@ -98,7 +97,8 @@ def instrument(pipe, timers: Timers, steps: list) -> None:
         for mod in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
                     layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
             mod.forward = timers.wrap("linears", mod.forward)
-    ALL_ATTENTION_FUNCTIONS[ATTN_NAME] = timers.wrap("attention", ALL_ATTENTION_FUNCTIONS[ATTN_NAME])
+    name = runner.lm.config._attn_implementation  # the engine's own attention function (attention/registry.py)
+    ALL_ATTENTION_FUNCTIONS[name] = timers.wrap("attention", ALL_ATTENTION_FUNCTIONS[name])
     step = eng.step
     pack = runner.pack
     seen = {"rows": 0, "tokens": 0}

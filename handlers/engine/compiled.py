@@ -59,11 +59,9 @@ class CompiledStep:
         self.runner = runner
         self.buckets = sorted(buckets)
         self.device = torch.device(runner.device)
-        fn = _backend_fn()
+        fn = runner.attn_fn  # the engine's backend function
         self.backend_fn = fn
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(attn.ATTN_NAME, dispatching(fn))
+        runner.use_attention(dispatching(fn))
         cache_limit = len(self.buckets) + 4
         if torch._dynamo.config.cache_size_limit < cache_limit:
             torch._dynamo.config.cache_size_limit = cache_limit
@@ -260,12 +258,6 @@ def _utf8_locale() -> None:
         except locale.Error:
             continue
     log.warning("compiled decode step: no UTF-8 locale to switch to; inductor may fail to read its templates")
-
-
-def _backend_fn():
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[attn.ATTN_NAME]
 
 
 def build(runner, mode: str, buckets: tuple[int, ...], max_num_seqs: int, max_model_len: int) -> CompiledStep | None:

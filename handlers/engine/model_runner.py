@@ -106,12 +106,8 @@ class ModelRunner:
         # the output layer (on CPU re-laid in vocabulary blocks; an untied weight released): output_head.py;
         # none on a tensor-parallel worker (rank 0 alone samples)
         self.head = None if model.lm_head is None else OutputHead.build(model.lm_head, device, self.lm.embed_tokens)
-        # The hop to our attention: every decoder layer now calls the function registered under
-        # attn.ATTN_NAME, and run() hands it the step's StepMeta as the ``tvl_meta`` keyword.
-        name = attn.register(chosen.fn)
-        self.lm.config._attn_implementation = name
-        for layer in self.lm.layers:
-            layer.self_attn.config._attn_implementation = name
+        self.attn_fn = chosen.fn  # the backend's attention function
+        self.use_attention(chosen.fn)
         per_token = info.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) // size
         if not kv_cache_bytes:
             kv_cache_bytes = free_device_bytes(device, kv_cache_fraction)
@@ -168,6 +164,15 @@ class ModelRunner:
         # positions outrun the text after it (second_per_grid_t > 1)
         delta = int(positions[:, 0, -1].max()) + 1 - ids.shape[1]
         return SeqInputs(positions[:, 0].cpu(), delta, visual, embeds, deepstack)
+
+    def use_attention(self, fn) -> None:
+        """The hop to our attention: every decoder layer calls ``fn`` (registered with transformers under a
+        name of its own, attention/registry.py; the backend's function, or the compiled step's wrapper of
+        it), and run() hands it the step's StepMeta as ``tvl_meta``."""
+        name = attn.register(fn)
+        self.lm.config._attn_implementation = name
+        for layer in self.lm.layers:
+            layer.self_attn.config._attn_implementation = name
 
     # ---- per step ----
     @torch.inference_mode()

@@ -259,3 +259,20 @@ def test_select_falls_back_to_sdpa_when_the_kernel_disagrees(fake_kernels, monke
     assert "differs from sdpa" in chosen.why
     with pytest.raises(ValueError, match="failed its start-up check"):
         attn.select("flash_attn", "cpu", torch.bfloat16, 4, 2, 16)
+
+
+def test_each_attention_function_gets_its_own_name_in_transformers_registry():
+    """Two engines in one process (other backends, or a compiled step's wrapper) keep their own functions."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from tritonvl.handlers.engine.attention import register
+
+    def one(*a, **k):
+        return None
+
+    def other(*a, **k):
+        return None
+
+    a, b = register(one), register(other)
+    assert a != b and register(one) == a
+    assert ALL_ATTENTION_FUNCTIONS[a] is one and ALL_ATTENTION_FUNCTIONS[b] is other

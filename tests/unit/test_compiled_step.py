@@ -40,7 +40,7 @@ def eager(model_dir):
 
 
 @pytest.fixture(scope="module")
-def compiled(model_dir, eager):  # after the eager pipeline: it re-registers the attention function
+def compiled(model_dir, eager):
     with OfflinePipeline(str(model_dir), kv_cache_bytes=1 << 24, compile="decode", compile_buckets=BUCKETS) as pipe:
         step = pipe.engine.runner.compiled
         assert step is not None and step.buckets == list(BUCKETS) and step.compile_s > 0
@@ -137,8 +137,23 @@ def test_a_perturbed_compiled_step_is_caught(compiled):
     assert steps and not all(same for _, _, same in steps)
 
 
+def test_an_engine_built_later_in_the_process_leaves_the_compiled_one_compiled(compiled, model_dir):
+    """Transformers' attention registry is process-wide: each engine's function has a name of its own
+    (attention/registry.py), so an eager engine built after the compiled one does not replace the
+    function the compiled graph guards on (with one shared name, every step fell back to eager)."""
+    step = compiled.engine.runner.compiled
+    with OfflinePipeline(str(model_dir), kv_cache_bytes=1 << 24) as later:
+        before, fallbacks = step.steps, step.fallbacks
+        got = [r.token_ids for r in compiled.generate([request(0, False)])]
+        assert step.fallbacks == fallbacks and step.steps - before >= MAX - 1
+        assert got == [r.token_ids for r in later.generate([request(0, False)])]
+        assert later.engine.runner.lm.config._attn_implementation != compiled.engine.runner.lm.config._attn_implementation
+
+
 def test_static_buffer_path_gives_the_eager_argmax(compiled):
-    """The CUDA-graph path's static buffers (slot mapping, block tables, lengths; padded rows repeat
+    """(Last in this module: its warm-up writes K/V into block 0 of the live cache, which may hold a
+    cached prefix of an earlier request; at load, where the engine warms up, the cache is empty.)
+    The CUDA-graph path's static buffers (slot mapping, block tables, lengths; padded rows repeat
     row 0's K/V write and have length 0) run on the CPU without capture, with a torch stand-in for
     the paged decode kernel: every step's argmax equals the eager step's. (Per step, not whole
     sequences: the stand-in attends over every block of the table, masked, so its sums differ from
@@ -158,3 +173,4 @@ def test_static_buffer_path_gives_the_eager_argmax(compiled):
     assert {rows for rows, _, _ in steps} >= {1, 3} and cuda_less.fallbacks == 0  # 3: padded to 4
     assert all(same for _, _, same in steps), steps
     assert max(diff for _, diff, _ in steps) < 1e-3
+

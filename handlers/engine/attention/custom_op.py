@@ -110,8 +110,15 @@ def _static_decode(meta: StaticDecode, query, key, value, layer: int, scale: flo
     return o[None].contiguous()  # [1, Bp, H, D]
 
 
+_DISPATCHING: dict[Callable, Callable] = {}
+
+
 def dispatching(fn: Callable) -> Callable:
-    """``fn`` for eager steps (``tvl_meta`` given), the custom op for the compiled decoder (none given)."""
+    """``fn`` for eager steps (``tvl_meta`` given), the custom op for the compiled decoder (none given).
+    One wrapper per ``fn`` in a process: a compiled graph guards on the function its layers look up,
+    so a second compiled engine on the same backend must not replace the first one's."""
+    if fn in _DISPATCHING:
+        return _DISPATCHING[fn]
 
     def attend(module, query, key, value, attention_mask, scaling=None, tvl_meta: StepMeta | None = None,
                **kwargs):
@@ -120,4 +127,5 @@ def dispatching(fn: Callable) -> Callable:
         scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
         return torch.ops.tritonvl.paged_attention(query, key, value, module.layer_idx, scale), None
 
+    _DISPATCHING[fn] = attend
     return attend

@@ -2,11 +2,11 @@
 kernel backend against sdpa on the real device at start-up, and falls back to sdpa under ``auto``.
 
 How the engine reaches its attention (the hop that is not visible in the model code): ``register``
-puts our function into transformers' ``AttentionInterface`` under ``ATTN_NAME``; the model runner sets
-``config._attn_implementation = ATTN_NAME`` on the text model and its layers, and passes the step's
-``StepMeta`` as the ``tvl_meta=`` keyword to the text model's forward. Each HF decoder layer
-(``Qwen2_5_VLAttention.forward``) looks up ``ALL_ATTENTION_FUNCTIONS[ATTN_NAME]`` and calls it with its
-query/key/value and the forward's ``**kwargs``, so ``tvl_meta`` arrives in our function.
+puts our function into transformers' ``AttentionInterface`` under a name of its own (``ATTN_NAME`` for the
+first); the model runner sets ``config._attn_implementation`` to that name on the text model and its
+layers, and passes the step's ``StepMeta`` as the ``tvl_meta=`` keyword to the text model's forward.
+Each HF decoder layer (``Qwen2_5_VLAttention.forward``) looks up ``ALL_ATTENTION_FUNCTIONS[name]`` and
+calls it with its query/key/value and the forward's ``**kwargs``, so ``tvl_meta`` arrives in our function.
 """
 
 from __future__ import annotations
@@ -119,12 +119,23 @@ def select(requested: str, device: str, dtype: torch.dtype, heads: int, kv_heads
     return chosen
 
 
+_NAMES: dict[Callable, str] = {}  # each function registered so far -> its name
+
+
 def register(fn: Callable) -> str:
-    """Register ``fn`` with transformers under ATTN_NAME (see the module docstring); return that name."""
+    """Register ``fn`` with transformers (see the module docstring) under a name of its own, and return
+    that name: ATTN_NAME for the first function, ATTN_NAME_2, ... for others. Transformers' registry
+    is process-wide, so one shared name would let the last engine built in a process (another
+    backend, or a compiled step's dispatching wrapper) replace the function every other engine's
+    layers call. The same function keeps its name."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_NAME, fn)
-    return ATTN_NAME
+    name = _NAMES.get(fn)
+    if name is None:
+        name = ATTN_NAME if not _NAMES else f"{ATTN_NAME}_{len(_NAMES) + 1}"
+        _NAMES[fn] = name
+        AttentionInterface.register(name, fn)
+    return name
 
 
 class _Layer:
