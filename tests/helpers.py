@@ -56,6 +56,8 @@ class Reference:
             model_dir, dtype=dtype or torch.float32).to(device).eval()
         self.cfg = json.loads(open(f"{model_dir}/config.json").read())
         self._answers: dict = {}
+        self.near_ties: float | None = None  # see tests/server/family_cases.py expect()
+        self.near_tie_gaps: list[float] = []  # the gaps it accepted
 
     def inputs(self, text: str | None = None, images: list[bytes] = (), messages: list | None = None) -> dict:
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
@@ -88,6 +90,14 @@ class Reference:
                 out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False, **gen)
             self._answers[key] = out[0, inputs["input_ids"].shape[1]:].tolist()
         return list(self._answers[key])
+
+    def step_logits(self, text=None, images=(), step: int = 0):
+        """generate()'s greedy logits [vocab] at output step ``step`` (its own decode with a KV cache)."""
+        inputs = {k: v.to(self.device) for k, v in self.inputs(text, images).items()}
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=step + 1, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True)
+        return out.logits[step][0].float().cpu()
 
 
 def _inputs(module, fields: dict):

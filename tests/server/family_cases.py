@@ -63,33 +63,53 @@ def test_family_is_read_from_config(request, family_dir):
 # Each takes a server, a reference (``generate(text, images, max_tokens=)``) and the answer length.
 
 
+def expect(ref, got: list[int], text: str, images=(), max_tokens: int = MAX) -> None:
+    """The served greedy ids equal generate()'s. A reference with ``near_ties`` set (a checkpoint with
+    dynamic activation quantization: tests/server/test_quantized.py) accepts one kind of divergence:
+    at the first differing step, the served token's logit in generate()'s own step is within
+    ``near_ties`` of that step's best (a near-tie that the order of the float operations decides);
+    the tokens after it are not compared (they continue a different text)."""
+    tolerance = getattr(ref, "near_ties", None)
+    want = ref.generate(text, list(images), max_tokens=max_tokens)
+    if got == want or tolerance is None:
+        assert got == want
+        return
+    k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    assert len(got) > k and len(want) > k, (got, want)  # one a prefix of the other: not a near-tie
+    logits = ref.step_logits(text, list(images), k)  # generate()'s logits at step k
+    gap = float(logits.max() - logits[got[k]])
+    assert gap <= tolerance, (f"step {k}: served {got[k]}, generate() {want[k]}: logit gap {gap:.4f} "
+                              f"> {tolerance}", got, want)
+    ref.near_tie_gaps.append(gap)
+
+
 def check_text(srv, ref, max_tokens: int = MAX) -> None:
     fields = greedy(text_input="Tell me about lighthouses.", max_tokens=max_tokens)
-    assert infer_http(srv.http_url, **fields)["output_ids"] == ref.generate(fields["text_input"], max_tokens=max_tokens)
+    expect(ref, infer_http(srv.http_url, **fields)["output_ids"], fields["text_input"], max_tokens=max_tokens)
 
 
 def check_one_image(srv, ref, max_tokens: int = MAX) -> None:
     img = make_image(200, 150, seed=1)
     out = infer_http(srv.http_url, **greedy(text_input="What is in the picture?", image=[img], max_tokens=max_tokens))
-    assert out["output_ids"] == ref.generate("What is in the picture?", [img], max_tokens=max_tokens)
+    expect(ref, out["output_ids"], "What is in the picture?", [img], max_tokens)
 
 
 def check_two_images(srv, ref, max_tokens: int = MAX) -> None:
     imgs = [make_image(300, 120, seed=4), make_image(64, 200, seed=5)]
     out = infer_http(srv.http_url, **greedy(text_input="Compare the two images.", image=imgs, max_tokens=max_tokens))
-    assert out["output_ids"] == ref.generate("Compare the two images.", imgs, max_tokens=max_tokens)
+    expect(ref, out["output_ids"], "Compare the two images.", imgs, max_tokens)
 
 
 def check_stream(srv, ref, max_tokens: int = MAX) -> tuple[dict, list[int]]:
-    """A gRPC stream with an image equals generate(); returns the request's fields and the expected
-    ids (a caller may ask again, e.g. to see the prefix cache)."""
+    """A gRPC stream with an image equals generate(); returns the request's fields and the ids it gave
+    (a caller may ask again, e.g. to see the prefix cache)."""
     img = make_image(180, 140, seed=10)
     fields = greedy(text_input="Stream this.", image=[img], max_tokens=max_tokens)
-    want = ref.generate("Stream this.", [img], max_tokens=max_tokens)
     responses = stream_grpc(srv.grpc_url, **fields, stream=True)
     assert len(responses) > 1
-    assert joined(responses)["output_ids"] == want
-    return fields, want
+    got = joined(responses)["output_ids"]
+    expect(ref, got, "Stream this.", [img], max_tokens)
+    return fields, got
 
 
 PARITY = [check_text, check_one_image, check_two_images, check_stream]

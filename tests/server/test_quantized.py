@@ -4,7 +4,8 @@
 on the same model quantized the same way in this process, token for token (text, one image, two
 images, a stream); the engine reports what the decoder holds (tritonvl_engine_info labels) and its
 linear layers are ~1/4 of fp32's. compressed-tensors checkpoints (W4A16, W8A8, FP8 dynamic): the same
-parity against generate() on the checkpoint (transformers' compressed-tensors loader), and the
+parity against generate() on the checkpoint (transformers' compressed-tensors loader; for W8A8 and
+FP8, whose activations are quantized per token at run time, up to a near-tie: see DYNAMIC), and the
 decoder's linear layers stay packed in memory (~0.16 of fp32's for W4A16, ~0.26 for W8A8 and FP8;
 each dequantizes its weight per forward). GPTQ and AWQ checkpoints (made here by the reference packer):
 greedy output equals generate() on the fake-quantized model, and the decoder's linear layers stay packed
@@ -38,6 +39,15 @@ PACKED = {"gptq": {"method": "gptq", "sym": True}, "awq": {"method": "awq"}}
 # compressed-tensors presets, each checkpoint made from the test model with the library's own API
 COMPRESSED = {"ct_w4a16": "W4A16", "ct_w8a8": "W8A8", "ct_fp8": "FP8_DYNAMIC"}
 ORACLES = {}  # kind -> the fake-quantized fp32 checkpoint beside the packed one
+# Dynamic per-token activation quantization (W8A8 int8, FP8) rounds each activation to a coarse grid,
+# so a last-bit difference before it (the engine's paged attention against transformers' SDPA, a
+# prefill against a decode) can move a value to the next grid step, and a near-tie of two logits then
+# goes either way. Seen on an Intel Xeon (AVX-512), FP8: at step 3 generate() chose 60287 over 50287 by
+# 0.007 (12.285 against 12.278), while transformers' own full forward over the same tokens chose 50287,
+# as the engine did. For these checkpoints a divergence passes only where the served token is within
+# NEAR_TIE of generate()'s best logit at that step (family_cases.expect); the rest must be equal.
+DYNAMIC = {"ct_w8a8", "ct_fp8"}
+NEAR_TIE = 0.05
 
 
 @pytest.fixture(scope="module", params=["int8_weight_only", *COMPRESSED, "gptq", "awq"])
@@ -80,6 +90,8 @@ def ref(case):
     reference = Reference(str(ORACLES.get(kind, directory)))
     if kind == SCHEME:
         assert quant.quantize_decoder(reference.model, SCHEME, "cpu") > 0
+    if kind in DYNAMIC:
+        reference.near_ties = NEAR_TIE
     return reference
 
 
@@ -99,6 +111,24 @@ def test_stream_and_prefix_cache(qserver, ref):
     again = infer_http(qserver.http_url, **fields)  # the same image and prompt: served from the prefix cache
     assert again["output_ids"] == want
     assert metrics(qserver)["tritonvl_prefix_cache_hit_tokens_total"] > before
+
+
+def test_the_near_tie_rule_rejects_a_token_that_is_not_a_near_tie(case, ref):
+    """The rule above is not a pass for anything: the served answer with its step-2 token replaced by
+    generate()'s least likely one (for every kind), or by its second best when that is NEAR_TIE or
+    more below, fails it."""
+    from family_cases import expect
+
+    kind = case[0]
+    want = ref.generate("Tell me about lighthouses.", [], max_tokens=MAX)
+    logits = ref.step_logits("Tell me about lighthouses.", [], 2)
+    worst = int(logits.argmin())
+    with pytest.raises(AssertionError):
+        expect(ref, want[:2] + [worst] + want[3:], "Tell me about lighthouses.", [], MAX)
+    top2 = logits.topk(2)
+    if kind in DYNAMIC and float(top2.values[0] - top2.values[1]) > NEAR_TIE:
+        with pytest.raises(AssertionError):
+            expect(ref, want[:2] + [int(top2.indices[1])] + want[3:], "Tell me about lighthouses.", [], MAX)
 
 
 def test_the_quantized_model_differs_from_fp32(qserver, reference):
