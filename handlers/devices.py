@@ -100,6 +100,19 @@ def prepare_device(device: str, num_threads: int = 0):
     return device, torch.float32
 
 
+def bind_thread(device: str) -> None:
+    """Make ``device`` the calling thread's current CUDA / Ascend device (per thread in both runtimes);
+    nothing on CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)
+    elif device.startswith("npu"):
+        import torch
+
+        torch.npu.set_device(device)
+
+
 def free_device_bytes(device: str, fraction: float) -> int:
     """``fraction`` of the memory now free on a GPU or NPU (CPU: 1 GiB)."""
     import torch

@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from tritonvl.client.rules.errors import (
     DeadlineExceeded,
@@ -28,7 +29,7 @@ from tritonvl.handlers.engine.sequence import Sequence, stop_ids_for
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
 from tritonvl.handlers.engine.textstream import OutputStream
 from tritonvl.handlers.engine.visual import content_keys, image_spans, timed_spans
-from tritonvl.handlers.devices import tp_devices
+from tritonvl.handlers.devices import bind_thread, tp_devices
 from tritonvl.handlers.metrics import NullSink
 from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.options import fit_to_context
@@ -48,6 +49,24 @@ class SeqState:
     times: SeqTimes = field(default_factory=SeqTimes)
 
 
+@dataclass
+class _Call:
+    """A function for the engine thread to run between steps (LLMEngine.call)."""
+
+    fn: Callable
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.result = self.fn()
+        except BaseException as exc:  # handed to the caller
+            self.error = exc
+        finally:
+            self.done.set()
+
+
 class LLMEngine:
     def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype, params: LLMParams,
                  metrics=None, devices: tuple[str, ...] = ()) -> None:
@@ -55,6 +74,37 @@ class LLMEngine:
         one per tensor-parallel rank (``device`` first) when ``tensor_parallel_size`` > 1."""
         p = params
         self.info, self.tokenizer, self.device = info, tokenizer, device
+        self.intake: queue.Queue = queue.Queue()  # Jobs, _Calls, None (stop)
+        self._stop = threading.Event()
+        self.healthy = True
+        # The engine thread loads the model, compiles and runs every step: all of the engine's torch work
+        # on one thread. A second thread that ran parallel torch work (the caller's, e.g. a loading stub's
+        # main thread) keeps an idle OpenMP team, and libgomp then counts more threads than cores and
+        # stops spinning between parallel regions: every small GEMM of a decode step waits for a futex
+        # wake-up (the bench preset's batch-1 decoder linears 3 -> 9 ms on these 2 cores).
+        loaded: dict = {}
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._main, args=(ready, loaded, model_dir, dtype, p, metrics, devices),
+                                       name="tritonvl-engine", daemon=True)
+        self.thread.start()
+        ready.wait()
+        if "error" in loaded:
+            self.thread.join()
+            raise loaded["error"]
+
+    def _main(self, ready: threading.Event, loaded: dict, model_dir, dtype, p: LLMParams, metrics, devices) -> None:
+        try:
+            bind_thread(self.device)  # CUDA / Ascend: the current device is per thread
+            self._load(model_dir, dtype, p, metrics, devices)
+        except BaseException as exc:  # the caller re-raises it
+            loaded["error"] = exc
+            return
+        finally:
+            ready.set()
+        self._loop()
+
+    def _load(self, model_dir, dtype, p: LLMParams, metrics, devices) -> None:
+        info, device = self.info, self.device
         self.runner = ModelRunner(model_dir, info, device, dtype, p.kv_cache_bytes or 0, p.block_size,
                                   p.attention_backend, p.kv_cache_fraction, quantization=p.quantization,
                                   tp_devices=tuple(devices or tp_devices(device, p.tensor_parallel_size))
@@ -82,11 +132,6 @@ class LLMEngine:
         self._masker: GrammarMasker | None = None
         self._drain_until = 0.0
         self._drain_at = 0.0  # begin_drain(): when what is in flight is cut off
-        self.intake: queue.Queue[Job | None] = queue.Queue()
-        self._stop = threading.Event()
-        self.healthy = True
-        self.thread = threading.Thread(target=self._loop, name="tritonvl-engine", daemon=True)
-        self.thread.start()
 
     def describe(self) -> dict:
         """What the engine runs with (logged at start, labels of tritonvl_engine_info)."""
@@ -101,6 +146,19 @@ class LLMEngine:
     # ---- called from Triton's threads ----
     def submit(self, job: Job) -> None:
         self.intake.put(job)
+
+    def call(self, fn: Callable) -> Any:
+        """``fn()`` run on the engine thread between two steps; its result (or its exception, raised
+        here). For torch work that would otherwise run on another thread of this process (the
+        in-process pipeline's vision tower): see __init__ on why the engine's process keeps it on one."""
+        c = _Call(fn)
+        self.intake.put(c)
+        while not c.done.wait(0.1):
+            if not self.thread.is_alive():
+                raise Unavailable("the engine thread has stopped")
+        if c.error is not None:
+            raise c.error
+        return c.result
 
     def begin_drain(self, seconds: float) -> None:
         """The server is stopping: refuse new jobs; those in flight run up to ``seconds`` more, then
@@ -149,7 +207,10 @@ class LLMEngine:
         except queue.Empty:
             return
         while job is not None:
-            self._add(job)
+            if isinstance(job, _Call):
+                job.run()
+            else:
+                self._add(job)
             try:
                 job = self.intake.get_nowait()
             except queue.Empty:
@@ -304,7 +365,10 @@ class LLMEngine:
                 job = self.intake.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
+            if isinstance(job, _Call):
+                job.error = exc
+                job.done.set()
+            elif job is not None:
                 job.responder.fail(exc)
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             self.scheduler.abort(seq.seq_id)

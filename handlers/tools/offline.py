@@ -47,15 +47,17 @@ class OfflinePipeline:
         device, default_dtype = prepare_device(device)
         self.dtype = parse_dtype(dtype, default_dtype)
         self.pre = Preprocessor(str(model_dir))
-        self.vision = VisionEncoder(load_tower(str(model_dir), device, self.dtype))
         info = load_model_info(model_dir)
         params = typed("llm", **engine_kwargs)
         self.engine = LLMEngine(str(model_dir), info, self.pre.tokenizer, device, self.dtype, params)
+        # the vision tower loads and runs on the engine thread too (LLMEngine.__init__: one thread of this
+        # process does the torch work)
+        self.vision = self.engine.call(lambda: VisionEncoder(load_tower(str(model_dir), device, self.dtype)))
 
     def generate(self, requests: list[RawRequest], timeout: float = 3600.0) -> list[Result]:
         """Run every request to its end (all in flight together); results in request order."""
         inputs = [self.pre.process(r) for r in requests]
-        encoded = self.vision.encode([(m.pixel_values, m.image_grid_thw) for m in inputs])
+        encoded = self.engine.call(lambda: self.vision.encode([(m.pixel_values, m.image_grid_thw) for m in inputs]))
         for enc in encoded:
             if isinstance(enc, Exception):  # preprocess made these inputs: the tower itself failed
                 raise enc
