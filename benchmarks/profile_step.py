@@ -163,7 +163,11 @@ def main() -> None:
     from tritonvl.handlers.tools.offline import OfflinePipeline
 
     model = build_model(args.model) if args.model in ("tiny", "bench") else args.model
-    kw = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.engine)}
+    from tritonvl.handlers.params import read
+
+    raw = dict(kv.split("=", 1) for kv in args.engine)
+    typed_params = read("llm", raw)  # the strings typed as the server types them (lists, choices, ...)
+    kw = {k: getattr(typed_params, k) for k in raw}
     kw.setdefault("max_num_seqs", 64)
     if args.cpu_time:
         global CLOCK
@@ -306,15 +310,6 @@ def print_table(results) -> None:
     for label, (b, steps, tps, lds, same) in merged.items():
         print(f"{label}: {statistics.median(tps):.1f} output tok/s (median of {len(tps)} runs, prefill "
               f"included); same tokens as the first variant: {same}; load {' / '.join(lds)}")
-
-
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 if __name__ == "__main__":
