@@ -3,7 +3,8 @@ probe of torch.compile around attention.
 
 Default (``--mode engine``): two in-process engines (OfflinePipeline) on the same model, one eager,
 one with ``compile=decode`` and ``compile_buckets`` = the measured batch sizes (so each batch runs
-its own bucket, no padding), alternated in one process: N greedy requests of ``--max-tokens``
+its own bucket, no padding), each in its own process (two engines in one process run throttled:
+docs/DEVICES.md), alternated level by level: N greedy requests of ``--max-tokens``
 (ignore_eos) submitted at once, output tokens / wall seconds (prefill included), the compile time at
 load, and whether both gave the same tokens.
 
@@ -37,7 +38,10 @@ def main() -> None:
     ap.add_argument("--workloads", default="text,image")
     ap.add_argument("--buckets", default="", help="engine: compile_buckets (default: --batches); a batch "
                     "between two buckets runs padded")
+    ap.add_argument("--worker", choices=("eager", "compiled"), help=argparse.SUPPRESS)  # engine mode's processes
     args = ap.parse_args()
+    if args.worker:
+        return worker(args)
     if args.mode == "engine":
         return engine(args)
     args.reps = args.reps or 30
@@ -100,66 +104,120 @@ def main() -> None:
             print(f"| {b} | {e:.2f} | {c:.2f} | {c / e:.2f} | {compile_s:.0f} | {equal} | {load()} |", flush=True)
 
 
-def engine(args) -> None:
-    import logging
-    import statistics
+RESULT = "@@ "  # a worker's result lines start with this; anything else on its stdout is passed through
 
-    import torch
-    from bench import build_model, make_image
+
+def _requests(args, workload: str, n: int) -> list:
+    from bench import make_image
 
     from tritonvl.handlers.preprocess.preprocessor import RawRequest
+
+    return [RawRequest(text_input=f"Request {i}: describe the history of lighthouses in detail.".encode(),
+                       images=[make_image(i)] if workload == "image" else [],
+                       sampling={"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True})
+            for i in range(n)]
+
+
+def worker(args) -> None:
+    """One engine in this process (eager or compiled): its load on the first line, then one level per
+    request line ("workload batch")."""
+    import json
+    import logging
+
+    from bench import build_model
+
     from tritonvl.handlers.tools.offline import OfflinePipeline
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("tritonvl.engine",):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     model = build_model(args.model) if args.model in ("tiny", "bench") else args.model
+    batches = [int(x) for x in args.batches.split(",")]
+    kw = {"max_num_seqs": max(batches), "kv_cache_bytes": 1 << 30}
+    if args.worker == "compiled":
+        kw.update(compile="decode", compile_buckets=tuple(int(x) for x in (args.buckets or args.batches).split(",")))
+    t = time.perf_counter()
+    with OfflinePipeline(model, **kw) as pipe:
+        step = pipe.engine.runner.compiled
+        info = {"load_s": time.perf_counter() - t}
+        if step is not None:
+            info.update(buckets=step.buckets, compile_s=step.compile_s)
+        pipe.generate(_requests(args, "text", 2))  # warm-up
+        print(RESULT + json.dumps(info), flush=True)
+        for line in sys.stdin:
+            workload, b = line.split()
+            t = time.perf_counter()
+            res = pipe.generate(_requests(args, workload, int(b)))
+            wall = time.perf_counter() - t
+            ids = [r.token_ids for r in res]
+            out = {"tok_s": sum(map(len, ids)) / wall, "ids": ids}
+            if step is not None:
+                out.update(steps=step.steps, fallbacks=step.fallbacks)
+            print(RESULT + json.dumps(out), flush=True)
+
+
+def engine(args) -> None:
+    """The two engines in two processes, alternated level by level: one engine per process, because two
+    in one process keep two OpenMP teams and both then run throttled (docs/DEVICES.md)."""
+    import json
+    import statistics
+    import subprocess
+
+    import torch
+
     batches = [int(x) for x in args.batches.split(",")]
     reps = args.reps or 2
     print(f"# {cpu_model()} | torch {torch.__version__} | threads {torch.get_num_threads()} | model {args.model} "
           f"| load {load()}", flush=True)
+    base = [sys.executable, __file__, "--model", args.model, "--batches", args.batches, "--max-tokens",
+            str(args.max_tokens), "--buckets", args.buckets or args.batches]
+    procs = {name: subprocess.Popen(base + ["--worker", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    text=True) for name in ("eager", "compiled")}
 
-    def requests(workload: str, n: int) -> list:
-        return [RawRequest(text_input=f"Request {i}: describe the history of lighthouses in detail.".encode(),
-                           images=[make_image(i)] if workload == "image" else [],
-                           sampling={"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True})
-                for i in range(n)]
+    def reply(name: str) -> dict:
+        for line in procs[name].stdout:
+            if line.startswith(RESULT):
+                return json.loads(line[len(RESULT):])
+            print(line, end="")
+        raise RuntimeError(f"the {name} worker ended (exit {procs[name].wait()})")
 
-    kw = {"max_num_seqs": max(batches), "kv_cache_bytes": 1 << 30}
-    with OfflinePipeline(model, **kw) as eager:
-        t = time.perf_counter()
-        with OfflinePipeline(model, **kw, compile="decode",
-                             compile_buckets=tuple(int(x) for x in (args.buckets or args.batches).split(","))) as comp:
-            load_s = time.perf_counter() - t
-            step = comp.engine.runner.compiled
-            print(f"# compiled buckets {step.buckets}: compile {step.compile_s:.0f} s (load with compile "
-                  f"{load_s:.0f} s) | load {load()}", flush=True)
-            for pipe in (eager, comp):
-                pipe.generate(requests("text", 2))  # warm-up
-            rows = []
-            for workload in args.workloads.split(","):
-                for b in batches:
-                    tps = {"eager": [], "compiled": []}
-                    ids = {}
-                    loads = []
-                    for _ in range(reps):
-                        for name, pipe in (("eager", eager), ("compiled", comp)):  # alternated
-                            t = time.perf_counter()
-                            res = pipe.generate(requests(workload, b))
-                            wall = time.perf_counter() - t
-                            got = [r.token_ids for r in res]
-                            ids.setdefault(name, got)
-                            tps[name].append(sum(map(len, got)) / wall)
-                        loads.append(load().split()[0])
-                    e, c = statistics.median(tps["eager"]), statistics.median(tps["compiled"])
-                    rows.append((workload, b, e, c, ids["eager"] == ids["compiled"], " / ".join(loads)))
-                    print(f"  {workload} b{b}: eager {e:.1f} compiled {c:.1f} tok/s", flush=True)
-            print(f"# compiled steps {step.steps}, eager fallbacks inside the buckets {step.fallbacks}")
+    def ask(name: str, workload: str, b: int) -> dict:
+        procs[name].stdin.write(f"{workload} {b}\n")
+        procs[name].stdin.flush()
+        return reply(name)
+
+    try:
+        reply("eager")
+        comp = reply("compiled")
+        print(f"# compiled buckets {comp['buckets']}: compile {comp['compile_s']:.0f} s (load with compile "
+              f"{comp['load_s']:.0f} s) | load {load()}", flush=True)
+        rows, last = [], {}
+        for workload in args.workloads.split(","):
+            for b in batches:
+                tps = {"eager": [], "compiled": []}
+                ids = {}
+                loads = []
+                for _ in range(reps):
+                    for name in ("eager", "compiled"):  # alternated
+                        got = ask(name, workload, b)
+                        ids.setdefault(name, got["ids"])
+                        tps[name].append(got["tok_s"])
+                        if name == "compiled":
+                            last = got
+                    loads.append(load().split()[0])
+                e, c = statistics.median(tps["eager"]), statistics.median(tps["compiled"])
+                rows.append((workload, b, e, c, ids["eager"] == ids["compiled"], " / ".join(loads)))
+                print(f"  {workload} b{b}: eager {e:.1f} compiled {c:.1f} tok/s", flush=True)
+        print(f"# compiled steps {last.get('steps')}, eager fallbacks inside the buckets {last.get('fallbacks')}")
+    finally:
+        for p in procs.values():
+            p.stdin.close()
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
     print("| workload | batch | eager tok/s | compiled tok/s | compiled / eager | same tokens | load (1 min) |")
     print("|---|---|---|---|---|---|---|")
     for workload, b, e, c, same, lds in rows:
         print(f"| {workload} | {b} | {e:.1f} | {c:.1f} | {c / e:.2f} | {same} | {lds} |")
-
 
 if __name__ == "__main__":
     main()
