@@ -88,3 +88,21 @@ def test_the_engine_thread_does_all_the_torch_work(model_dir, monkeypatch):
                                         sampling={"max_tokens": 4, "temperature": 0.0})])
     assert res[0].token_ids and not res[0].error
     assert seen == {k: {"tritonvl-engine"} for k in ("model load", "steps", "tower load", "encode")}, seen
+
+
+def test_a_load_error_on_the_engine_thread_reaches_the_caller(model_dir):
+    """The model loads on the engine thread: its error is raised in the caller (as before, when the
+    caller loaded), and the thread is gone."""
+    import threading
+
+    import pytest
+
+    from tritonvl.handlers.tools.offline import OfflinePipeline
+
+    def engines() -> set:
+        return {t for t in threading.enumerate() if t.name == "tritonvl-engine" and t.is_alive()}
+
+    before = engines()  # other modules' engines, if any still run
+    with pytest.raises(ValueError, match="flash_attn"):
+        OfflinePipeline(str(model_dir), kv_cache_bytes=1 << 24, attention_backend="flash_attn")
+    assert engines() <= before
