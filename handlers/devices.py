@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+from typing import Callable
 
 
 def instance_index(instance_name: str) -> int:
@@ -98,6 +100,35 @@ def prepare_device(device: str, num_threads: int = 0):
         torch.cuda.set_device(device)
         return device, torch.bfloat16
     return device, torch.float32
+
+
+def start_compute_thread(name: str, device: str, load: Callable[[], None], loop: Callable[[], None]) -> threading.Thread:
+    """Start the thread that does a model's torch work: ``load()`` on it (``device`` bound to it
+    first), then ``loop()``. Returns the thread once the load is done; a load error is raised here
+    (the thread has ended). One thread for both: torch's GNU OpenMP keeps a worker team per thread
+    that ran parallel work, and with two teams in a process libgomp throttles its spin-wait, so each
+    small op of a step waits for a wake-up (docs/DEVICES.md, "one thread does the engine's torch work")."""
+    failed: list[BaseException] = []
+    ready = threading.Event()
+
+    def main() -> None:
+        try:
+            bind_thread(device)
+            load()
+        except BaseException as exc:  # raised in the caller
+            failed.append(exc)
+            return
+        finally:
+            ready.set()
+        loop()
+
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    ready.wait()
+    if failed:
+        thread.join()
+        raise failed[0]
+    return thread
 
 
 def bind_thread(device: str) -> None:

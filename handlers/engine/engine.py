@@ -16,6 +16,7 @@ from tritonvl.client.rules.errors import (
     Unavailable,
 )
 from tritonvl.client.rules.structured import GrammarSpec
+from tritonvl.handlers.devices import start_compute_thread, tp_devices
 from tritonvl.handlers.engine.block_manager import BlockManager
 from tritonvl.handlers.engine.config import EngineConfig
 from tritonvl.handlers.engine.grammar.compiler import CompileWaitlist, GrammarCache
@@ -29,7 +30,6 @@ from tritonvl.handlers.engine.sequence import Sequence, stop_ids_for
 from tritonvl.handlers.engine.stats import EngineStats, SeqTimes
 from tritonvl.handlers.engine.textstream import OutputStream
 from tritonvl.handlers.engine.visual import content_keys, image_spans, timed_spans
-from tritonvl.handlers.devices import bind_thread, tp_devices
 from tritonvl.handlers.metrics import NullSink
 from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.options import fit_to_context
@@ -78,30 +78,9 @@ class LLMEngine:
         self._stop = threading.Event()
         self.healthy = True
         # The engine thread loads the model, compiles and runs every step: all of the engine's torch work
-        # on one thread. A second thread that ran parallel torch work (the caller's, e.g. a loading stub's
-        # main thread) keeps an idle OpenMP team, and libgomp then counts more threads than cores and
-        # stops spinning between parallel regions: every small GEMM of a decode step waits for a futex
-        # wake-up (the bench preset's batch-1 decoder linears 3 -> 9 ms on these 2 cores).
-        loaded: dict = {}
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._main, args=(ready, loaded, model_dir, dtype, p, metrics, devices),
-                                       name="tritonvl-engine", daemon=True)
-        self.thread.start()
-        ready.wait()
-        if "error" in loaded:
-            self.thread.join()
-            raise loaded["error"]
-
-    def _main(self, ready: threading.Event, loaded: dict, model_dir, dtype, p: LLMParams, metrics, devices) -> None:
-        try:
-            bind_thread(self.device)  # CUDA / Ascend: the current device is per thread
-            self._load(model_dir, dtype, p, metrics, devices)
-        except BaseException as exc:  # the caller re-raises it
-            loaded["error"] = exc
-            return
-        finally:
-            ready.set()
-        self._loop()
+        # on one thread (devices.start_compute_thread says why).
+        self.thread = start_compute_thread("tritonvl-engine", device,
+                                           lambda: self._load(model_dir, dtype, p, metrics, devices), self._loop)
 
     def _load(self, model_dir, dtype, p: LLMParams, metrics, devices) -> None:
         info, device = self.info, self.device

@@ -16,6 +16,7 @@ from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from tritonvl.client.rules.errors import InvalidArgument, Unavailable
+from tritonvl.handlers.devices import start_compute_thread
 from tritonvl.handlers.engine.job import Job
 from tritonvl.handlers.engine.sampler import SeqSampler
 from tritonvl.handlers.engine.sequence import stop_ids_for, token_ending
@@ -62,12 +63,15 @@ class GenerateBackend:
     def __init__(self, model_dir: str, info: ModelInfo, tokenizer, device: str, dtype,
                  quantization: str = "none") -> None:
         self.info, self.tokenizer, self.device, self.dtype = info, tokenizer, device, dtype
-        self.model = load_full_model(model_dir, device, dtype, quantization, backend="generate")
-        self.model.model.visual = None  # the vision_encoder model owns the tower
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="tritonvl-generate", daemon=True)
-        self.thread.start()
+
+        def load() -> None:
+            self.model = load_full_model(model_dir, device, dtype, quantization, backend="generate")
+            self.model.model.visual = None  # the vision_encoder model owns the tower
+
+        # loads and generates on one thread (devices.start_compute_thread says why)
+        self.thread = start_compute_thread("tritonvl-generate", device, load, self._loop)
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
