@@ -300,6 +300,11 @@ class LLMParams(DeviceParams):
         Bool(), "true", "reuse KV blocks of equal prefixes (images by content)"
     )
     max_waiting: int = param(Int(1), "1024", "requests waiting for admission; past it UNAVAILABLE at once")
+    stream_interval: int = param(
+        Int(1), "1", "a streaming request's response carries this many new tokens (the first token and "
+        "the last response go out at once): fewer responses, less CPU per token on the way out (vLLM's "
+        "--stream-interval)"
+    )
     request_deadline_s: float = param(
         Float(0), "600", "a request still generating after this ends with UNAVAILABLE; 0: no deadline"
     )

@@ -104,6 +104,7 @@ class LLMEngine:
         self.metrics = metrics or NullSink()
         self.metrics.info("engine_info", "The llm engine's configuration (labels); value 1", self.describe())
         self.deadline_s = p.request_deadline_s  # 0 = none
+        self.stream_interval = p.stream_interval
         self.stats = EngineStats(self.metrics, self.scheduler, self.blocks)
         # structured outputs, set up on the first constrained request (xgrammar loads in the background)
         self._grammar_limits = (p.grammar_compile_timeout_s, p.grammar_cache_bytes)
@@ -206,6 +207,7 @@ class LLMEngine:
             if self.runner.broken:  # a tensor-parallel rank failed: no step can run any more
                 raise Unavailable(self.runner.broken)
             job.check(self.info)
+            job.responder.stream_interval = self.stream_interval
             n = int(job.input_ids.shape[0])
             params = job.options.sampling
             # more than the llm's max_model_len allows is refused (unless the request may be cut); a KV cache

@@ -59,6 +59,9 @@ class Responder:
         self.emit = emit
         self.emit_error = emit_error
         self.want_logprobs = options.logprobs >= 0
+        self.stream_interval = 1  # a streaming delta every this many tokens (llm parameter stream_interval)
+        self._held = 0  # tokens since the last record
+        self._sent = False  # a record went out (the first token goes out at once)
         self._text: list[str] = []
         self._ids: list[int] = []
         self._logprobs: list[dict] = []
@@ -67,10 +70,11 @@ class Responder:
     def delta(self, text: str, ids: list[int], logprobs: list[dict] = ()) -> None:
         """New tokens (and the text they released, possibly ''; their logprob entries when asked)."""
         self.n_out += len(ids)
+        self._held += len(ids)
         self._text.append(text)
         self._ids.extend(ids)
         self._logprobs.extend(logprobs)
-        if self.stream and "".join(self._text):
+        if self.stream and (not self._sent or self._held >= self.stream_interval) and "".join(self._text):
             self._flush(None)
 
     def finish(self, reason: str, text: str = "", ids: list[int] | None = None, logprobs: list[dict] = ()) -> None:
@@ -98,3 +102,4 @@ class Responder:
         self.emit(SeqOutput(text, self._ids, self._logprobs if self.want_logprobs else None, reason,
                             self.n_in, self.n_out, self.n_visual))
         self._text, self._ids, self._logprobs = [], [], []
+        self._held, self._sent = 0, True
