@@ -240,11 +240,10 @@ def main(argv=None) -> int:
     if args.setup_only:
         print(f"peer venv {VENV}; exported model {ov_dir}")
         return 0
-    from tritonvl.handlers.params import read
+    from tritonvl.handlers.params import typed_strings
 
     llm_set = dict(kv.split("=", 1) for kv in args.llm_set)
-    typed_set = read("llm", llm_set)  # a misspelt name or a bad value stops here, before anything loads
-    llm_kwargs = {k: getattr(typed_set, k) for k in llm_set}
+    llm_kwargs = typed_strings("llm", llm_set)  # a misspelt name or a bad value stops here, before anything loads
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     max_seqs = max(64, max(levels))

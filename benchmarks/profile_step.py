@@ -163,11 +163,9 @@ def main() -> None:
     from tritonvl.handlers.tools.offline import OfflinePipeline
 
     model = build_model(args.model) if args.model in ("tiny", "bench") else args.model
-    from tritonvl.handlers.params import read
+    from tritonvl.handlers.params import typed_strings
 
-    raw = dict(kv.split("=", 1) for kv in args.engine)
-    typed_params = read("llm", raw)  # the strings typed as the server types them (lists, choices, ...)
-    kw = {k: getattr(typed_params, k) for k in raw}
+    kw = typed_strings("llm", dict(kv.split("=", 1) for kv in args.engine))  # typed as the server types them
     kw.setdefault("max_num_seqs", 64)
     if args.cpu_time:
         global CLOCK

@@ -433,6 +433,13 @@ def read(model: str, raw: Mapping[str, str]):
     return cls(**values)
 
 
+def typed_strings(model: str, raw: Mapping[str, str]) -> dict:
+    """``raw``'s keys with their string values typed as a config's would be (lists, choices, ...): the
+    keyword arguments ``typed`` / the offline pipeline take; a misspelt key or a bad value is a ParamError."""
+    values = read(model, raw)
+    return {key: getattr(values, key) for key in raw}
+
+
 def typed(model: str, **values):
     """The typed parameters of ``model``: the defaults, with ``values`` (already typed) in place
     (the offline pipeline and tests; a misspelt name is a TypeError)."""

@@ -57,7 +57,6 @@ class Reference:
         self.cfg = json.loads(open(f"{model_dir}/config.json").read())
         self._answers: dict = {}
         self.near_ties: float | None = None  # see tests/server/family_cases.py expect()
-        self.near_tie_gaps: list[float] = []  # the gaps it accepted
 
     def inputs(self, text: str | None = None, images: list[bytes] = (), messages: list | None = None) -> dict:
         pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]

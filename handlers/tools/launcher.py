@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -64,8 +65,6 @@ def auto_complete_changes_nothing(repo: Path) -> bool:
     configs as they are (checked: GET /v2/models/<m>/config is the same with and without it), yet it
     runs one stub process per Python model, importing its model.py, before any instance starts
     (~1.5 s of every start on 2 cores)."""
-    import re
-
     if not Path(repo).is_dir():  # e.g. an s3:// repository: Triton's to read
         return False
     for model in Path(repo).iterdir():
@@ -187,7 +186,6 @@ def check_quantization(model_dir: str, repo: Path, device: str = "") -> None:
     """Before tritonserver starts: the llm model's quantization (llm.quantization, llm.backend and the
     checkpoint's quantization_config) passes the checks its load would make (handlers/quant.py) on the
     device its first instance would get; else exit non-zero with the message (not after every model's load)."""
-    import re
 
     from tritonvl.handlers import params, quant
     from tritonvl.handlers.devices import pick_device

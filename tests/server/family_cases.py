@@ -80,7 +80,6 @@ def expect(ref, got: list[int], text: str, images=(), max_tokens: int = MAX) -> 
     gap = float(logits.max() - logits[got[k]])
     assert gap <= tolerance, (f"step {k}: served {got[k]}, generate() {want[k]}: logit gap {gap:.4f} "
                               f"> {tolerance}", got, want)
-    ref.near_tie_gaps.append(gap)
 
 
 def check_text(srv, ref, max_tokens: int = MAX) -> None:
