@@ -202,7 +202,7 @@ def load_model(model_dir: str, cls, dtype, q: dict):
                if isinstance(m, torch.nn.Linear)}
     chosen = {linears[t] for t in (_model_key(k[: -len("qweight")] + "weight", set(linears))
                                    for k in stored if k.endswith(".qweight")) if t is not None}
-    for name in chosen:
+    for name in [n for n in linears.values() if n in chosen]:  # the model's order: the same first misfit every run
         module = decoder.get_submodule(name)
         decoder.set_submodule(name, PackedLinear(spec, module.in_features, module.out_features,
                                                  module.bias is not None))
