@@ -317,6 +317,11 @@ class LLMParams(DeviceParams):
         "auto",
         "paged attention kernel (docs/DEVICES.md); auto picks by device, falls back to sdpa",
     )
+    cpu_linear: str = param(
+        Choice("onednn", "torch"), "onednn", "CPU fp32 decoder linear layers: onednn: oneDNN's packed GEMM (a copy "
+        "of each weight in oneDNN's layout, made at load; the original is let go), torch: F.linear (MKL). "
+        "Quantized layers, other dtypes and devices, and compile=decode always run F.linear"
+    )
     compile: str = param(
         Choice("none", "decode"), "none", "decode: the decoder compiled with torch.compile for decode steps padded "
         "to compile_buckets (CUDA graphs on CUDA with the triton attention backend), compiled at load; other "

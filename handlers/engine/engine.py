@@ -86,6 +86,8 @@ class LLMEngine:
         info, device = self.info, self.device
         self.runner = ModelRunner(model_dir, info, device, dtype, p.kv_cache_bytes or 0, p.block_size,
                                   p.attention_backend, p.kv_cache_fraction, quantization=p.quantization,
+                                  # inductor lowers oneDNN's linear only from frozen constants: compiled, F.linear
+                                  cpu_linear=p.cpu_linear if p.compile == "none" else "torch",
                                   tp_devices=tuple(devices or tp_devices(device, p.tensor_parallel_size))
                                   if p.tensor_parallel_size > 1 else ())
         block_size = self.runner.block_size

@@ -21,7 +21,7 @@ from tritonvl.handlers.modelinfo import ModelInfo
 from tritonvl.handlers.weights import load_full_model
 
 from . import attention as attn
-from . import parallel
+from . import onednn, parallel
 from .output_head import OutputHead, first_argmax
 from .visual import grid_kinds, mm_token_types
 
@@ -81,7 +81,7 @@ class ModelRunner:
     def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
                  block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5,
                  quantization: str = "none", tp: parallel.TPGroup | None = None,
-                 tp_devices: tuple[str, ...] = ()) -> None:
+                 tp_devices: tuple[str, ...] = (), cpu_linear: str = "onednn") -> None:
         self.info, self.device, self.dtype = info, device, dtype
         size = tp.size if tp else max(len(tp_devices), 1)  # tensor parallelism: engine/parallel.py
         parallel.check_size(info.family, info.num_heads, info.num_kv_heads, size, quantization)
@@ -103,6 +103,8 @@ class ModelRunner:
         model.model.visual = None  # the vision_encoder model owns the tower
         self.model = model
         self.lm = model.model.language_model
+        if cpu_linear == "onednn" and self.tp is None:  # plain fp32 CPU linears only (onednn.py)
+            onednn.pack_linears(self.lm)
         # the output layer (on CPU re-laid in vocabulary blocks; an untied weight released): output_head.py;
         # none on a tensor-parallel worker (rank 0 alone samples)
         self.head = None if model.lm_head is None else OutputHead.build(model.lm_head, device, self.lm.embed_tokens)

@@ -5,7 +5,7 @@ contiguous [hidden, BLOCK] slice of columns j*BLOCK.. of W.T (the rows past the 
 ``tail``). A batch-1 step then reads the weight as a few long contiguous GEMVs at memory bandwidth;
 ``F.linear`` on the row-major weight ran the same product at about half that on these CPUs (the
 whole step at batch 1 is mostly this read: 311 MB on the bench preset). For 2+ rows an fp32 head
-also keeps oneDNN's packed copy of the weight (``torch.ops.mkldnn``, what inductor's CPU linear
+also keeps oneDNN's packed copy of the weight (onednn.py, what inductor's CPU linear
 uses): its GEMM ran 25-40% faster than MKL's or the blocks' on 4-32 rows here (MKL's sgemm reaches
 about half of this AMD CPU's peak); that copy costs the head's size again in memory, so it is made
 only for heads up to PACK_MAX_BYTES. Elsewhere (CUDA, NPU), or for an output layer with a bias or a
@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import onednn
+
 BLOCK = 4096  # vocabulary columns per block (8 MB of fp32 weight at hidden 512)
-PACK_ROWS = 32  # the batch size oneDNN's packed layout is chosen for (it serves every row count)
 PACK_MAX_BYTES = 1 << 30  # a bigger head (7B+ in fp32) is not copied again: the blocks serve 2+ rows too
 
 
@@ -67,7 +68,7 @@ class BlockedHead(OutputHead):
         self.blocks = w[:cut].reshape(self.nb, BLOCK, hidden).transpose(1, 2).contiguous()
         self.tail = w[cut:].T.contiguous() if cut < self.vocab else None  # [hidden, vocab - cut]
         small = w.numel() * w.element_size() <= PACK_MAX_BYTES
-        self.packed = _onednn_pack(w) if w.dtype == torch.float32 and small else None  # for 2+ rows
+        self.packed = onednn.pack(w) if small else None  # for 2+ rows (fp32 only)
         self.module = None
         if release:  # nothing else reads an untied output weight (the engine calls no model forward)
             lm_head.weight = None
@@ -81,29 +82,13 @@ class BlockedHead(OutputHead):
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and h.shape[0] > 1:
-            return torch.ops.mkldnn._linear_pointwise(h.float(), self.packed, None, "none", [], "")
+            return onednn.linear(h.float(), self.packed, None)
         h = h.to(self.blocks.dtype)
         out = torch.matmul(h, self.blocks).permute(1, 0, 2).reshape(h.shape[0], self.nb * BLOCK)  # [nb, n, B] -> [n, nb*B]
         return (torch.cat([out, h @ self.tail], dim=1) if self.tail is not None else out).float()
 
     def argmax(self, h: torch.Tensor) -> list[int]:
         return first_argmax(self._logits(h)).tolist()
-
-
-def _onednn_pack(w: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's packed copy of the fp32 [vocab, hidden] weight, checked against a plain product once;
-    None where this torch has no oneDNN linear (or it disagrees), and the blocks serve every row count."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return None
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
-        probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
-        if got.shape != (2, w.shape[0]) or not torch.allclose(got, probe @ w.T, rtol=1e-4, atol=1e-4):
-            return None
-        return packed
-    except (AttributeError, RuntimeError):
-        return None
 
 
 def first_argmax(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""oneDNN's packed fp32 GEMM on CPU: the decoder's linear layers and the output layer (output_head.py).
+
+torch's ``F.linear`` runs an fp32 CPU product through MKL's sgemm. On AMD EPYC (AVX2) that reaches
+about half of what the memory and the cores allow at the row counts of a decode step, where oneDNN
+(the library OpenVINO and inductor's CPU linears use) keeps a copy of the weight in its own blocked
+layout, chosen once at load for PACK_ROWS rows, and runs the product from it. The bench preset's 56
+decoder linears (2 threads, ms, medians of 5 interleaved rounds, ``/tmp`` microbenchmark in the
+session-9 note): rows 1: 13.9 MKL, 10.4 oneDNN; 8: 18.0, 13.0; 32: 32.3, 23.9; 64: 48.3, 35.6; 256
+about equal. The sums are not bitwise those of MKL (neither are MKL's own for another row count: a
+decode batch never was bitwise transformers' batch-1 product); parity with generate() is what the
+tests hold it to.
+
+``pack_linears`` swaps each plain fp32 ``nn.Linear`` of a module tree (the decoder's q/k/v/o and
+gate/up/down) for a ``PackedLinear`` that holds only the packed copy: the original weight is let go,
+so memory stays as it was. Quantized layers (torchao tensor subclasses, compressed-tensors, GPTQ/AWQ
+modules), other dtypes and other devices are left alone. llm parameter ``cpu_linear`` (torch: keep
+MKL's) switches it off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+PACK_ROWS = 32  # the batch size oneDNN's packed layout is chosen for (it serves every row count)
+
+
+def pack(w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """oneDNN's packed copy of an fp32 [out, in] weight, checked against a plain product once; None
+    where this torch has no oneDNN linear (or it disagrees)."""
+    try:
+        if not torch.backends.mkldnn.is_available() or w.dtype != torch.float32 or w.device.type != "cpu":
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
+        probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+        got = linear(probe, packed, bias)
+        want = torch.nn.functional.linear(probe, w, bias)
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            return None
+        return packed
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ W.T + bias`` from W's packed copy (x: [..., in] fp32)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class PackedLinear(nn.Module):
+    """An ``nn.Linear`` whose weight lives only as oneDNN's packed copy."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.packed, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def is_plain_fp32(m: nn.Module) -> bool:
+    """A bias-optional ``nn.Linear`` with an ordinary fp32 CPU weight (not a quantized one in disguise)."""
+    if type(m) is not nn.Linear or hasattr(m, "quantization_scheme") or hasattr(m, "weight_scale"):
+        return False
+    w, b = m.weight, m.bias
+    plain = type(w) is nn.Parameter and type(w.data) is torch.Tensor and not w.is_meta
+    return (plain and w.dtype == torch.float32 and w.device.type == "cpu"
+            and (b is None or (type(b.data) is torch.Tensor and b.dtype == torch.float32)))
+
+
+def pack_linears(root: nn.Module) -> int:
+    """Swap every plain fp32 CPU ``nn.Linear`` under ``root`` for a PackedLinear, in the model's own
+    order; the number swapped (0 where oneDNN is not there)."""
+    swapped = 0
+    for name, m in list(root.named_modules()):
+        if not is_plain_fp32(m):
+            continue
+        w = m.weight.detach()
+        bias = None if m.bias is None else m.bias.detach()
+        packed = pack(w, bias)
+        if packed is None:
+            return swapped
+        parent, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, attr,
+                PackedLinear(packed, bias, m.in_features, m.out_features))
+        swapped += 1
+    return swapped

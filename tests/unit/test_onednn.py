@@ -1,0 +1,73 @@
+"""llm parameter cpu_linear: the decoder's plain fp32 CPU linear layers run from oneDNN's packed copy
+(handlers/engine/onednn.py), quantized or other-dtype layers are left alone, and the engine's greedy
+output still equals generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tritonvl.handlers.engine import onednn
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch without oneDNN")
+
+
+def _tree() -> nn.Module:
+    torch.manual_seed(0)
+    root = nn.Module()
+    root.attn = nn.Module()
+    root.attn.q = nn.Linear(64, 64, bias=True)
+    root.attn.o = nn.Linear(64, 64, bias=False)
+    root.bf16 = nn.Linear(64, 32).to(torch.bfloat16)
+    root.scheme = nn.Linear(64, 32)
+    root.scheme.quantization_scheme = object()  # compressed-tensors' marker: its forward is not F.linear
+    return root
+
+
+def test_plain_fp32_linears_are_swapped_and_compute_the_same():
+    root = _tree()
+    x = torch.randn(3, 5, 64)
+    with torch.inference_mode():
+        want = {n: getattr(root.attn, n)(x) for n in ("q", "o")}
+        assert onednn.pack_linears(root) == 2
+        for n in ("q", "o"):
+            m = getattr(root.attn, n)
+            assert isinstance(m, onednn.PackedLinear) and not hasattr(m, "weight")  # the original is let go
+            torch.testing.assert_close(m(x), want[n], rtol=1e-5, atol=1e-5)
+    assert type(root.bf16) is nn.Linear and type(root.scheme) is nn.Linear  # left alone
+
+
+def test_a_quantized_tensor_subclass_weight_is_left_alone():
+    """torchao keeps nn.Linear and puts a tensor subclass in its weight: not a plain fp32 layer."""
+
+    class Marked(torch.Tensor):
+        pass
+
+    lin = nn.Linear(16, 16)
+    lin.weight = nn.Parameter(lin.weight.detach().as_subclass(Marked), requires_grad=False)
+    assert not onednn.is_plain_fp32(lin)
+    assert onednn.is_plain_fp32(nn.Linear(16, 16))
+
+
+def test_a_pack_that_disagrees_is_not_used(monkeypatch):
+    monkeypatch.setattr(onednn, "linear", lambda x, p, b: torch.zeros(x.shape[0], 64))
+    root = _tree()
+    assert onednn.pack_linears(root) == 0 and type(root.attn.q) is nn.Linear
+
+
+def test_the_engine_runs_packed_linears_and_equals_generate(model_dir):
+    """Default: every decoder linear is a PackedLinear and the greedy tokens equal generate()'s;
+    cpu_linear=torch keeps nn.Linear."""
+    from tests.helpers import assert_offline_equals_generate, make_image
+    from tritonvl.handlers.tools.offline import OfflinePipeline
+
+    def kinds(**kw) -> set:
+        with OfflinePipeline(str(model_dir), device="cpu", dtype="float32", kv_cache_bytes=1 << 24, **kw) as pipe:
+            return {type(m).__name__ for n, m in pipe.engine.runner.lm.layers.named_modules()
+                    if n.endswith(("_proj",))}
+
+    assert kinds() == {"PackedLinear"}
+    assert kinds(cpu_linear="torch") == {"Linear"}
+    specs = [("Say something.", [], 12), ("What is shown?", [make_image(200, 150, 4)], 12)]
+    assert_offline_equals_generate(model_dir, specs)
