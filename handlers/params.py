@@ -319,7 +319,8 @@ class LLMParams(DeviceParams):
     )
     cpu_linear: str = param(
         Choice("onednn", "torch"), "onednn", "CPU fp32 decoder linear layers: onednn: oneDNN's packed GEMM (a copy "
-        "of each weight in oneDNN's layout, made at load; the original is let go), torch: F.linear (MKL). "
+        "of each weight in oneDNN's layout, made at load; the original is let go; q/k/v and gate/up each packed as "
+        "one product), torch: F.linear (MKL). "
         "Quantized layers, other dtypes and devices, and compile=decode always run F.linear"
     )
     compile: str = param(

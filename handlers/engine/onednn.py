@@ -12,7 +12,10 @@ tests hold it to.
 
 ``pack_linears`` swaps each plain fp32 ``nn.Linear`` of a module tree (the decoder's q/k/v/o and
 gate/up/down) for a ``PackedLinear`` that holds only the packed copy: the original weight is let go,
-so memory stays as it was. Quantized layers (torchao tensor subclasses, compressed-tensors, GPTQ/AWQ
+so memory stays as it was. Sibling layers that read the same input (q/k/v, gate/up) are packed as one
+product (``FusedProduct``): 4 oneDNN calls per decoder layer instead of 7; in-process bench preset,
+text, batch 8: 235 -> 277 tok/s (two alternating runs each, AMD EPYC; batch 1 and 32 within noise).
+Quantized layers (torchao tensor subclasses, compressed-tensors, GPTQ/AWQ
 modules), other dtypes and other devices are left alone. llm parameter ``cpu_linear`` (torch: keep
 MKL's) switches it off.
 """
@@ -73,10 +76,79 @@ def is_plain_fp32(m: nn.Module) -> bool:
             and (b is None or (type(b.data) is torch.Tensor and b.dtype == torch.float32)))
 
 
-def pack_linears(root: nn.Module) -> int:
-    """Swap every plain fp32 CPU ``nn.Linear`` under ``root`` for a PackedLinear, in the model's own
-    order; the number swapped (0 where oneDNN is not there)."""
+# Sibling layers that read the same input (a Qwen attention's q/k/v, an MLP's gate/up): packed as one
+# product, one oneDNN call instead of three or two (vLLM's QKVParallelLinear / MergedColumnParallelLinear).
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class FusedProduct:
+    """One packed product of sibling layers: the first member called with an input computes all of
+    them, the others take their slice of it for the same input object (the cache is dropped once every
+    member took its part, so no activation outlives the layer's forward)."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]) -> None:
+        self.packed, self.bias, self.sizes = packed, bias, sizes
+        self._x: torch.Tensor | None = None
+        self._parts: tuple = ()
+        self._left: set[int] = set()
+
+    def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if x is not self._x or i not in self._left:  # a new input, or this member's part was taken
+            self._parts = linear(x, self.packed, self.bias).split(self.sizes, dim=-1)
+            self._x, self._left = x, set(range(len(self.sizes)))
+        self._left.discard(i)
+        out = self._parts[i]
+        if not self._left:
+            self._x, self._parts = None, ()
+        return out
+
+
+class FusedMember(nn.Module):
+    """One of the sibling layers of a FusedProduct (an ``nn.Linear``'s interface)."""
+
+    def __init__(self, product: FusedProduct, index: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.product, self.index = product, index
+        self.in_features, self.out_features = in_features, out_features
+        if index == 0:  # the packed copy shows among the module's buffers once (state, .to(), memory counts)
+            self.register_buffer("packed", product.packed, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product.part(x, self.index)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"part {self.index} of a fused product")
+
+
+def _fuse_siblings(root: nn.Module) -> int:
+    """Pack each complete set of SIBLINGS under ``root`` (plain fp32, same input width) as one product;
+    the number of layers swapped."""
     swapped = 0
+    for parent in list(root.modules()):
+        for names in SIBLINGS:
+            layers = [getattr(parent, n, None) for n in names]
+            if not all(is_plain_fp32(m) for m in layers) or len({m.in_features for m in layers}) != 1:
+                continue
+            w = torch.cat([m.weight.detach() for m in layers])
+            with_bias = any(m.bias is not None for m in layers)
+            bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
+                              for m in layers]) if with_bias else None
+            packed = pack(w, bias)
+            if packed is None:
+                return swapped
+            product = FusedProduct(packed, bias, [m.out_features for m in layers])
+            for i, (n, m) in enumerate(zip(names, layers)):
+                setattr(parent, n, FusedMember(product, i, m.in_features, m.out_features))
+            swapped += len(layers)
+    return swapped
+
+
+def pack_linears(root: nn.Module, fuse: bool = True) -> int:
+    """Swap every plain fp32 CPU ``nn.Linear`` under ``root`` for a PackedLinear (siblings reading the
+    same input, with ``fuse``, for members of one packed product), in the model's own order; the number
+    swapped (0 where oneDNN is not there)."""
+    swapped = _fuse_siblings(root) if fuse else 0
     for name, m in list(root.named_modules()):
         if not is_plain_fp32(m):
             continue

@@ -38,6 +38,49 @@ def test_plain_fp32_linears_are_swapped_and_compute_the_same():
     assert type(root.bf16) is nn.Linear and type(root.scheme) is nn.Linear  # left alone
 
 
+def _attention_and_mlp() -> nn.Module:
+    torch.manual_seed(1)
+    root = nn.Module()
+    root.self_attn = nn.Module()
+    for name, out, bias in (("q_proj", 64, True), ("k_proj", 16, True), ("v_proj", 16, True), ("o_proj", 64, False)):
+        setattr(root.self_attn, name, nn.Linear(64, out, bias=bias))
+    root.mlp = nn.Module()
+    for name, shape in (("gate_proj", (64, 96)), ("up_proj", (64, 96)), ("down_proj", (96, 64))):
+        setattr(root.mlp, name, nn.Linear(*shape, bias=False))
+    return root
+
+
+def test_siblings_reading_one_input_run_as_one_product():
+    """q/k/v and gate/up become members of one packed product each; every member equals its own layer,
+    in any call order, for a new input, and called twice; nothing is cached after the last part."""
+    root = _attention_and_mlp()
+    names = [("self_attn", n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+            [("mlp", n) for n in ("gate_proj", "up_proj", "down_proj")]
+    layers = {k: getattr(getattr(root, k[0]), k[1]) for k in names}
+    xs = [torch.randn(3, 64), torch.randn(1, 2, 64), torch.randn(5, 96)]
+    with torch.inference_mode():
+        want = {k: [m(x) for x in xs if x.shape[-1] == m.in_features] for k, m in layers.items()}
+        assert onednn.pack_linears(root) == 7
+        got = {k: getattr(getattr(root, k[0]), k[1]) for k in names}
+        assert {k[1] for k, m in got.items() if isinstance(m, onednn.FusedMember)} == \
+            {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+        assert got["self_attn", "q_proj"].product is got["self_attn", "v_proj"].product
+        assert got["self_attn", "q_proj"].product is not got["mlp", "up_proj"].product
+        for order in (names, list(reversed(names))):
+            for k in order:
+                m = got[k]
+                inputs = [x for x in xs if x.shape[-1] == m.in_features]
+                for x, w in zip(inputs, want[k]):
+                    torch.testing.assert_close(m(x), w, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(m(x), w, rtol=1e-5, atol=1e-5)  # the same member again
+        product = got["self_attn", "k_proj"].product
+        x = xs[0]
+        got["self_attn", "q_proj"](x), got["self_attn", "k_proj"](x)
+        assert product._x is x  # v's part is still waiting
+        got["self_attn", "v_proj"](x)
+        assert product._x is None and product._parts == ()  # all taken: the activation is let go
+
+
 def test_a_quantized_tensor_subclass_weight_is_left_alone():
     """torchao keeps nn.Linear and puts a tensor subclass in its weight: not a plain fp32 layer."""
 
@@ -67,7 +110,7 @@ def test_the_engine_runs_packed_linears_and_equals_generate(model_dir):
             return {type(m).__name__ for n, m in pipe.engine.runner.lm.layers.named_modules()
                     if n.endswith(("_proj",))}
 
-    assert kinds() == {"PackedLinear"}
+    assert kinds() == {"PackedLinear", "FusedMember"}  # o/down alone; q/k/v and gate/up as fused products
     assert kinds(cpu_linear="torch") == {"Linear"}
     specs = [("Say something.", [], 12), ("What is shown?", [make_image(200, 150, 4)], 12)]
     assert_offline_equals_generate(model_dir, specs)
