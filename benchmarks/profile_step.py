@@ -195,7 +195,7 @@ def main() -> None:
         results, tokens = [], {}
         for workload in args.workloads.split(","):
             for b in [int(x) for x in args.batches.split(",")]:
-                for rep in range(args.reps):
+                for _rep in range(args.reps):
                     for name, patch in variants.items():  # alternated: the load drifts alike for each
                         steps.clear()
                         undo = patch(pipe) if patch else None
@@ -292,7 +292,7 @@ def print_table(results) -> None:
         m[3].append(ld)
         m[4] = m[4] and same
     cols = []
-    for label, (b, steps, tps, lds, same) in merged.items():
+    for label, (b, steps, _tps, _lds, _same) in merged.items():
         dec = summarize(steps, "decode", b)
         if dec:
             cols.append((f"{label} decode", dec))
@@ -305,7 +305,7 @@ def print_table(results) -> None:
         fmt = (lambda v: f"{v:.0f}") if p == "n" else (lambda v: f"{v:.2f}")
         print(f"| {p if p != 'n' else 'steps measured'} | " + " | ".join(fmt(d[p]) for _, d in cols) + " |")
     print()
-    for label, (b, steps, tps, lds, same) in merged.items():
+    for label, (_b, _steps, tps, lds, same) in merged.items():
         print(f"{label}: {statistics.median(tps):.1f} output tok/s (median of {len(tps)} runs, prefill "
               f"included); same tokens as the first variant: {same}; load {' / '.join(lds)}")
 

@@ -17,7 +17,10 @@ TEXT = {"hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 1, "nu
 
 def _layer_and_input(seed: int = 0):
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer, Qwen2_5_VLRotaryEmbedding
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VLDecoderLayer,
+        Qwen2_5_VLRotaryEmbedding,
+    )
 
     torch.manual_seed(seed)
     config = Qwen2_5_VLTextConfig(**TEXT)
