@@ -101,7 +101,9 @@ def test_real_tower_cached_embeddings_equal_fresh_ones(model_dir):
     enc.encode([(other.pixel_values, other.image_grid_thw), (m.pixel_values, m.image_grid_thw)])
     cached = enc.encode([(m.pixel_values, m.image_grid_thw)])[0].embeds
     assert enc.cache.hits == 1
-    np.testing.assert_allclose(cached, fresh, rtol=1e-5, atol=1e-5)
+    # the cached rows were computed in a batch of two images: fp32 GEMMs over other row counts sum in another
+    # order (seen on AMD EPYC: 1.7e-5 on values up to ~30), so equal within fp32 rounding, not bitwise
+    np.testing.assert_allclose(cached, fresh, rtol=1e-4, atol=1e-4 * float(np.abs(fresh).max()))
 
 
 def test_a_bad_request_fails_alone_and_the_batch_carries_on():
