@@ -88,6 +88,7 @@ class FusedProduct:
 
     def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, sizes: list[int]) -> None:
         self.packed, self.bias, self.sizes = packed, bias, sizes
+        self._members = frozenset(range(len(sizes)))
         self._x: torch.Tensor | None = None
         self._parts: tuple = ()
         self._left: set[int] = set()
@@ -95,7 +96,7 @@ class FusedProduct:
     def part(self, x: torch.Tensor, i: int) -> torch.Tensor:
         if x is not self._x or i not in self._left:  # a new input, or this member's part was taken
             self._parts = linear(x, self.packed, self.bias).split(self.sizes, dim=-1)
-            self._x, self._left = x, set(range(len(self.sizes)))
+            self._x, self._left = x, set(self._members)
         self._left.discard(i)
         out = self._parts[i]
         if not self._left:
@@ -132,7 +133,7 @@ def _fuse_siblings(root: nn.Module) -> int:
                 continue
             w = torch.cat([m.weight.detach() for m in layers])
             with_bias = any(m.bias is not None for m in layers)
-            bias = torch.cat([m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
+            bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
                               for m in layers]) if with_bias else None
             packed = pack(w, bias)
             if packed is None:
@@ -144,11 +145,11 @@ def _fuse_siblings(root: nn.Module) -> int:
     return swapped
 
 
-def pack_linears(root: nn.Module, fuse: bool = True) -> int:
+def pack_linears(root: nn.Module) -> int:
     """Swap every plain fp32 CPU ``nn.Linear`` under ``root`` for a PackedLinear (siblings reading the
-    same input, with ``fuse``, for members of one packed product), in the model's own order; the number
-    swapped (0 where oneDNN is not there)."""
-    swapped = _fuse_siblings(root) if fuse else 0
+    same input for members of one packed product), in the model's own order; the number swapped (0
+    where oneDNN is not there)."""
+    swapped = _fuse_siblings(root)
     for name, m in list(root.named_modules()):
         if not is_plain_fp32(m):
             continue
