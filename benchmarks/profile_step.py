@@ -147,8 +147,9 @@ def main() -> None:
                     "the batch-32 decode steps")
     ap.add_argument("--ab", action="store_true", help="alternate the engine as it is with the engine "
                     "computing whole logits every step (before the fused greedy output layer) and with the "
-                    "output layer as before engine/output_head.py (mkl-head)")
-    ap.add_argument("--variants", default="", help="with --ab: which of full-logits,mkl-head,now (default all)")
+                    "output layer as before engine/output_head.py (mkl-head), and without the int8 greedy screen "
+                    "(no-screen)")
+    ap.add_argument("--variants", default="", help="with --ab: which of full-logits,mkl-head,no-screen,now (default all)")
     ap.add_argument("--cpu-time", action="store_true", help="one torch thread, and every piece timed by the "
                     "engine thread's CPU time (time.thread_time): time taken by other processes on a shared "
                     "machine does not count (their cache and memory traffic still does)")
@@ -280,7 +281,14 @@ def _mkl_head(pipe):
     return lambda: setattr(runner, "head", head)
 
 
-VARIANTS = {"full-logits": _full_logits, "mkl-head": _mkl_head, "now": None}
+def _no_screen(pipe):
+    """The greedy output layer without the int8 screen (llm cpu_greedy_screen=false): the fp32 product."""
+    head = pipe.engine.runner.head
+    screen, head.screen = head.screen, None
+    return lambda: setattr(head, "screen", screen)
+
+
+VARIANTS = {"full-logits": _full_logits, "mkl-head": _mkl_head, "no-screen": _no_screen, "now": None}
 
 
 def print_table(results) -> None:

@@ -323,6 +323,12 @@ class LLMParams(DeviceParams):
         "one product), torch: F.linear (MKL). "
         "Quantized layers, other dtypes and devices, and compile=decode always run F.linear"
     )
+    cpu_greedy_screen: bool = param(
+        Bool(), "true", "greedy steps of up to 8 rows on an fp32 CPU output layer: an int8 copy of its weight (a "
+        "quarter of its bytes, made at load) bounds every logit, and the few entries that can still be the "
+        "maximum are computed again in fp32: the same ids as the fp32 product, about a quarter of its reads. "
+        "false: the fp32 product every step (no copy)"
+    )
     compile: str = param(
         Choice("none", "decode"), "none", "decode: the decoder compiled with torch.compile for decode steps padded "
         "to compile_buckets (CUDA graphs on CUDA with the triton attention backend), compiled at load; other "

@@ -88,6 +88,7 @@ class LLMEngine:
                                   p.attention_backend, p.kv_cache_fraction, quantization=p.quantization,
                                   # inductor lowers oneDNN's linear only from frozen constants: compiled, F.linear
                                   cpu_linear=p.cpu_linear if p.compile == "none" else "torch",
+                                  greedy_screen=p.cpu_greedy_screen,
                                   tp_devices=tuple(devices or tp_devices(device, p.tensor_parallel_size))
                                   if p.tensor_parallel_size > 1 else ())
         block_size = self.runner.block_size

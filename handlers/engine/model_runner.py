@@ -81,7 +81,8 @@ class ModelRunner:
     def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
                  block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5,
                  quantization: str = "none", tp: parallel.TPGroup | None = None,
-                 tp_devices: tuple[str, ...] = (), cpu_linear: str = "onednn") -> None:
+                 tp_devices: tuple[str, ...] = (), cpu_linear: str = "onednn",
+                 greedy_screen: bool = True) -> None:
         self.info, self.device, self.dtype = info, device, dtype
         size = tp.size if tp else max(len(tp_devices), 1)  # tensor parallelism: engine/parallel.py
         parallel.check_size(info.family, info.num_heads, info.num_kv_heads, size, quantization)
@@ -107,7 +108,8 @@ class ModelRunner:
             onednn.pack_linears(self.lm)
         # the output layer (on CPU re-laid in vocabulary blocks; an untied weight released): output_head.py;
         # none on a tensor-parallel worker (rank 0 alone samples)
-        self.head = None if model.lm_head is None else OutputHead.build(model.lm_head, device, self.lm.embed_tokens)
+        self.head = None if model.lm_head is None else OutputHead.build(model.lm_head, device, self.lm.embed_tokens,
+                                                                        screen=greedy_screen)
         self.attn_fn = chosen.fn  # the backend's attention function
         self.use_attention(chosen.fn)
         per_token = info.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) // size

@@ -189,3 +189,94 @@ def test_first_argmax_ties_and_tail():
     assert oh.first_argmax(x).tolist() == [x.shape[1] - 1] * 4
     x[1, 2 * oh.BLOCK + 3] = 5.0  # one row's maximum in a later block
     assert oh.first_argmax(x).tolist() == [x.shape[1] - 1, 2 * oh.BLOCK + 3] + [x.shape[1] - 1] * 2
+
+
+# ---- GreedyScreen: the int8 copy picks candidates, fp32 decides ----
+
+
+def screened(vocab: int, hidden: int, seed: int = 0) -> tuple[torch.nn.Linear, oh.BlockedHead]:
+    lin = linear(vocab, hidden, seed)
+    with torch.no_grad():
+        lin.weight.mul_(4.0)  # logits of a few units, as a trained head's
+    ref = torch.nn.Linear(hidden, vocab, bias=False)
+    ref.weight = torch.nn.Parameter(lin.weight.detach().clone())
+    head = oh.OutputHead.build(lin, "cpu")
+    assert head.screen is not None
+    return ref, head
+
+
+@pytest.mark.parametrize("rows", [1, 3, oh.SCREEN_ROWS, oh.SCREEN_ROWS + 1])
+def test_screened_greedy_ids_are_the_fp32_ids(rows):
+    ref, head = screened(3 * oh.BLOCK + 123, 64)
+    calls = []
+    real = head.screen.argmax
+    head.screen.argmax = lambda *a: (calls.append(1), real(*a))[1]
+    with torch.inference_mode():
+        for scale in (0.1, 1.0, 30.0):
+            h = torch.randn(rows, 64) * scale
+            assert head.argmax(h) == ref(h).argmax(dim=-1).tolist()
+    assert len(calls) == (3 if rows <= oh.SCREEN_ROWS else 0)  # past SCREEN_ROWS rows: the fp32 GEMM
+
+
+def test_near_ties_the_int8_copy_gets_wrong_are_decided_in_fp32():
+    """Two vocabulary rows closer than int8 can tell apart (an outlier weight the input does not meet
+    makes their int8 step coarse): where the int8 product ranks them the wrong way round, the screen
+    still returns the fp32 argmax (its candidates come from the error bound, not its own maximum)."""
+    vocab, hidden = 2 * oh.BLOCK + 40, 64
+    g = torch.Generator().manual_seed(5)
+    misled = 0
+    for t in range(40):
+        w = 0.05 * torch.randn(vocab, hidden, generator=g)
+        base = torch.randn(hidden, generator=g)
+        a, b = 100 + t, 2 * oh.BLOCK + 3  # one in a block, one in the tail
+        w[a] = base + 0.003 * torch.randn(hidden, generator=g)
+        w[b] = base + 0.003 * torch.randn(hidden, generator=g)
+        w[a, 0] = w[b, 0] = 40.0
+        head = oh.OutputHead.build(_with_weight(w.clone()), "cpu")
+        h = (base / base.norm() ** 2)[None] * 4
+        h[0, 0] = 0.0
+        with torch.inference_mode():
+            want = (h @ w.T).argmax(dim=-1).tolist()
+            rough = torch._weight_int8pack_mm(h.to(torch.bfloat16), head.screen.q, head.screen.scales).float()
+            assert want[0] in (a, b)
+            assert head.argmax(h) == want
+        misled += int((rough[0] == rough.max()).sum() == 1 and rough.argmax().item() != want[0])
+    assert misled >= 2  # the int8 product alone would have answered wrong that often
+
+
+def _with_weight(w: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight = torch.nn.Parameter(w)
+    return lin
+
+
+def test_screen_falls_back_to_fp32_when_it_cannot_decide():
+    """Every row equal (all entries candidates: past SCREEN_MAX_CANDIDATES) and a non-finite input:
+    the whole fp32 product answers, the first of equal maxima as torch.argmax."""
+    vocab, hidden = oh.BLOCK + 100, 32
+    w = torch.randn(hidden).repeat(vocab, 1)
+    head = oh.OutputHead.build(_with_weight(w.clone()), "cpu")
+    assert head.screen is not None
+    with torch.inference_mode():
+        h = torch.randn(2, hidden)
+        assert head.screen.argmax(h, lambda *a: pytest.fail("no candidates expected")) is None
+        assert head.argmax(h) == [0, 0]
+        bad = torch.full((1, hidden), float("nan"))
+        assert head.screen.argmax(bad, lambda *a: pytest.fail("no candidates expected")) is None
+
+
+def test_screen_only_where_it_applies(monkeypatch):
+    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 24), "cpu").screen is None  # hidden not a multiple of 16
+    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32).to(torch.bfloat16), "cpu").screen is None
+    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu", screen=False).screen is None
+    real = torch._weight_int8pack_mm  # a kernel that disagrees with the product is not used
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda h, q, s: -real(h, q, s))
+    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu").screen is None
+
+
+def test_bf16_at_least_rounds_up():
+    x = torch.rand(10000) * torch.logspace(-30, 30, 10000)
+    b = oh._bf16_at_least(x)
+    assert b.dtype == torch.bfloat16 and bool((b.float() >= x).all())
+    below = (b.view(torch.int16) - 1).view(torch.bfloat16).float()
+    assert bool((below < x).all())  # the smallest such bfloat16
