@@ -44,6 +44,7 @@ class StepMeta:
     kv_lens_tensor: torch.Tensor | None = None  # the same, int32 on the device
     max_q: int = 0
     max_k: int = 0
+    all_decode: bool = False  # every row of the step is a decode, rows in order (decode_rows is 0..T-1)
 
 
 @dataclass
@@ -74,6 +75,7 @@ def build_meta(backend: Backend, kv_cache: torch.Tensor, block_size: int, parts:
     decodes = [i for i, n in enumerate(qlens) if n == 1]
     if decodes:
         meta.decode_rows = torch.tensor([parts[i].row for i in decodes], device=device)
+        meta.all_decode = len(decodes) == len(parts)  # rows 0..T-1 then (ModelRunner.pack places them in order)
     if backend.prefill == "gathered" or (decodes and backend.decode == "gathered"):
         arange = torch.arange(block_size)
 
