@@ -324,7 +324,7 @@ class LLMParams(DeviceParams):
         "Quantized layers, other dtypes and devices, and compile=decode always run F.linear"
     )
     cpu_greedy_screen: bool = param(
-        Bool(), "true", "greedy steps of up to 8 rows on an fp32 CPU output layer: an int8 copy of its weight (a "
+        Bool(), "true", "greedy steps of up to 4 rows on an fp32 CPU output layer: an int8 copy of its weight (a "
         "quarter of its bytes, made at load) bounds every logit, and the few entries that can still be the "
         "maximum are computed again in fp32: the same ids as the fp32 product, about a quarter of its reads. "
         "false: the fp32 product every step (no copy)"
