@@ -168,7 +168,7 @@ class Triton:
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
-        self.url = f"http://{self.server.http_url}/v2/models/" + os.environ.get("TVL_BENCH_MODEL", "qwen2_5_vl") + "/generate"
+        self.url = f"http://{self.server.http_url}/v2/models/qwen2_5_vl/generate"
         self.grpc_url = self.server.grpc_url
         self.stream, self.pid = True, self.server.proc.pid
 
