@@ -119,23 +119,24 @@ class GreedyScreen:
     """Each row's greedy id of ``h @ W.T`` from an int8 copy of the fp32 weight ``W``.
 
     W is kept as ``q * s`` (per vocabulary entry i: ``s_i`` the bfloat16 at or above max|W_i| / 127,
-    ``q_i = round(W_i / s_i)`` in int8, so |W_ij - q_ij s_i| <= s_i / 2), and torch's int8 weight GEMM
-    (bfloat16 activations, fp32 sums, bfloat16 out) gives approximate logits y~. Entry i's differs
-    from the exact one by at most
+    ``q_i = round(W_i / s_i)`` in int8; ``e_i = W_i - q_i s_i`` the rounding, whose norm is kept), and
+    torch's int8 weight GEMM (h rounded to bfloat16 as h~, products q s exact in fp32, fp32 sums,
+    bfloat16 out) gives approximate logits y~. Since h.W_i = h~.(q_i s_i) + h.e_i + (h - h~).(q_i s_i),
+    entry i's differs from the exact one by at most
 
-        E_i = s_i / 2 * |h|_1  +  (2^-8 + 1e-4) * |h|_2 * |q_i s_i|_2  +  2^-7 * max_k |y~_k|
+        E_i = |h|_2 |e_i|_2  +  (|h - h~|_2 + 1e-4 |h|_2) |q_i s_i|_2  +  2^-7 max_k |y~_k|
 
-    (the weight's rounding; h rounded to bfloat16 and the fp32 sums; the bfloat16 output), so the
-    exact maximum is among the entries with y~_i + E_i >= max_k (y~_k - E_k). Those few are computed
-    again in fp32 from W and the first of their maxima is the id. Measured error on random weights
-    and inputs: at most 0.2 E. A non-finite row or more than SCREEN_MAX_CANDIDATES entries per row
-    left: None (the caller runs the whole fp32 product)."""
+    (Cauchy-Schwarz on both terms; the fp32 sums; the bfloat16 output), so the exact maximum is among
+    the entries with y~_i + E_i >= max_k (y~_k - E_k). Those few are computed again in fp32 from W and
+    the first of their maxima is the id. Measured error on random weights and inputs: well inside E.
+    A non-finite row or more than SCREEN_MAX_CANDIDATES entries per row left: None (the caller runs
+    the whole fp32 product)."""
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, rounding: torch.Tensor) -> None:
         self.q, self.scales = q, scales  # [vocab, hidden] int8, [vocab] bfloat16
         s = scales.float()
         norms = torch.cat([part.float().norm(dim=1) for part in q.split(CHUNK)]) * s
-        self.coef = torch.stack([s / 2, (2 ** -8 + 1e-4) * norms])  # [2, vocab]: E_i's factors of |h|_1, |h|_2
+        self.coef = torch.stack([rounding, norms])  # [2, vocab]: |e_i|_2 and |q_i s_i|_2, E_i's factors
 
     @classmethod
     def build(cls, w: torch.Tensor) -> GreedyScreen | None:
@@ -146,9 +147,12 @@ class GreedyScreen:
                 or not hasattr(torch, "_weight_int8pack_mm")):
             return None
         scales = _bf16_at_least(w.abs().amax(dim=1) / 127)
-        q = torch.cat([torch.round(part / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-                       for part, s in zip(w.split(CHUNK), scales.split(CHUNK))])  # no whole-size fp32 temporary
-        screen = cls(q, scales)
+        qs, errs = [], []
+        for part, s in zip(w.split(CHUNK), scales.split(CHUNK)):  # no whole-size fp32 temporary
+            q = torch.round(part / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+            qs.append(q)  # the rounding's norm in float64, with room for its own last bit
+            errs.append((part.double() - q.double() * s.double()[:, None]).norm(dim=1).float() * (1 + 1e-5))
+        screen = cls(torch.cat(qs), scales, torch.cat(errs))
         try:  # the kernel exists for this build and agrees with the product it stands for
             probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
             ids = screen.argmax(probe, lambda h, cols: h @ w[cols].T)
@@ -157,14 +161,18 @@ class GreedyScreen:
         agrees = ids is None or ids == (probe @ w.T).argmax(dim=-1).tolist()  # None: undecided, fp32 answers
         return screen if agrees else None
 
+    def approx(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 product's logits y~ [n, vocab] and each one's error bound E [n, vocab]."""
+        y = torch._weight_int8pack_mm(h.to(torch.bfloat16).contiguous(), self.q, self.scales).float()
+        size_h = h.norm(dim=1)
+        norms = torch.stack([size_h, (h - h.to(torch.bfloat16).float()).norm(dim=1) + 1e-4 * size_h], dim=1)
+        return y, torch.addmm(2 ** -7 * y.abs().amax(dim=1, keepdim=True), norms, self.coef)
+
     def argmax(self, h: torch.Tensor, exact) -> list[int] | None:
         """``exact(h, cols)``: the fp32 logits [n, len(cols)] of vocabulary entries ``cols`` (ascending)."""
-        y = torch._weight_int8pack_mm(h.to(torch.bfloat16).contiguous(), self.q, self.scales).float()  # [n, vocab]
-        size = y.abs().amax(dim=1, keepdim=True)
-        if not bool(torch.isfinite(size).all()):
+        y, err = self.approx(h)
+        if not bool(torch.isfinite(err).all()):  # a non-finite y~ (its max is in every E) or h
             return None
-        norms = torch.stack([h.abs().sum(dim=1), h.norm(dim=1)], dim=1)  # [n, 2]
-        err = torch.addmm(2 ** -7 * size, norms, self.coef)  # [n, vocab]: E_i per row
         live = (y + err) >= (y - err).amax(dim=1, keepdim=True)  # entries that may still be a row's maximum
         counts = live.sum(dim=1).tolist()
         if max(counts) > SCREEN_MAX_CANDIDATES:

@@ -250,6 +250,24 @@ def _with_weight(w: torch.Tensor) -> torch.nn.Linear:
     return lin
 
 
+def test_the_error_bound_holds_for_every_entry():
+    """Every int8 logit is within its bound E of the exact (float64) one, over weight and input scales
+    and outlier weights; and the bound is not vacuous (the int8 product really errs by a good part of it)."""
+    g = torch.Generator().manual_seed(11)
+    worst = 0.0
+    for scale in (0.01, 0.3, 5.0):
+        w = scale * torch.randn(2 * oh.BLOCK + 77, 64, generator=g)
+        w[::97, 3] *= 50.0  # rows with an outlier: a coarse int8 step
+        screen = oh.GreedyScreen.build(w)
+        for hs in (0.05, 1.0, 40.0):
+            h = hs * torch.randn(3, 64, generator=g)
+            y, err = screen.approx(h)
+            gap = ((h.double() @ w.double().T) - y.double()).abs()
+            assert bool((gap <= err.double()).all())
+            worst = max(worst, float((gap / err.double()).max()))
+    assert worst > 0.05
+
+
 def test_screen_falls_back_to_fp32_when_it_cannot_decide():
     """Every row equal (all entries candidates: past SCREEN_MAX_CANDIDATES) and a non-finite input:
     the whole fp32 product answers, the first of equal maxima as torch.argmax."""
