@@ -29,7 +29,7 @@ BLOCK = 4096  # vocabulary columns per block (8 MB of fp32 weight at hidden 512)
 PACK_MAX_BYTES = 1 << 30  # a bigger head (7B+ in fp32) is not copied again: the blocks serve 2+ rows too
 SCREEN_ROWS = 4  # greedy steps of up to this many rows screen with the int8 copy (past it the fp32 GEMM wins)
 SCREEN_MAX_CANDIDATES = 1024  # more entries than this left in play for a row: the whole fp32 product instead
-CHUNK = 8192  # vocabulary rows converted at a time while the int8 copy is made
+CHUNK_ELEMENTS = 1 << 22  # weight elements converted at a time while the int8 copy is made (no whole-size temporary)
 
 
 class OutputHead:
@@ -135,7 +135,8 @@ class GreedyScreen:
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, rounding: torch.Tensor) -> None:
         self.q, self.scales = q, scales  # [vocab, hidden] int8, [vocab] bfloat16
         s = scales.float()
-        norms = torch.cat([part.float().norm(dim=1) for part in q.split(CHUNK)]) * s
+        rows = max(1, CHUNK_ELEMENTS // q.shape[1])
+        norms = torch.cat([part.float().norm(dim=1) for part in q.split(rows)]) * s
         self.coef = torch.stack([rounding, norms])  # [2, vocab]: |e_i|_2 and |q_i s_i|_2, E_i's factors
 
     @classmethod
@@ -146,13 +147,19 @@ class GreedyScreen:
         if (w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[1] % 16
                 or not hasattr(torch, "_weight_int8pack_mm")):
             return None
-        scales = _bf16_at_least(w.abs().amax(dim=1) / 127)
-        qs, errs = [], []
-        for part, s in zip(w.split(CHUNK), scales.split(CHUNK)):  # no whole-size fp32 temporary
-            q = torch.round(part / s.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-            qs.append(q)  # the rounding's norm in float64, with room for its own last bit
-            errs.append((part.double() - q.double() * s.double()[:, None]).norm(dim=1).float() * (1 + 1e-5))
-        screen = cls(torch.cat(qs), scales, torch.cat(errs))
+        vocab, hidden = w.shape
+        q = torch.empty(vocab, hidden, dtype=torch.int8)
+        scales = torch.empty(vocab, dtype=torch.bfloat16)
+        rounding = torch.empty(vocab)
+        rows = max(1, CHUNK_ELEMENTS // hidden)
+        for lo in range(0, vocab, rows):  # a chunk at a time: no temporary of the whole weight's size
+            part = w[lo:lo + rows]
+            s = _bf16_at_least(part.abs().amax(dim=1) / 127)
+            qf = torch.round(part / s.float()[:, None]).clamp_(-127, 127)
+            q[lo:lo + rows], scales[lo:lo + rows] = qf.to(torch.int8), s
+            # the rounding's norm in float64, with room for its own last bit
+            rounding[lo:lo + rows] = (part.double() - qf.double() * s.double()[:, None]).norm(dim=1).float() * (1 + 1e-5)
+        screen = cls(q, scales, rounding)
         try:  # the kernel exists for this build and agrees with the product it stands for
             probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
             ids = screen.argmax(probe, lambda h, cols: h @ w[cols].T)
