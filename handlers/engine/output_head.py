@@ -157,11 +157,17 @@ class GreedyScreen:
             s = _bf16_at_least(part.abs().amax(dim=1) / 127)
             qf = torch.round(part / s.float()[:, None]).clamp_(-127, 127)
             q[lo:lo + rows], scales[lo:lo + rows] = qf.to(torch.int8), s
-            # the rounding's norm in float64, with room for its own last bit
-            rounding[lo:lo + rows] = (part.double() - qf.double() * s.double()[:, None]).norm(dim=1).float() * (1 + 1e-5)
+            # the rounding's norm: q s is exact in fp32 (7 by 8 significant bits), W - q s too (Sterbenz: they
+            # are within a factor 2, or q is 0); the norm's fp32 sum errs by under hidden * 2^-24 relative
+            rounding[lo:lo + rows] = (part - qf * s.float()[:, None]).norm(dim=1) * (1 + 1e-4 + hidden * 2 ** -23)
         screen = cls(q, scales, rounding)
-        try:  # the kernel exists for this build and agrees with the product it stands for
-            probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+        try:  # the kernel exists for this build, stays within the bound and gives the product's ids
+            probe = torch.randn(2, hidden, generator=torch.Generator().manual_seed(0))
+            y, err = screen.approx(probe)
+            for lo in range(0, vocab, rows):
+                gap = (probe.double() @ w[lo:lo + rows].double().T - y[:, lo:lo + rows].double()).abs()
+                if not bool((gap <= err[:, lo:lo + rows].double()).all()):
+                    return None
             ids = screen.argmax(probe, lambda h, cols: h @ w[cols].T)
         except (RuntimeError, NotImplementedError):
             return None

@@ -290,6 +290,11 @@ def test_screen_only_where_it_applies(monkeypatch):
     real = torch._weight_int8pack_mm  # a kernel that disagrees with the product is not used
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda h, q, s: -real(h, q, s))
     assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu").screen is None
+    # nor one that keeps every argmax (a 5% scale error) but leaves the bound: checked at load
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda h, q, s: real(h, q, s) * 1.05)
+    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu").screen is None
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", real)
+    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu").screen is not None
 
 
 def test_bf16_at_least_rounds_up():
