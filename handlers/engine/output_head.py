@@ -176,9 +176,10 @@ class GreedyScreen:
 
     def approx(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The int8 product's logits y~ [n, vocab] and each one's error bound E [n, vocab]."""
-        y = torch._weight_int8pack_mm(h.to(torch.bfloat16).contiguous(), self.q, self.scales).float()
+        rough = h.to(torch.bfloat16).contiguous()  # h~: what the kernel reads
+        y = torch._weight_int8pack_mm(rough, self.q, self.scales).float()
         size_h = h.norm(dim=1)
-        norms = torch.stack([size_h, (h - h.to(torch.bfloat16).float()).norm(dim=1) + 1e-4 * size_h], dim=1)
+        norms = torch.stack([size_h, (h - rough.float()).norm(dim=1) + 1e-4 * size_h], dim=1)
         return y, torch.addmm(2 ** -7 * y.abs().amax(dim=1, keepdim=True), norms, self.coef)
 
     def argmax(self, h: torch.Tensor, exact) -> list[int] | None:

@@ -52,13 +52,12 @@ def with_decode(decode: Callable) -> Callable:
         meta = tvl_meta
         layer = module.layer_idx
         write_kv(meta, layer, key, value)
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         if meta.all_decode:  # a decode-only step: no prefill, every row in order
-            scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
             return decode(meta, layer, query[0].transpose(0, 1), scale)[None], None
         out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[-1])
         gathered_prefills(meta, layer, query, out, scaling)
         if meta.decode_rows is not None:
-            scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
             out[0, meta.decode_rows] = decode(meta, layer, query[0, :, meta.decode_rows].transpose(0, 1), scale)
         return out, None
 
