@@ -163,3 +163,30 @@ def pack_linears(root: nn.Module) -> int:
                 PackedLinear(packed, bias, m.in_features, m.out_features))
         swapped += 1
     return swapped
+
+
+# ---- int8: oneDNN's u8 x s8 GEMM with int32 sums (the output layer's greedy screen, output_head.py) ----
+
+U8_ZERO = 128  # the activations' zero point: k in [-127, 127] goes in as the byte k + 128
+
+
+def has_u8_gemm() -> bool:
+    """oneDNN's int8 linear is there and this CPU sums u8 x s8 products in int32 without saturating
+    (VNNI: AVX512-VNNI or AVX-VNNI; without it the int16 pair sums of AVX2 can saturate)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_vnni_supported()
+                    and hasattr(torch.ops.onednn, "qlinear_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def pack_u8(q: torch.Tensor, rows: int) -> torch.Tensor:
+    """oneDNN's packed copy of an int8 [out, in] weight, for activations of about ``rows`` rows."""
+    return torch.ops.onednn.qlinear_prepack(q, [rows, q.shape[1]])
+
+
+def u8_linear(u: torch.Tensor, scale: float, packed: torch.Tensor, w_scales: torch.Tensor,
+              w_zeros: torch.Tensor) -> torch.Tensor:
+    """fp32 ``scale * (u - 128) @ (q * w_scales).T``: u [n, in] uint8; int32 sums, scaled on the way out."""
+    return torch.ops.onednn.qlinear_pointwise(u, scale, U8_ZERO, packed, w_scales, w_zeros, None, 1.0, 0,
+                                              torch.float32, "none", [None], "")

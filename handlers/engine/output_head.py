@@ -12,23 +12,33 @@ only for heads up to PACK_MAX_BYTES. Elsewhere (CUDA, NPU), or for an output lay
 non-float weight, it is the module's own forward. docs/BENCHMARKS.md ("Against OpenVINO GenAI") has
 the figures.
 
-Greedy rows of small steps (up to SCREEN_ROWS) take their ids through ``GreedyScreen``: an int8 copy
-of an fp32 CPU weight (a quarter of its bytes) gives every logit within a proven error bound, and only
-the vocabulary entries that can still be the maximum are computed again in fp32 from the weight. The
-ids are those of the fp32 logits; the step reads about a quarter of the head.
+Greedy steps take their ids through ``GreedyScreen``: an int8 copy of an fp32 CPU weight (a quarter
+of its bytes) gives every logit within a proven error bound, and only the vocabulary entries that can
+still be the maximum are computed again in fp32 from the weight. The ids are those of the fp32 logits.
+On CPUs with VNNI the int8 GEMM (int8 activations too) screens steps of any size (32 rows: 10 ms
+against the fp32 GEMM's 32 on the bench preset's head); elsewhere a bfloat16-activation kernel screens
+steps of up to SCREEN_ROWS rows (it reads about a quarter of the head's bytes).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn as nn
 
 from . import onednn
 
+log = logging.getLogger("tritonvl.engine")
+
 BLOCK = 4096  # vocabulary columns per block (8 MB of fp32 weight at hidden 512)
 PACK_MAX_BYTES = 1 << 30  # a bigger head (7B+ in fp32) is not copied again: the blocks serve 2+ rows too
-SCREEN_ROWS = 4  # greedy steps of up to this many rows screen with the int8 copy (past it the fp32 GEMM wins)
+SCREEN_ROWS = 4  # the bf16 kernel screens steps of up to this many rows (past it the fp32 GEMM wins)
+U8_ROWS = 48  # rows per call of the u8 kernel (oneDNN's int8 GEMM here: 10 ms at 32 rows, 14 at 48, 34 at 64)
+MISS_WINDOW = 64  # a screen that cannot decide on more than a quarter of its first this many steps turns off
 SCREEN_MAX_CANDIDATES = 1024  # more entries than this left in play for a row: the whole fp32 product instead
+SPAN = 64  # the screen looks for candidates in spans of this many vocabulary entries (their maxima first)
+SCREEN_MAX_SPANS = 128  # more spans than this in play for a row: the whole fp32 product instead
 CHUNK_ELEMENTS = 1 << 22  # weight elements converted at a time while the int8 copy is made (no whole-size temporary)
 
 
@@ -99,7 +109,7 @@ class BlockedHead(OutputHead):
         return (torch.cat([out, h @ self.tail], dim=1) if self.tail is not None else out).float()
 
     def argmax(self, h: torch.Tensor) -> list[int]:
-        if self.screen is not None and h.shape[0] <= SCREEN_ROWS:
+        if self.screen is not None and (self.screen.kernel == "u8" or h.shape[0] <= SCREEN_ROWS):
             ids = self.screen.argmax(h.float(), self._exact)
             if ids is not None:
                 return ids
@@ -107,11 +117,14 @@ class BlockedHead(OutputHead):
 
     def _exact(self, h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """fp32 logits of vocabulary entries ``cols`` (ascending) for rows ``h``: [n, len(cols)]."""
-        cut = self.nb * BLOCK
-        head = cols[cols < cut]
-        rows = [self.blocks[head // BLOCK, :, head % BLOCK]]  # [k, hidden]: those entries' weight rows
+        cut, hidden = self.nb * BLOCK, self.blocks.shape[1]
+        down = torch.arange(hidden)
+        head = cols[cols < cut]  # entry c is blocks[c // BLOCK, :, c % BLOCK]: gathered as flat offsets
+        start = (head // BLOCK) * (hidden * BLOCK) + head % BLOCK
+        rows = [torch.take(self.blocks, start[:, None] + down * BLOCK)]  # [k, hidden]: those entries' weight rows
         if len(head) < len(cols):
-            rows.append(self.tail[:, cols[len(head):] - cut].T)
+            width = self.tail.shape[1]
+            rows.append(torch.take(self.tail, (cols[len(head):] - cut)[:, None] + down * width))
         return h @ torch.cat(rows).float().T
 
 
@@ -119,33 +132,56 @@ class GreedyScreen:
     """Each row's greedy id of ``h @ W.T`` from an int8 copy of the fp32 weight ``W``.
 
     W is kept as ``q * s`` (per vocabulary entry i: ``s_i`` the bfloat16 at or above max|W_i| / 127,
-    ``q_i = round(W_i / s_i)`` in int8; ``e_i = W_i - q_i s_i`` the rounding, whose norm is kept), and
-    torch's int8 weight GEMM (h rounded to bfloat16 as h~, products q s exact in fp32, fp32 sums,
-    bfloat16 out) gives approximate logits y~. Since h.W_i = h~.(q_i s_i) + h.e_i + (h - h~).(q_i s_i),
-    entry i's differs from the exact one by at most
+    ``q_i = round(W_i / s_i)`` in int8; ``e_i = W_i - q_i s_i`` the rounding, whose norm is kept). One of
+    two kernels gives approximate logits y~ from the rounded input h~:
 
-        E_i = |h|_2 |e_i|_2  +  (|h - h~|_2 + 1e-4 |h|_2) |q_i s_i|_2  +  2^-7 max_k |y~_k|
+    - ``u8`` (CPUs with VNNI): oneDNN's int8 GEMM. h~ = k sx with sx = max|h| / 127 over the step and
+      k = round(h / sx) in [-127, 127], sent as bytes k + 128; the products are summed exactly in int32 and
+      scaled by sx s_i in fp32. Any number of rows (in chunks of U8_ROWS).
+    - ``bf16``: torch's int8 weight GEMM on h~ = bfloat16(h) (products q s exact in fp32, fp32 sums,
+      bfloat16 out). Up to SCREEN_ROWS rows (past that it loses to the fp32 GEMM).
 
-    (Cauchy-Schwarz on both terms; the fp32 sums; the bfloat16 output), so the exact maximum is among
-    the entries with y~_i + E_i >= max_k (y~_k - E_k). Those few are computed again in fp32 from W and
-    the first of their maxima is the id. Measured error on random weights and inputs: well inside E.
-    A non-finite row or more than SCREEN_MAX_CANDIDATES entries per row left: None (the caller runs
-    the whole fp32 product)."""
+    Since h.W_i = h~.(q_i s_i) + h.e_i + (h - h~).(q_i s_i), entry i's y~ differs from the exact logit by
+    at most
 
-    def __init__(self, q: torch.Tensor, scales: torch.Tensor, rounding: torch.Tensor) -> None:
-        self.q, self.scales = q, scales  # [vocab, hidden] int8, [vocab] bfloat16
+        E_i = (1 + c) |h|_2 |e_i|_2  +  (|h - h~|_2 + c |h|_2) |q_i s_i|_2  +  out_i
+
+    (Cauchy-Schwarz on both terms; c = 1e-4 + hidden * 2^-23 covers fp32 sums, the reference's among
+    them; out_i the kernel's output rounding: 2^-7 max_k |y~_k| for bfloat16, 2^-16 hidden (127 sx)
+    (127 s_i) for u8, far above fp32 scaling of an exact int32 sum), so the exact maximum is among the
+    entries with y~_i + E_i >= max_k (y~_k - E_k). Those few are computed again in fp32 from W and the
+    first of their maxima is the id. The bound is checked against float64 products at load.
+    A non-finite row or more than SCREEN_MAX_CANDIDATES entries left for a row: None (the caller runs
+    the whole fp32 product); a screen that answers None on more than a quarter of its first MISS_WINDOW
+    calls turns itself off (hidden states whose outliers make the bound too wide for it to pay)."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, rounding: torch.Tensor, kernel: str) -> None:
+        self.kernel, self.hidden = kernel, q.shape[1]
         s = scales.float()
         rows = max(1, CHUNK_ELEMENTS // q.shape[1])
         norms = torch.cat([part.float().norm(dim=1) for part in q.split(rows)]) * s
-        self.coef = torch.stack([rounding, norms])  # [2, vocab]: |e_i|_2 and |q_i s_i|_2, E_i's factors
+        # [4, vocab]: E_i = F_r @ coef[:, i] for a row's factors F_r (see _factors)
+        self.coef = torch.stack([rounding, norms, 127 * s, torch.ones_like(s)])
+        self.coef_t = self.coef.T.contiguous()  # [vocab, 4]: an entry's factors side by side (gathered per entry)
+        self.coef_max = self.coef.amax(dim=1)  # F_r @ coef_max >= every E_i of row r
+        self.max_rows = U8_ROWS if kernel == "u8" else SCREEN_ROWS  # per kernel call
+        self.calls = self.misses = 0
+        self.on = True
+        if kernel == "u8":
+            self.packed = onednn.pack_u8(q, U8_ROWS)
+            self.w_scales, self.w_zeros = s, torch.zeros(len(s), dtype=torch.int64)
+        else:
+            self.q, self.scales = q, scales
 
     @classmethod
-    def build(cls, w: torch.Tensor) -> GreedyScreen | None:
-        """For an fp32 CPU weight where this torch runs the int8 GEMM; else None. Hidden sizes that are
-        not a multiple of 16 are left out: the kernel reads the activations 16 at a time (aligned;
-        torch 2.13 on AVX2 crashed on rows of 8, 24 or 100)."""
-        if (w.dtype != torch.float32 or w.device.type != "cpu" or w.shape[1] % 16
-                or not hasattr(torch, "_weight_int8pack_mm")):
+    def build(cls, w: torch.Tensor, kernels: tuple[str, ...] = ("u8", "bf16")) -> GreedyScreen | None:
+        """For an fp32 CPU weight, with the first of ``kernels`` that this torch and CPU run, that stays
+        within the bound and gives the product's ids on probe inputs; else None. ``bf16`` needs a hidden
+        size that is a multiple of 16 (the kernel reads the activations 16 at a time, aligned: torch 2.13
+        on AVX2 crashed on rows of 8, 24 or 100)."""
+        usable = {"u8": onednn.has_u8_gemm(), "bf16": hasattr(torch, "_weight_int8pack_mm") and w.shape[1] % 16 == 0}
+        kernels = [k for k in kernels if usable[k]]
+        if w.dtype != torch.float32 or w.device.type != "cpu" or not kernels:
             return None
         vocab, hidden = w.shape
         q = torch.empty(vocab, hidden, dtype=torch.int8)
@@ -160,42 +196,108 @@ class GreedyScreen:
             # the rounding's norm: q s is exact in fp32 (7 by 8 significant bits), W - q s too (Sterbenz: they
             # are within a factor 2, or q is 0); the norm's fp32 sum errs by under hidden * 2^-24 relative
             rounding[lo:lo + rows] = (part - qf * s.float()[:, None]).norm(dim=1) * (1 + 1e-4 + hidden * 2 ** -23)
-        screen = cls(q, scales, rounding)
-        try:  # the kernel exists for this build, stays within the bound and gives the product's ids
-            probe = torch.randn(2, hidden, generator=torch.Generator().manual_seed(0))
-            y, err = screen.approx(probe)
-            for lo in range(0, vocab, rows):
-                gap = (probe.double() @ w[lo:lo + rows].double().T - y[:, lo:lo + rows].double()).abs()
-                if not bool((gap <= err[:, lo:lo + rows].double()).all()):
-                    return None
-            ids = screen.argmax(probe, lambda h, cols: h @ w[cols].T)
-        except (RuntimeError, NotImplementedError):
-            return None
-        agrees = ids is None or ids == (probe @ w.T).argmax(dim=-1).tolist()  # None: undecided, fp32 answers
-        return screen if agrees else None
+        for kernel in kernels:
+            try:
+                screen = cls(q, scales, rounding, kernel)
+                if screen._passes_checks(w):
+                    return screen
+            except (RuntimeError, NotImplementedError):
+                continue
+        return None
+
+    def _passes_checks(self, w: torch.Tensor) -> bool:
+        """On probe inputs (two random rows; one matching a weight row's signs at full scale, the kernel's
+        largest sums), every logit lies within its bound of the float64 product, and the ids agree."""
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn(3, self.hidden, generator=g)
+        probe[2] = torch.sign(w[int(torch.randint(len(w), (1,), generator=g))]) * probe[:2].abs().max()
+        y, err = self.approx(probe)
+        rows = max(1, CHUNK_ELEMENTS // self.hidden)
+        for lo in range(0, len(w), rows):
+            gap = (probe.double() @ w[lo:lo + rows].double().T - y[:, lo:lo + rows].double()).abs()
+            if not bool((gap <= err[:, lo:lo + rows].double()).all()):
+                return False
+        ids = self._screen(probe[:2], lambda h, cols: h @ w[cols].T)
+        return ids is None or ids == (probe[:2] @ w.T).argmax(dim=-1).tolist()  # None: undecided, fp32 answers
+
+    def _factors(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's logits y~ [n, vocab] and each row's bound factors F [n, 4] (E = F @ coef)."""
+        c = 1e-4 + self.hidden * 2 ** -23
+        size = h.norm(dim=1)
+        zero = torch.zeros_like(size)
+        if self.kernel == "u8":
+            top = float(h.abs().max())
+            sx = float(torch.tensor(top / 127 if top > 0 else 1.0, dtype=torch.float32))  # exact in fp32
+            k = torch.round(h / sx).clamp_(-127, 127)
+            y = onednn.u8_linear((k + onednn.U8_ZERO).to(torch.uint8), sx, self.packed, self.w_scales, self.w_zeros)
+            out = torch.full_like(size, 2 ** -16 * self.hidden * 127 * sx)
+            return y, torch.stack([(1 + c) * size, (h - k * sx).norm(dim=1) + c * size, out, zero], dim=1)
+        rough = h.to(torch.bfloat16).contiguous()
+        y = torch._weight_int8pack_mm(rough, self.q, self.scales).float()
+        return y, torch.stack([(1 + c) * size, (h - rough.float()).norm(dim=1) + c * size, zero,
+                               2 ** -7 * y.abs().amax(dim=1)], dim=1)
 
     def approx(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The int8 product's logits y~ [n, vocab] and each one's error bound E [n, vocab]."""
-        rough = h.to(torch.bfloat16).contiguous()  # h~: what the kernel reads
-        y = torch._weight_int8pack_mm(rough, self.q, self.scales).float()
-        size_h = h.norm(dim=1)
-        norms = torch.stack([size_h, (h - rough.float()).norm(dim=1) + 1e-4 * size_h], dim=1)
-        return y, torch.addmm(2 ** -7 * y.abs().amax(dim=1, keepdim=True), norms, self.coef)
+        """The kernel's logits y~ [n, vocab] and each one's error bound E [n, vocab] (tests, load check)."""
+        y, f = self._factors(h)
+        return y, f @ self.coef
 
     def argmax(self, h: torch.Tensor, exact) -> list[int] | None:
         """``exact(h, cols)``: the fp32 logits [n, len(cols)] of vocabulary entries ``cols`` (ascending)."""
-        y, err = self.approx(h)
-        if not bool(torch.isfinite(err).all()):  # a non-finite y~ (its max is in every E) or h
-            return None
-        live = (y + err) >= (y - err).amax(dim=1, keepdim=True)  # entries that may still be a row's maximum
-        counts = live.sum(dim=1).tolist()
-        if max(counts) > SCREEN_MAX_CANDIDATES:
+        if not self.on:
             return None
         ids = []
-        for row, cols in enumerate(live.nonzero()[:, 1].split(counts)):  # each row's own few, ascending
-            logits = exact(h[row:row + 1], cols)[0]
-            ids.append(int(cols[logits.argmax()]))  # the first of equal maxima
+        for part in h.split(self.max_rows):
+            got = self._screen(part, exact)
+            if got is None:
+                ids = None
+                break
+            ids += got
+        self.calls += 1
+        self.misses += ids is None
+        if self.calls == MISS_WINDOW and 4 * self.misses > MISS_WINDOW:
+            self.on = False
+            log.warning("greedy screen off: %d of its first %d steps left too many candidates (the fp32 output "
+                        "layer answers every step now)", self.misses, MISS_WINDOW)
         return ids
+
+    def _screen(self, h: torch.Tensor, exact) -> list[int] | None:
+        n = h.shape[0]
+        if not bool(torch.isfinite(h).all()):
+            return None
+        y, f = self._factors(h)
+        vocab = y.shape[1]
+        nc = vocab // SPAN
+        cut = nc * SPAN
+        peaks = y[:, :cut].view(n, nc, SPAN).amax(dim=2)  # [n, spans]: each span's largest y~
+        if cut < vocab:
+            peaks = torch.cat([peaks, y[:, cut:].amax(dim=1, keepdim=True)], dim=1)
+        top, wide = peaks.amax(dim=1), f @ self.coef_max  # wide >= every E in the row
+        if not bool(torch.isfinite(top).all() and torch.isfinite(wide).all()):
+            return None
+        # spans holding an entry with y~_i >= max y~ - 2 max E (every entry the exact test keeps passes this)
+        rows, spans = (peaks >= (top - 2 * wide)[:, None]).nonzero().unbind(1)
+        if len(rows) > SCREEN_MAX_SPANS * n:
+            return None
+        cols = spans[:, None] * SPAN + torch.arange(SPAN)  # [m, SPAN]
+        inside = cols < vocab
+        cols = cols.clamp_(max=vocab - 1)
+        val = torch.take(y, rows[:, None] * vocab + cols)
+        per = self.coef_t.index_select(0, cols.view(-1)).view(len(rows), SPAN, 4)
+        err = torch.bmm(per, f[rows][:, :, None]).squeeze(2)  # E of each entry: [m, SPAN]
+        floor = torch.full((n,), -float("inf")).scatter_reduce(  # max_k (y~_k - E_k) per row
+            0, rows, (val - err).masked_fill_(~inside, -float("inf")).amax(dim=1), "amax")
+        keep = (val + err >= floor[rows][:, None]) & inside
+        rows, cols = rows[:, None].expand_as(cols)[keep], cols[keep]
+        if int(torch.bincount(rows, minlength=n).max()) > SCREEN_MAX_CANDIDATES:
+            return None
+        union = torch.unique(cols, sorted=True)
+        logits = exact(h, union)  # [n, len(union)]
+        if not bool(torch.isfinite(logits).all()):
+            return None
+        # another row's candidates need no mask: an entry a row left out is below that row's maximum
+        # (y~ + E < max (y~ - E)), so the first of equal maxima over the union is the row's own
+        return union[logits.argmax(dim=1)].tolist()
 
 
 def _bf16_at_least(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tritonvl.handlers.engine import model_runner as mr
+from tritonvl.handlers.engine import onednn
 from tritonvl.handlers.engine import output_head as oh
 from tritonvl.handlers.engine.sampler import SeqSampler, sample_batch
 from tritonvl.handlers.sampling import SamplingParams
@@ -194,20 +195,31 @@ def test_first_argmax_ties_and_tail():
 # ---- GreedyScreen: the int8 copy picks candidates, fp32 decides ----
 
 
-def screened(vocab: int, hidden: int, seed: int = 0) -> tuple[torch.nn.Linear, oh.BlockedHead]:
+KERNELS = [pytest.param("u8", marks=pytest.mark.skipif(not onednn.has_u8_gemm(), reason="no VNNI int8 GEMM here")),
+           "bf16"]
+
+
+def screened(vocab: int, hidden: int, kernel: str, seed: int = 0) -> tuple[torch.nn.Linear, oh.BlockedHead]:
     lin = linear(vocab, hidden, seed)
     with torch.no_grad():
         lin.weight.mul_(4.0)  # logits of a few units, as a trained head's
     ref = torch.nn.Linear(hidden, vocab, bias=False)
     ref.weight = torch.nn.Parameter(lin.weight.detach().clone())
     head = oh.OutputHead.build(lin, "cpu")
-    assert head.screen is not None
+    head.screen = oh.GreedyScreen.build(ref.weight.detach(), kernels=(kernel,))
+    assert head.screen is not None and head.screen.kernel == kernel
     return ref, head
 
 
-@pytest.mark.parametrize("rows", [1, 3, oh.SCREEN_ROWS, oh.SCREEN_ROWS + 1])
-def test_screened_greedy_ids_are_the_fp32_ids(rows):
-    ref, head = screened(3 * oh.BLOCK + 123, 64)
+def test_the_u8_kernel_is_preferred_where_it_runs():
+    head = oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu")
+    assert head.screen.kernel == ("u8" if onednn.has_u8_gemm() else "bf16")
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("rows", [1, 3, oh.SCREEN_ROWS, oh.SCREEN_ROWS + 1, 33, oh.U8_ROWS + 5])
+def test_screened_greedy_ids_are_the_fp32_ids(kernel, rows):
+    ref, head = screened(3 * oh.BLOCK + 123, 64, kernel)
     calls = []
     real = head.screen.argmax
     head.screen.argmax = lambda *a: (calls.append(1), real(*a))[1]
@@ -215,10 +227,13 @@ def test_screened_greedy_ids_are_the_fp32_ids(rows):
         for scale in (0.1, 1.0, 30.0):
             h = torch.randn(rows, 64) * scale
             assert head.argmax(h) == ref(h).argmax(dim=-1).tolist()
-    assert len(calls) == (3 if rows <= oh.SCREEN_ROWS else 0)  # past SCREEN_ROWS rows: the fp32 GEMM
+    # the bf16 kernel only up to SCREEN_ROWS rows (past that the fp32 GEMM); u8 at any size, in chunks
+    assert len(calls) == (3 if kernel == "u8" or rows <= oh.SCREEN_ROWS else 0)
+    assert head.screen.misses == 0
 
 
-def test_near_ties_the_int8_copy_gets_wrong_are_decided_in_fp32():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_near_ties_the_int8_copy_gets_wrong_are_decided_in_fp32(kernel):
     """Two vocabulary rows closer than int8 can tell apart (an outlier weight the input does not meet
     makes their int8 step coarse): where the int8 product ranks them the wrong way round, the screen
     still returns the fp32 argmax (its candidates come from the error bound, not its own maximum)."""
@@ -233,11 +248,12 @@ def test_near_ties_the_int8_copy_gets_wrong_are_decided_in_fp32():
         w[b] = base + 0.003 * torch.randn(hidden, generator=g)
         w[a, 0] = w[b, 0] = 40.0
         head = oh.OutputHead.build(_with_weight(w.clone()), "cpu")
+        head.screen = oh.GreedyScreen.build(w, kernels=(kernel,))
         h = (base / base.norm() ** 2)[None] * 4
         h[0, 0] = 0.0
         with torch.inference_mode():
             want = (h @ w.T).argmax(dim=-1).tolist()
-            rough = torch._weight_int8pack_mm(h.to(torch.bfloat16), head.screen.q, head.screen.scales).float()
+            rough = head.screen.approx(h)[0]
             assert want[0] in (a, b)
             assert head.argmax(h) == want
         misled += int((rough[0] == rough.max()).sum() == 1 and rough.argmax().item() != want[0])
@@ -250,30 +266,70 @@ def _with_weight(w: torch.Tensor) -> torch.nn.Linear:
     return lin
 
 
-def test_the_error_bound_holds_for_every_entry():
-    """Every int8 logit is within its bound E of the exact (float64) one, over weight and input scales
-    and outlier weights; and the bound is not vacuous (the int8 product really errs by a good part of it)."""
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_error_bound_holds_for_every_entry(kernel):
+    """Every int8 logit is within its bound E of the exact (float64) one, over weight and input scales,
+    outlier weights and outlier inputs; and the bound is not vacuous (the int8 product really errs by a
+    good part of it)."""
     g = torch.Generator().manual_seed(11)
     worst = 0.0
     for scale in (0.01, 0.3, 5.0):
         w = scale * torch.randn(2 * oh.BLOCK + 77, 64, generator=g)
         w[::97, 3] *= 50.0  # rows with an outlier: a coarse int8 step
-        screen = oh.GreedyScreen.build(w)
+        screen = oh.GreedyScreen.build(w, kernels=(kernel,))
         for hs in (0.05, 1.0, 40.0):
-            h = hs * torch.randn(3, 64, generator=g)
-            y, err = screen.approx(h)
-            gap = ((h.double() @ w.double().T) - y.double()).abs()
-            assert bool((gap <= err.double()).all())
-            worst = max(worst, float((gap / err.double()).max()))
+            for outlier in (False, True):
+                h = hs * torch.randn(3, 64, generator=g)
+                if outlier:
+                    h[1, 7] *= 30.0  # one big activation: a coarse int8 step for every row (u8's scale is the step's)
+                y, err = screen.approx(h)
+                gap = ((h.double() @ w.double().T) - y.double()).abs()
+                assert bool((gap <= err.double()).all())
+                worst = max(worst, float((gap / err.double()).max()))
     assert worst > 0.05
 
 
-def test_screen_falls_back_to_fp32_when_it_cannot_decide():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_every_entry_the_bound_leaves_in_play_is_computed_again(kernel):
+    """The kernel's answer made up (y~ and E given): an entry whose y~ is 1.9 E below the top can still
+    be the exact maximum (its logit E above y~, the top's E below), and it is found; entries further down
+    than the bound allows are never asked for."""
+    vocab, hidden = 3 * oh.BLOCK + 100, 32
+    screen = oh.GreedyScreen.build(linear(vocab, hidden).weight.detach(), kernels=(kernel,))
+    screen.coef = torch.zeros(4, vocab)
+    screen.coef[3] = 1.0  # E_i = F[r, 3] for every entry
+    screen.coef_t, screen.coef_max = screen.coef.T.contiguous(), screen.coef.amax(dim=1)
+    g = torch.Generator().manual_seed(3)
+    e = torch.tensor([0.5, 2.0])
+    y = torch.rand(2, vocab, generator=g) * 0.1  # everything far below the top (>= 3E)
+    top, target = torch.tensor([[17, 5000], [2 * oh.BLOCK + 9, 3 * oh.BLOCK + 77]]).unbind(1)
+    rows = torch.arange(2)
+    y[rows, top] = 10.0
+    y[rows, target] = 10.0 - 1.9 * e
+    exact_table = y - e[:, None]
+    exact_table[rows, target] = y[rows, target] + e  # within its bound, above the top's exact logit
+    f = torch.zeros(2, 4)
+    f[:, 3] = e
+    screen._factors = lambda h: (y.clone(), f)
+    asked = []
+
+    def exact(h, cols):
+        asked.append(cols)
+        assert bool((y[:, cols] >= 10.0 - 2 * e[:, None]).any(dim=0).all())  # only entries in play
+        return exact_table[:, cols]
+
+    assert screen.argmax(torch.ones(2, hidden), exact) == target.tolist()
+    assert len(asked) == 1
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_screen_falls_back_to_fp32_when_it_cannot_decide(kernel):
     """Every row equal (all entries candidates: past SCREEN_MAX_CANDIDATES) and a non-finite input:
     the whole fp32 product answers, the first of equal maxima as torch.argmax."""
     vocab, hidden = oh.BLOCK + 100, 32
     w = torch.randn(hidden).repeat(vocab, 1)
     head = oh.OutputHead.build(_with_weight(w.clone()), "cpu")
+    head.screen = oh.GreedyScreen.build(w, kernels=(kernel,))
     assert head.screen is not None
     with torch.inference_mode():
         h = torch.randn(2, hidden)
@@ -283,18 +339,65 @@ def test_screen_falls_back_to_fp32_when_it_cannot_decide():
         assert head.screen.argmax(bad, lambda *a: pytest.fail("no candidates expected")) is None
 
 
+def test_a_screen_that_rarely_decides_turns_itself_off():
+    """More than a quarter of its first MISS_WINDOW calls undecided: off (the fp32 product answers
+    without the wasted int8 pass); a quarter or fewer: it stays on."""
+    vocab, hidden = oh.BLOCK + 100, 32
+    w = torch.randn(hidden).repeat(vocab, 1)  # every entry equal: every call undecided
+    w[0] += 1.0
+    head = oh.OutputHead.build(_with_weight(w.clone()), "cpu")
+    easy = torch.randn(1, hidden)
+    easy = easy - easy.mean() + 1.0  # entry 0 wins by a clear margin (its logit is hidden more)
+    hard = torch.randn(1, hidden)
+    hard -= hard.mean()  # orthogonal to w[0] - w[1] (all ones): every entry's logit the same
+    with torch.inference_mode():
+        decided = sum(head.screen.argmax(easy * 100, head._exact) is not None for _ in range(48))
+        assert decided == 48
+        for _ in range(16):
+            assert head.screen.argmax(hard, head._exact) is None
+        assert head.screen.on  # 16 of 64
+        head.screen.calls = head.screen.misses = 0
+        for _ in range(oh.MISS_WINDOW):
+            head.screen.argmax(hard, head._exact)
+        assert not head.screen.on
+        assert head.screen.argmax(easy * 100, lambda *a: pytest.fail("off")) is None
+        assert head.argmax(easy * 100) == (easy * 100 @ w.T).argmax(dim=-1).tolist()
+
+
 def test_screen_only_where_it_applies(monkeypatch):
-    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 24), "cpu").screen is None  # hidden not a multiple of 16
     assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32).to(torch.bfloat16), "cpu").screen is None
     assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu", screen=False).screen is None
+    w = linear(oh.BLOCK + 1, 24).weight.detach()
+    assert oh.GreedyScreen.build(w, kernels=("bf16",)) is None  # hidden not a multiple of 16
+    assert (oh.GreedyScreen.build(w, kernels=("u8",)) is not None) == onednn.has_u8_gemm()
+    w = linear(oh.BLOCK + 1, 32).weight.detach()
     real = torch._weight_int8pack_mm  # a kernel that disagrees with the product is not used
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda h, q, s: -real(h, q, s))
-    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu").screen is None
+    assert oh.GreedyScreen.build(w, kernels=("bf16",)) is None
     # nor one that keeps every argmax (a 5% scale error) but leaves the bound: checked at load
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda h, q, s: real(h, q, s) * 1.05)
-    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu").screen is None
+    assert oh.GreedyScreen.build(w, kernels=("bf16",)) is None
     monkeypatch.setattr(torch, "_weight_int8pack_mm", real)
-    assert oh.OutputHead.build(linear(oh.BLOCK + 1, 32), "cpu").screen is not None
+    assert oh.GreedyScreen.build(w, kernels=("bf16",)) is not None
+
+
+@pytest.mark.skipif(not onednn.has_u8_gemm(), reason="no VNNI int8 GEMM here")
+def test_a_u8_kernel_that_breaks_the_bound_is_refused(monkeypatch):
+    """The u8 kernel goes through the same load checks: off by 5%, or summing with saturation (as AVX2's
+    int16 pair sums can), it is not used and the bf16 kernel screens instead."""
+    w = linear(oh.BLOCK + 1, 32).weight.detach()
+    real = onednn.u8_linear
+    monkeypatch.setattr(onednn, "u8_linear", lambda *a: real(*a) * 1.05)
+    assert oh.GreedyScreen.build(w).kernel == "bf16"
+
+    def saturating(u, scale, packed, w_scales, w_zeros):  # the int sums clipped as int16 pairs would clip them
+        y = real(u, scale, packed, w_scales, w_zeros)
+        return y.clamp(-2 ** 15 * scale * float(w_scales.max()), 2 ** 15 * scale * float(w_scales.max()))
+
+    monkeypatch.setattr(onednn, "u8_linear", saturating)
+    assert oh.GreedyScreen.build(w).kernel == "bf16"
+    monkeypatch.setattr(onednn, "u8_linear", real)
+    assert oh.GreedyScreen.build(w).kernel == "u8"
 
 
 def test_bf16_at_least_rounds_up():
