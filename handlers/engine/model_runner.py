@@ -284,6 +284,13 @@ class StepLogits:
             return first_argmax(self._full).tolist()
         return self._runner.head.argmax(self._hidden)
 
+    def rows(self, index: list[int]) -> StepLogits:
+        """The same step's logits for rows ``index`` only (nothing computed yet)."""
+        part = StepLogits(self._runner, self._hidden[index])
+        if self._full is not None:
+            part._full = self._full[index]
+        return part
+
     def __getitem__(self, index):
         return self.full()[index]
 

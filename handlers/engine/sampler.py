@@ -88,22 +88,31 @@ class SeqSampler:
 
 
 def sample_batch(samplers: list[SeqSampler], logits: torch.Tensor | None, masker=None) -> list[int | Exception]:
-    """Row i of ``logits`` [n, vocab] (a tensor or model_runner.StepLogits) with ``samplers[i]``: when
-    every row is plain greedy without logprobs or grammar, the StepLogits' argmax (never the whole
-    logits); else one argmax call for every plain-greedy row,
-    the others with their own parameters. A row whose sampling raises gets the exception instead of a
+    """Row i of ``logits`` [n, vocab] (a tensor or model_runner.StepLogits) with ``samplers[i]``: the rows
+    that are plain greedy without logprobs or grammar take the StepLogits' argmax (never their whole
+    logits), the others get whole logits of their own rows only; from a tensor, one argmax call for every
+    plain-greedy row, the others with their own parameters. A row whose sampling raises gets the exception instead of a
     token (its parameters broke sampling: the caller fails that sequence alone).
 
     Rows with a grammar (structured outputs) are masked first, all in one ``masker.apply``
     (grammar.matcher.GrammarMasker), and their matchers advance with the token; other rows are untouched."""
-    if hasattr(logits, "argmax") and hasattr(logits, "full") and all(
-            s.plain_greedy and s.logprobs < 0 and s.grammar is None for s in samplers):
-        # every row plain greedy (model_runner.StepLogits): the runner's argmax, no [n, vocab] logits
-        tokens = logits.argmax()
-        for s, token in zip(samplers, tokens):
-            s.record(token)
-        return tokens
-    if hasattr(logits, "full"):
+    if hasattr(logits, "argmax") and hasattr(logits, "full"):  # model_runner.StepLogits
+        plain = [i for i, s in enumerate(samplers) if s.plain_greedy and s.logprobs < 0 and s.grammar is None]
+        if len(plain) == len(samplers):  # every row plain greedy: the runner's argmax, no [n, vocab] logits
+            tokens = logits.argmax()
+            for s, token in zip(samplers, tokens):
+                s.record(token)
+            return tokens
+        if plain:  # plain greedy rows by the runner's argmax, whole logits for the others only
+            chosen = set(plain)
+            others = [i for i in range(len(samplers)) if i not in chosen]
+            out = [None] * len(samplers)
+            for i, token in zip(plain, logits.rows(plain).argmax()):
+                samplers[i].record(token)
+                out[i] = token
+            for i, token in zip(others, sample_batch([samplers[i] for i in others], logits.rows(others), masker)):
+                out[i] = token
+            return out
         logits = logits.full()
     out: list[int | Exception | None] = [None] * len(samplers)
     wants = [i for i, s in enumerate(samplers) if s.logprobs >= 0]

@@ -149,10 +149,31 @@ def test_a_row_that_needs_logits_gets_whole_logits_and_the_same_greedy_tokens():
     runner.calls.clear()
     logprob_row = SeqSampler(SamplingParams(temperature=0.0), [1], {0}, "cpu", logprobs=2)
     mixed = [sampler(), logprob_row, sampler(repetition_penalty=1.0)]
+    shapes = []
+    logits = runner.head.logits
+    runner.head.logits = lambda x: (shapes.append(tuple(x.shape)), logits(x))[1]
     got = sample_batch(mixed, mr.StepLogits(runner, h))
-    assert runner.calls == ["full"]
+    assert runner.calls == ["argmax", "full"]  # the plain greedy rows by argmax, the logprobs row's logits alone
+    assert shapes == [(1, 32)]
     assert got == plain
     assert len(logprob_row.booked_logprobs) == 1
+
+
+def test_a_mixed_batch_gives_each_row_what_whole_logits_would():
+    """Plain greedy rows beside sampled, penalised, logprob and failing rows: every row's token (or
+    error) as from whole logits, the sampled rows' draws included (same generator seeds)."""
+    runner = fake_runner(oh.BLOCK + 77, 32)
+    h = torch.randn(5, 32)
+
+    def rows():
+        return [sampler(), SeqSampler(SamplingParams(temperature=0.8, seed=7), [1], {0}, "cpu"), sampler(),
+                SeqSampler(SamplingParams(temperature=0.0), [1], {0}, "cpu", logprobs=1),
+                SeqSampler(SamplingParams(temperature=0.0, repetition_penalty=1.3), [1, 5], {0}, "cpu")]
+
+    with torch.inference_mode():
+        whole = sample_batch(rows(), runner.head.logits(h))
+    got = sample_batch(rows(), mr.StepLogits(runner, h))
+    assert got == whole
 
 
 def test_engine_output_identical_with_and_without_the_fused_layer(model_dir):
