@@ -5,6 +5,7 @@ logprobs, penalties or sampling still get them; the engine's tokens are the same
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -419,6 +420,26 @@ def test_a_u8_kernel_that_breaks_the_bound_is_refused(monkeypatch):
     assert oh.GreedyScreen.build(w).kernel == "bf16"
     monkeypatch.setattr(onednn, "u8_linear", real)
     assert oh.GreedyScreen.build(w).kernel == "u8"
+
+
+@pytest.mark.skipif(not onednn.has_u8_gemm(), reason="no VNNI int8 GEMM here")
+def test_onednn_held_to_avx2_saturates_and_the_load_check_refuses_it():
+    """The real thing, not a simulation: oneDNN limited to AVX2 (ONEDNN_MAX_CPU_ISA) sums u8 x s8
+    products in saturating int16 pairs; the load check's probes land outside the bound, and the bf16
+    kernel screens instead. Unlimited, the u8 kernel is used."""
+    import subprocess
+    import sys
+
+    code = ("import torch\n"
+            "from tritonvl.handlers.engine import output_head as oh\n"
+            "print(oh.GreedyScreen.build(torch.randn(20000, 64) * 0.05).kernel)\n")
+    for isa, want in (("AVX2", "bf16"), ("", "u8")):
+        env = {k: v for k, v in os.environ.items() if k != "ONEDNN_MAX_CPU_ISA"}
+        if isa:
+            env["ONEDNN_MAX_CPU_ISA"] = isa
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == want, (isa, out.stdout)
 
 
 def test_bf16_at_least_rounds_up():
