@@ -327,7 +327,7 @@ class LLMParams(DeviceParams):
         Bool(), "true", "greedy steps on an fp32 CPU output layer: an int8 copy of its weight (made at load) bounds "
         "every logit, and the few entries that can still be the maximum are computed again in fp32: the same ids "
         "as the fp32 product. On CPUs with VNNI the input is rounded to int8 too and steps of any size are "
-        "screened (oneDNN's int8 GEMM: about a third of the fp32 GEMM's time at 32 rows); elsewhere steps of up "
+        "screened (oneDNN's int8 GEMM: about a third of the fp32 GEMM's time at 32 rows; outlier channels in fp32); elsewhere steps of up "
         "to 4 rows (bfloat16 input, a quarter of the reads). A screen that cannot decide on over a quarter of "
         "its first 64 steps turns itself off. false: the fp32 product every step (no copy)"
     )

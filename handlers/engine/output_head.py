@@ -35,6 +35,8 @@ BLOCK = 4096  # vocabulary columns per block (8 MB of fp32 weight at hidden 512)
 PACK_MAX_BYTES = 1 << 30  # a bigger head (7B+ in fp32) is not copied again: the blocks serve 2+ rows too
 SCREEN_ROWS = 4  # the bf16 kernel screens steps of up to this many rows (past it the fp32 GEMM wins)
 U8_ROWS = 48  # rows per call of the u8 kernel (oneDNN's int8 GEMM here: 10 ms at 32 rows, 14 at 48, 34 at 64)
+OUTLIER_RATIO = 8.0  # a channel this many times the step's rms value goes around the u8 kernel (in fp32)
+MAX_OUTLIERS = 16  # at most this many such channels per step
 MISS_WINDOW = 64  # a screen that cannot decide on more than a quarter of its first this many steps turns off
 SCREEN_MAX_CANDIDATES = 1024  # more entries than this left in play for a row: the whole fp32 product instead
 SPAN = 64  # the screen looks for candidates in spans of this many vocabulary entries (their maxima first)
@@ -90,6 +92,8 @@ class BlockedHead(OutputHead):
         self.tail = w[cut:].T.contiguous() if cut < self.vocab else None  # [hidden, vocab - cut]
         small = w.numel() * w.element_size() <= PACK_MAX_BYTES
         self.packed = onednn.pack(w) if small else None  # for 2+ rows (fp32 only)
+        if self.screen is not None:
+            self.screen.columns = self._columns
         self.module = None
         if release:  # nothing else reads an untied output weight (the engine calls no model forward)
             lm_head.weight = None
@@ -114,6 +118,13 @@ class BlockedHead(OutputHead):
             if ids is not None:
                 return ids
         return first_argmax(self._logits(h)).tolist()
+
+    def _columns(self, ks: torch.Tensor) -> torch.Tensor:
+        """The weight's columns ``ks`` (hidden channels) as [len(ks), vocab] fp32: rows of the blocks."""
+        parts = [self.blocks[:, ks, :].permute(1, 0, 2).reshape(len(ks), -1)]
+        if self.tail is not None:
+            parts.append(self.tail[ks])
+        return torch.cat(parts, dim=1).float()
 
     def _exact(self, h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """fp32 logits of vocabulary entries ``cols`` (ascending) for rows ``h``: [n, len(cols)]."""
@@ -167,6 +178,7 @@ class GreedyScreen:
         self.max_rows = U8_ROWS if kernel == "u8" else SCREEN_ROWS  # per kernel call
         self.calls = self.misses = 0
         self.on = True
+        self.columns = None  # ks -> the fp32 weight's columns ks as [len(ks), vocab] (set by the head; see _split)
         if kernel == "u8":
             self.packed = onednn.pack_u8(q, U8_ROWS)
             self.w_scales, self.w_zeros = s, torch.zeros(len(s), dtype=torch.int64)
@@ -226,16 +238,37 @@ class GreedyScreen:
         size = h.norm(dim=1)
         zero = torch.zeros_like(size)
         if self.kernel == "u8":
-            top = float(h.abs().max())
+            rest, wide = self._split(h)
+            top = float(rest.abs().max())
             sx = float(torch.tensor(top / 127 if top > 0 else 1.0, dtype=torch.float32))  # exact in fp32
-            k = torch.round(h / sx).clamp_(-127, 127)
+            k = torch.round(rest / sx).clamp_(-127, 127)
             y = onednn.u8_linear((k + onednn.U8_ZERO).to(torch.uint8), sx, self.packed, self.w_scales, self.w_zeros)
+            if wide is not None:  # the outlier channels' share in fp32, from the weight's own columns
+                y.addmm_(h[:, wide], self.columns(wide))
             out = torch.full_like(size, 2 ** -16 * self.hidden * 127 * sx)
-            return y, torch.stack([(1 + c) * size, (h - k * sx).norm(dim=1) + c * size, out, zero], dim=1)
+            # the weight's rounding only meets the int8 channels (the others' products are exact fp32)
+            return y, torch.stack([rest.norm(dim=1) + c * size, (rest - k * sx).norm(dim=1) + c * size, out, zero],
+                                  dim=1)
         rough = h.to(torch.bfloat16).contiguous()
         y = torch._weight_int8pack_mm(rough, self.q, self.scales).float()
         return y, torch.stack([(1 + c) * size, (h - rough.float()).norm(dim=1) + c * size, zero,
                                2 ** -7 * y.abs().amax(dim=1)], dim=1)
+
+    def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``h`` without its outlier channels (zeroed) and those channels (None: none, or no ``columns``).
+        An outlier channel reaches OUTLIER_RATIO times the step's rms value; at most MAX_OUTLIERS of
+        them, the largest. Without the split one such channel sets the int8 step of every other."""
+        if self.columns is None:
+            return h, None
+        peak = h.abs().amax(dim=0)  # [hidden]
+        rms = float(h.pow(2).mean().sqrt())
+        over = int((peak > OUTLIER_RATIO * rms).sum()) if rms > 0 else 0
+        if not over:
+            return h, None
+        wide = peak.topk(min(over, MAX_OUTLIERS)).indices.sort().values
+        rest = h.clone()
+        rest[:, wide] = 0.0
+        return rest, wide
 
     def approx(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's logits y~ [n, vocab] and each one's error bound E [n, vocab] (tests, load check)."""

@@ -230,6 +230,7 @@ def screened(vocab: int, hidden: int, kernel: str, seed: int = 0) -> tuple[torch
     head = oh.OutputHead.build(lin, "cpu")
     head.screen = oh.GreedyScreen.build(ref.weight.detach(), kernels=(kernel,))
     assert head.screen is not None and head.screen.kernel == kernel
+    head.screen.columns = head._columns  # as BlockedHead sets it
     return ref, head
 
 
@@ -299,6 +300,7 @@ def test_the_error_bound_holds_for_every_entry(kernel):
         w = scale * torch.randn(2 * oh.BLOCK + 77, 64, generator=g)
         w[::97, 3] *= 50.0  # rows with an outlier: a coarse int8 step
         screen = oh.GreedyScreen.build(w, kernels=(kernel,))
+        screen.columns = lambda ks, w=w: w[:, ks].T.contiguous()  # the head's columns (u8: outlier channels)
         for hs in (0.05, 1.0, 40.0):
             for outlier in (False, True):
                 h = hs * torch.randn(3, 64, generator=g)
@@ -342,6 +344,29 @@ def test_every_entry_the_bound_leaves_in_play_is_computed_again(kernel):
 
     assert screen.argmax(torch.ones(2, hidden), exact) == target.tolist()
     assert len(asked) == 1
+
+
+@pytest.mark.skipif(not onednn.has_u8_gemm(), reason="no VNNI int8 GEMM here")
+def test_outlier_channels_go_around_the_u8_kernel():
+    """Hidden states with a few channels far above the rest (as LLMs' are): one int8 step for the whole
+    row would be set by them and leave the bound too wide to decide; those channels are multiplied in
+    fp32 from the head's own columns instead, and the screen decides with the fp32 ids."""
+    ref, head = screened(3 * oh.BLOCK + 123, 64, "u8")
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(6, 64, generator=g)
+    h[:, [5, 40]] *= 80.0  # two outlier channels
+    with torch.inference_mode():
+        want = ref(h).argmax(dim=-1).tolist()
+        assert head.argmax(h) == want
+        assert head.screen.misses == 0
+        assert head.screen._split(h)[1].tolist() == [5, 40]
+        columns, head.screen.columns = head.screen.columns, None  # without the split: undecided, fp32 answers
+        assert head.screen.argmax(h, head._exact) is None
+        head.screen.columns = columns
+        _, err = head.screen.approx(h)
+        head.screen.columns = None
+        _, err_unsplit = head.screen.approx(h)
+    assert float(err.mean()) * 10 < float(err_unsplit.mean())
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
