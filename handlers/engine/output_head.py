@@ -90,6 +90,9 @@ class BlockedHead(OutputHead):
         # [nb, hidden, BLOCK]: block j is columns j*BLOCK.. of W.T, contiguous
         self.blocks = w[:cut].reshape(self.nb, BLOCK, hidden).transpose(1, 2).contiguous()
         self.tail = w[cut:].T.contiguous() if cut < self.vocab else None  # [hidden, vocab - cut]
+        down = torch.arange(hidden)  # flat offsets down one vocabulary entry's column (see _exact)
+        self._down_blocks = down * BLOCK
+        self._down_tail = down * (self.vocab - cut)
         small = w.numel() * w.element_size() <= PACK_MAX_BYTES
         self.packed = onednn.pack(w) if small else None  # for 2+ rows (fp32 only)
         if self.screen is not None:
@@ -113,7 +116,7 @@ class BlockedHead(OutputHead):
         return (torch.cat([out, h @ self.tail], dim=1) if self.tail is not None else out).float()
 
     def argmax(self, h: torch.Tensor) -> list[int]:
-        if self.screen is not None and (self.screen.kernel == "u8" or h.shape[0] <= SCREEN_ROWS):
+        if self.screen is not None and self.screen.takes(h.shape[0]):
             ids = self.screen.argmax(h.float(), self._exact)
             if ids is not None:
                 return ids
@@ -129,13 +132,11 @@ class BlockedHead(OutputHead):
     def _exact(self, h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """fp32 logits of vocabulary entries ``cols`` (ascending) for rows ``h``: [n, len(cols)]."""
         cut, hidden = self.nb * BLOCK, self.blocks.shape[1]
-        down = torch.arange(hidden)
         head = cols[cols < cut]  # entry c is blocks[c // BLOCK, :, c % BLOCK]: gathered as flat offsets
         start = (head // BLOCK) * (hidden * BLOCK) + head % BLOCK
-        rows = [torch.take(self.blocks, start[:, None] + down * BLOCK)]  # [k, hidden]: those entries' weight rows
+        rows = [torch.take(self.blocks, start[:, None] + self._down_blocks)]  # [k, hidden]: those entries' rows
         if len(head) < len(cols):
-            width = self.tail.shape[1]
-            rows.append(torch.take(self.tail, (cols[len(head):] - cut)[:, None] + down * width))
+            rows.append(torch.take(self.tail, (cols[len(head):] - cut)[:, None] + self._down_tail))
         return h @ torch.cat(rows).float().T
 
 
@@ -269,6 +270,10 @@ class GreedyScreen:
         rest = h.clone()
         rest[:, wide] = 0.0
         return rest, wide
+
+    def takes(self, rows: int) -> bool:
+        """Whether a step of ``rows`` rows is screened (u8: any size, in chunks; bf16: up to SCREEN_ROWS)."""
+        return self.kernel == "u8" or rows <= SCREEN_ROWS
 
     def approx(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernel's logits y~ [n, vocab] and each one's error bound E [n, vocab] (tests, load check)."""
