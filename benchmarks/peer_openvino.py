@@ -16,12 +16,15 @@ removed there. The bench preset (benchmarks/bench.py ``build_model``) is rewritt
 (``<cache>/bench-bench-4x``, ``<cache>/bench-bench-openvino-fp32`` beside the bench model) are kept
 and reused by later runs.
 
-Systems (``--systems``, default all three):
+Systems (``--systems``, default all four):
 - ``openvino``: OpenVINO GenAI's ContinuousBatchingPipeline (its continuous-batching scheduler, f32
   inference precision, its own thread pool) in a worker process in the peer's venv;
 - ``inprocess``: tritonvl's OfflinePipeline (preprocess, vision encoder and engine in this process);
 - ``served``: ONE tritonserver on the shipped model repository (bench.py's system C: llm backend
-  engine), driven by N streaming clients (HTTP SSE as bench.py, or ``--client grpc``).
+  engine), driven by N streaming clients (HTTP SSE as bench.py, or ``--client grpc``): a response per
+  token through two Python stubs (llm, the public front) and tritonserver;
+- ``whole``: the same server, the same requests with ``stream`` false (HTTP ``/generate``, or one
+  gRPC response): one response per request, as OpenVINO's ``generate()`` here returns whole answers.
 The in-process engine and the server's engine get the same torch thread count (``--threads``; default
 torch's own default in this process, one per core): ``torch.set_num_threads`` here (preprocess, vision
 tower and engine share that pool and run one after the other), ``llm.num_threads`` and
@@ -32,7 +35,7 @@ Load: for each workload (a one-line prompt, with one distinct 224x168 PNG for ``
 ``bodies``) and each concurrency N, the same N requests of ``--max-tokens`` (32) greedy output tokens
 (``ignore_eos``, so every request makes exactly that many: counted for tritonvl, assumed for
 OpenVINO) submitted at once to each system; output tokens / wall seconds. All are loaded and warmed up
-first, then each level runs on OpenVINO, then in-process, then served, one at a time (the in-process
+first, then each level runs on OpenVINO, then in-process, then served, then whole, one at a time (the in-process
 engine is idle before the server gets its requests), so the machine's load drifts alike for all. The
 load average is printed with each figure, and "same text" counts the requests whose greedy text is
 equal in two systems. The server is stopped at the end, also after an error, Ctrl-C or SIGTERM.
@@ -137,8 +140,10 @@ def export(model_dir: str) -> Path:
     return out
 
 
-SYSTEMS = {"openvino": "OpenVINO GenAI fp32", "inprocess": "tritonvl in-process", "served": "tritonvl served"}
-PAIRS = [("served", "openvino"), ("inprocess", "openvino"), ("served", "inprocess")]  # ratios, same text
+SYSTEMS = {"openvino": "OpenVINO GenAI fp32", "inprocess": "tritonvl in-process", "served": "tritonvl served",
+           "whole": "tritonvl served, whole answers"}
+PAIRS = [("served", "openvino"), ("inprocess", "openvino"), ("whole", "openvino"), ("served", "inprocess"),
+         ("whole", "served")]  # ratios, same text
 
 
 class OpenVINOWorker:
@@ -281,11 +286,11 @@ def main(argv=None) -> int:
                                sampling={"max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True})
                     for b in bs]
 
-        def served(bs: list[dict]) -> tuple[list, float]:
+        def served(bs: list[dict], stream: bool = True) -> tuple[list, float]:
             if args.client == "grpc":
-                fields = [{**b, "stream": True, **({"image": images(b)} if "image" in b else {})} for b in bs]
+                fields = [{**b, "stream": stream, **({"image": images(b)} if "image" in b else {})} for b in bs]
                 return asyncio.run(run_grpc_load(server.grpc_url, fields, len(bs)))
-            return asyncio.run(run_load(server.url, bs, len(bs), True))
+            return asyncio.run(run_load(server.url, bs, len(bs), stream))
 
         peer = pipe = server = None
         if "openvino" in systems:  # loads and warms up in its own process while the others load
@@ -296,7 +301,7 @@ def main(argv=None) -> int:
             from tritonvl.handlers.tools.offline import OfflinePipeline
 
             pipe = stack.enter_context(OfflinePipeline(model_dir, **{"max_num_seqs": max_seqs, **llm_kwargs}))
-        if "served" in systems:
+        if "served" in systems or "whole" in systems:
             server = Triton(model_dir, "engine", {"max_num_seqs": max_seqs, "num_threads": threads, **llm_set},
                             log_file(args.log_dir, f"peer-openvino-served-{args.model}.log"),
                             env={"OMP_NUM_THREADS": str(threads)})  # preprocess; the vision encoder: its auto
@@ -308,7 +313,7 @@ def main(argv=None) -> int:
                 pipe.generate(raw(w))
                 wait_idle(pipe.engine)
             if server:
-                records, _ = served(w)
+                records, _ = served(w, "served" in systems)
                 if not all(r.ok for r in records):
                     raise RuntimeError(f"served warm-up failed: {next(r.error for r in records if not r.ok)}")
 
@@ -327,12 +332,15 @@ def main(argv=None) -> int:
                                           sum(bool(x.error) for x in res), next((x.error for x in res if x.error), ""),
                                           [x.first_token - t for x in res if x.first_token])
                 wait_idle(pipe.engine)
-            if server:
-                records, wall = served(r["bodies"])
+            for name, stream in (("served", True), ("whole", False)):
+                if name not in systems:
+                    continue
+                records, wall = served(r["bodies"], stream)
                 ok = [x for x in records if x.ok]
-                row["served"] = figure(sum(x.tokens for x in ok), wall, [x.text for x in records],
-                                       sum(x.tokens == args.max_tokens for x in ok), len(records) - len(ok),
-                                       next((x.error for x in records if not x.ok), ""), [x.ttft for x in ok])
+                row[name] = figure(sum(x.tokens for x in ok), wall, [x.text for x in records],
+                                   sum(x.tokens == args.max_tokens for x in ok), len(records) - len(ok),
+                                   next((x.error for x in records if not x.ok), ""),
+                                   [x.ttft for x in ok] if stream else ())
             finish_row(row)
             results["rows"].append(row)
             print(f"{label}: " + ", ".join(f"{s} {row[s]['tok_s']:.1f} tok/s" + (
@@ -372,20 +380,22 @@ def report(results: dict) -> str:
              f"request, N requests at once per system; {threads_note(results)}; served over "
              f"{results['client']}; load average {results['load_at_start']} at the start, "
              f"{results.get('load_at_end', '?')} at the end.", "",
-             "| workload | conc | tritonvl served tok/s | tritonvl in-process tok/s | OpenVINO GenAI fp32 tok/s "
-             "| served / OpenVINO | in-process / OpenVINO | same text served=OV / in-proc=OV / served=in-proc "
-             "| load (1/5/15 min) after OpenVINO; in-process; served |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| workload | conc | tritonvl served (streamed) tok/s | tritonvl in-process tok/s "
+             "| tritonvl served, whole answers tok/s | OpenVINO GenAI fp32 tok/s "
+             "| served / OpenVINO | in-process / OpenVINO | whole / OpenVINO "
+             "| same text served=OV / in-proc=OV / whole=OV / served=in-proc / whole=served "
+             "| load (1/5/15 min) after OpenVINO; in-process; served; whole |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for row in results["rows"]:
         n = row["concurrency"]
         lines.append(" | ".join([
             f"| {row['workload']}", str(n),
-            *(cell(row, s, "{tok_s:.1f}") for s in ("served", "inprocess", "openvino")),
-            *(cell(row, p, "{ratio:.2f}") for p in ("served/openvino", "inprocess/openvino")),
+            *(cell(row, s, "{tok_s:.1f}") for s in ("served", "inprocess", "whole", "openvino")),
+            *(cell(row, p, "{ratio:.2f}") for p in ("served/openvino", "inprocess/openvino", "whole/openvino")),
             " / ".join(cell(row, f"{a}/{b}", "{same_text}/" + str(n)) for a, b in PAIRS),
-            "; ".join(cell(row, s, "{load}") for s in ("openvino", "inprocess", "served")) + " |"]))
-        for s in ("served", "inprocess"):
+            "; ".join(cell(row, s, "{load}") for s in ("openvino", "inprocess", "served", "whole")) + " |"]))
+        for s in ("served", "inprocess", "whole"):
             f = row.get(s)
             if f and (f["errors"] or f["exact"] != f["requests"]):
                 notes.append(f"- {row['workload']} {n}, {SYSTEMS[s]}: {f['errors']} errors, {f['exact']}/"
