@@ -321,7 +321,8 @@ class LLMParams(DeviceParams):
         Choice("onednn", "torch"), "onednn", "CPU fp32 decoder linear layers: onednn: oneDNN's packed GEMM (a copy "
         "of each weight in oneDNN's layout, made at load; the original is let go; q/k/v and gate/up each packed as "
         "one product), torch: F.linear (MKL). "
-        "Quantized layers, other dtypes and devices, and compile=decode always run F.linear"
+        "With compile=decode each layer is packed alone (the compiled graph calls it as an opaque op). "
+        "Quantized layers, other dtypes and devices always run F.linear"
     )
     cpu_greedy_screen: bool = param(
         Bool(), "true", "greedy steps on an fp32 CPU output layer: an int8 copy of its weight (made at load) bounds "

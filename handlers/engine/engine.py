@@ -86,8 +86,7 @@ class LLMEngine:
         info, device = self.info, self.device
         self.runner = ModelRunner(model_dir, info, device, dtype, p.kv_cache_bytes or 0, p.block_size,
                                   p.attention_backend, p.kv_cache_fraction, quantization=p.quantization,
-                                  # inductor lowers oneDNN's linear only from frozen constants: compiled, F.linear
-                                  cpu_linear=p.cpu_linear if p.compile == "none" else "torch",
+                                  cpu_linear=p.cpu_linear, cpu_linear_fuse=p.compile == "none",
                                   greedy_screen=p.cpu_greedy_screen,
                                   tp_devices=tuple(devices or tp_devices(device, p.tensor_parallel_size))
                                   if p.tensor_parallel_size > 1 else ())

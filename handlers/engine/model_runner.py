@@ -81,7 +81,7 @@ class ModelRunner:
     def __init__(self, model_dir: str, info: ModelInfo, device: str, dtype, kv_cache_bytes: int,
                  block_size: int | None = None, attention: str = "auto", kv_cache_fraction: float = 0.5,
                  quantization: str = "none", tp: parallel.TPGroup | None = None,
-                 tp_devices: tuple[str, ...] = (), cpu_linear: str = "onednn",
+                 tp_devices: tuple[str, ...] = (), cpu_linear: str = "onednn", cpu_linear_fuse: bool = True,
                  greedy_screen: bool = True) -> None:
         self.info, self.device, self.dtype = info, device, dtype
         size = tp.size if tp else max(len(tp_devices), 1)  # tensor parallelism: engine/parallel.py
@@ -105,7 +105,7 @@ class ModelRunner:
         self.model = model
         self.lm = model.model.language_model
         if cpu_linear == "onednn" and self.tp is None:  # plain fp32 CPU linears only (onednn.py)
-            onednn.pack_linears(self.lm)
+            onednn.pack_linears(self.lm, fuse=cpu_linear_fuse)
         # the output layer (on CPU re-laid in vocabulary blocks; an untied weight released): output_head.py;
         # none on a tensor-parallel worker (rank 0 alone samples)
         self.head = None if model.lm_head is None else OutputHead.build(model.lm_head, device, self.lm.embed_tokens,

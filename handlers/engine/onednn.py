@@ -18,6 +18,12 @@ text, batch 8: 235 -> 277 tok/s (two alternating runs each, AMD EPYC; batch 1 an
 Quantized layers (torchao tensor subclasses, compressed-tensors, GPTQ/AWQ
 modules), other dtypes and other devices are left alone. llm parameter ``cpu_linear`` (torch: keep
 MKL's) switches it off.
+
+The compiled decode step (compiled.py) keeps them: inductor cannot trace oneDNN's opaque packed tensor,
+so under ``torch.compile`` a PackedLinear calls the custom op ``tritonvl::onednn_linear`` with an integer
+handle to its weight, opaque to the graph (as attention is). Siblings are not fused there: a
+FusedProduct shares one product between calls through Python state that dynamo cannot trace. (Before,
+compile=decode ran MKL's F.linear: 27 against 12 ms for the bench preset's 56 linears at 32 rows.)
 """
 
 from __future__ import annotations
@@ -50,6 +56,27 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+# Packed weights by handle, for the compiled decoder (compiled.py): inductor cannot trace oneDNN's opaque
+# packed tensors, so a compiled graph calls ``tritonvl::onednn_linear`` with an integer handle instead.
+_PACKED: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+
+def register(packed: torch.Tensor, bias: torch.Tensor | None) -> int:
+    _PACKED.append((packed, bias))
+    return len(_PACKED) - 1
+
+
+@torch.library.custom_op("tritonvl::onednn_linear", mutates_args=())
+def linear_op(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    packed, bias = _PACKED[handle]
+    return linear(x, packed, bias)
+
+
+@linear_op.register_fake
+def _(x, handle, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 class PackedLinear(nn.Module):
     """An ``nn.Linear`` whose weight lives only as oneDNN's packed copy."""
 
@@ -58,8 +85,11 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
+        self.handle = register(packed, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return linear_op(x, self.handle, self.out_features)
         return linear(x, self.packed, self.bias)
 
     def extra_repr(self) -> str:
@@ -145,11 +175,11 @@ def _fuse_siblings(root: nn.Module) -> int:
     return swapped
 
 
-def pack_linears(root: nn.Module) -> int:
+def pack_linears(root: nn.Module, fuse: bool = True) -> int:
     """Swap every plain fp32 CPU ``nn.Linear`` under ``root`` for a PackedLinear (siblings reading the
     same input for members of one packed product), in the model's own order; the number swapped (0
     where oneDNN is not there)."""
-    swapped = _fuse_siblings(root)
+    swapped = _fuse_siblings(root) if fuse else 0
     for name, m in list(root.named_modules()):
         if not is_plain_fp32(m):
             continue

@@ -174,3 +174,14 @@ def test_static_buffer_path_gives_the_eager_argmax(compiled):
     assert all(same for _, _, same in steps), steps
     assert max(diff for _, diff, _ in steps) < 1e-3
 
+
+
+def test_compiled_decoder_keeps_onednn_linears_unfused(compiled):
+    """compile=decode keeps the packed oneDNN linears (in the graph as tritonvl::onednn_linear), one per
+    layer: the fused q/k/v and gate/up products share an input through Python state dynamo cannot trace."""
+    from tritonvl.handlers.engine import onednn
+
+    mods = list(compiled.engine.runner.lm.modules())
+    assert any(isinstance(m, onednn.PackedLinear) for m in mods)
+    assert not any(isinstance(m, onednn.FusedMember) for m in mods)
+    assert not any(type(m) is torch.nn.Linear for m in compiled.engine.runner.lm.layers.modules())

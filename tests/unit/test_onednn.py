@@ -114,3 +114,25 @@ def test_the_engine_runs_packed_linears_and_equals_generate(model_dir):
     assert kinds(cpu_linear="torch") == {"Linear"}
     specs = [("Say something.", [], 12), ("What is shown?", [make_image(200, 150, 4)], 12)]
     assert_offline_equals_generate(model_dir, specs)
+
+
+def test_packed_linear_compiles_as_one_graph_and_computes_the_same():
+    """Under torch.compile a PackedLinear calls oneDNN through the tritonvl::onednn_linear op (inductor
+    cannot trace oneDNN's packed tensor): fullgraph, the same values as the eager call."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48, bias=True)
+    root = nn.Module()
+    root.lin = lin
+    assert onednn.pack_linears(root, fuse=False) == 1
+    packed = root.lin
+    x = torch.randn(3, 64)
+
+    def f(x):
+        return torch.nn.functional.silu(packed(x)) * 2.0
+
+    with torch.inference_mode():
+        want = f(x)
+        got = torch.compile(f, fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        assert torch.equal(onednn.linear_op(x, packed.handle, 48), packed(x))
