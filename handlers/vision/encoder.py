@@ -40,9 +40,7 @@ class TowerRuntime(Protocol):
 
 
 class TorchTower:
-    """transformers' own tower module, in torch. In float32 its patch embedding runs as a matmul
-    (vision/patch_matmul.py); other dtypes keep transformers' Conv3d, whose bfloat16 embeddings the tests hold
-    bit for bit to transformers' (tests/unit/test_visual_dtype.py)."""
+    """transformers' own tower module, in torch."""
 
     def __init__(self, model_dir: str, device: str, dtype) -> None:
         import torch
@@ -52,10 +50,6 @@ class TorchTower:
 
         self.torch, self.device, self.dtype = torch, device, dtype
         self.visual = load_visual(model_dir, device, dtype)
-        if dtype == torch.float32:
-            from tritonvl.handlers.vision.patch_matmul import patch_embedding_as_matmul
-
-            patch_embedding_as_matmul(self.visual)
         self.merge_unit = self.visual.spatial_merge_size**2
         info = load_model_info(model_dir)
         self.hidden = info.embed_width
