@@ -28,6 +28,9 @@ compile=decode ran MKL's F.linear: 27 against 12 ms for the bench preset's 56 li
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -56,20 +59,17 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-# Packed weights by handle, for the compiled decoder (compiled.py): inductor cannot trace oneDNN's opaque
-# packed tensors, so a compiled graph calls ``tritonvl::onednn_linear`` with an integer handle instead.
-_PACKED: list[tuple[torch.Tensor, torch.Tensor | None]] = []
-
-
-def register(packed: torch.Tensor, bias: torch.Tensor | None) -> int:
-    _PACKED.append((packed, bias))
-    return len(_PACKED) - 1
+# Packed layers by handle, for the compiled decoder (compiled.py): inductor cannot trace oneDNN's opaque
+# packed tensors, so a compiled graph calls ``tritonvl::onednn_linear`` with an integer handle instead. Weak:
+# a layer (and its packed weight) goes when its model goes.
+_LAYERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
 
 
 @torch.library.custom_op("tritonvl::onednn_linear", mutates_args=())
 def linear_op(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    packed, bias = _PACKED[handle]
-    return linear(x, packed, bias)
+    layer = _LAYERS[handle]
+    return linear(x, layer.packed, layer.bias)
 
 
 @linear_op.register_fake
@@ -85,7 +85,8 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("bias", bias, persistent=False)
-        self.handle = register(packed, bias)
+        self.handle = next(_HANDLES)
+        _LAYERS[self.handle] = self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():

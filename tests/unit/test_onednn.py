@@ -136,3 +136,18 @@ def test_packed_linear_compiles_as_one_graph_and_computes_the_same():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
         assert torch.equal(onednn.linear_op(x, packed.handle, 48), packed(x))
+
+
+def test_the_compiled_op_registry_lets_a_dropped_model_go():
+    import gc
+
+    def build() -> int:
+        root = nn.Module()
+        root.lin = nn.Linear(16, 8)
+        assert onednn.pack_linears(root, fuse=False) == 1
+        assert onednn._LAYERS[root.lin.handle] is root.lin
+        return root.lin.handle
+
+    handle = build()
+    gc.collect()
+    assert handle not in onednn._LAYERS  # nothing keeps a dropped model's packed weights
