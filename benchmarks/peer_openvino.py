@@ -264,10 +264,12 @@ def main(argv=None) -> int:
     print(f"# {results['cpu']} | model {args.model} | {args.max_tokens} output tokens, greedy | {threads_note(results)}"
           f" | served over {args.client} | load {load()}", flush=True)
 
-    runs = [{"workload": w, "concurrency": n,
-             "bodies": bodies(w, n, args.max_tokens, 1000 * n + (500 if w == "image" else 0)),
-             "whole": bodies(w, n, args.max_tokens, 1000 * n + (500 if w == "image" else 0) + WHOLE_OFFSET)}
-            for w in workloads for n in levels]
+    def level(w: str, n: int) -> dict:
+        first = 1000 * n + (500 if w == "image" else 0)  # the level's request numbers
+        return {"workload": w, "concurrency": n, "bodies": bodies(w, n, args.max_tokens, first),
+                "whole": bodies(w, n, args.max_tokens, first + WHOLE_OFFSET)}
+
+    runs = [level(w, n) for w in workloads for n in levels]
     warmup = [bodies("text", 2, args.max_tokens, 99_000)]
     if "image" in workloads:
         warmup.append(bodies("image", 2, args.max_tokens, 99_100))
@@ -367,8 +369,9 @@ def finish_row(row: dict) -> None:
     """Ratios of tokens/s and "same text" counts (greedy texts equal, request by request) per pair."""
     for a, b in RATIOS:
         if a in row and b in row:
-            same = sum(x.strip() == y.strip() for x, y in zip(row[a]["texts"], row[b]["texts"]))
-            row[f"{a}/{b}"] = {"ratio": row[a]["tok_s"] / row[b]["tok_s"], "same_text": same if (a, b) in PAIRS else None}
+            same = (sum(x.strip() == y.strip() for x, y in zip(row[a]["texts"], row[b]["texts"]))
+                    if (a, b) in PAIRS else None)  # "whole" answered other requests: nothing to compare
+            row[f"{a}/{b}"] = {"ratio": row[a]["tok_s"] / row[b]["tok_s"], "same_text": same}
 
 
 def threads_note(results: dict) -> str:

@@ -175,7 +175,6 @@ def test_static_buffer_path_gives_the_eager_argmax(compiled):
     assert max(diff for _, diff, _ in steps) < 1e-3
 
 
-
 def test_compiled_decoder_keeps_onednn_linears_unfused(compiled):
     """compile=decode keeps the packed oneDNN linears (in the graph as tritonvl::onednn_linear), one per
     layer: the fused q/k/v and gate/up products share an input through Python state dynamo cannot trace."""
